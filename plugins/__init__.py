@@ -1,0 +1,1 @@
+"""Built-in verdict post-processors, registered through the `policy_engine` entry points."""

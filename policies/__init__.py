@@ -1,0 +1,1 @@
+"""Shipped policy files (YAML), loadable by name: `load_policy("llavaguard")`."""

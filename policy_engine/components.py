@@ -1,0 +1,138 @@
+"""Base classes for what plugins register: prompt formats, post-processors, backends.
+
+Each registered class has a `name`, a nested pydantic `Params`/`Options` model with
+`extra="forbid"` (a typo in a config is an error, not a no-op) and cheap construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from .compiler import AnswerLayout, CompiledPolicy
+    from .images import LoadedImage
+    from .policy import Policy
+    from .verdict import Decision
+
+Mode = Literal["full", "verdict", "score"]
+MODES: tuple[Mode, ...] = ("full", "verdict", "score")
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Check = tuple[tuple[str | int, ...], str]
+"""A semantic problem: (location relative to the checked object, message)."""
+
+
+class PromptFormat:
+    """Turns a Policy into the prompt text and the answer layout a model expects."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def check(self, policy: Policy) -> list[Check]:
+        """Problems that make this policy unusable with this format (located in the policy)."""
+        return []
+
+    def render(self, policy: Policy) -> str:
+        raise NotImplementedError
+
+    def layout(self, policy: Policy) -> AnswerLayout:
+        raise NotImplementedError
+
+
+class PostProcessor:
+    """Turns a Verdict into a moderation Decision step by step.
+
+    Constructed once per compiled policy with validated `params`; `__call__` may add actions and
+    trace entries to the Decision it is given (in place). Raising records a plugin error in the
+    Decision; it never loses the verdict.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel, policy: Policy) -> None:
+        self.params = params
+        self.policy = policy
+
+    @classmethod
+    def check(cls, params: BaseModel, policy: Policy) -> list[Check]:
+        """Problems of these params against the policy (unknown categories, …)."""
+        return []
+
+    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the engine adapts to these, never to a backend's name."""
+
+    images: bool = True
+    json_schema: bool = False  # constrains decoding to the verdict schema
+    scores: bool = False  # can give P(unsafe) from token logits (mode "score")
+    batching: bool = False  # generate() profits from several requests at once
+    max_batch_size: int = 1
+
+
+@dataclass
+class Request:
+    """One image to judge against one compiled policy."""
+
+    image: LoadedImage
+    compiled: CompiledPolicy
+    mode: Mode = "full"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None  # None: the policy's budget
+
+
+@dataclass
+class Generation:
+    """A backend's raw answer to one Request (or its failure)."""
+
+    text: str = ""
+    p_unsafe: float | None = None
+    category_scores: dict[str, float] | None = None
+    model: str | None = None
+    error: str | None = None  # a per-item failure: becomes an error verdict
+    retryable: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Backend:
+    """An inference backend: cheap construction (validate options), heavy `load()`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoParams
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    install_hint: ClassVar[str] = ""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = self.Options.model_validate(options)
+        self.loaded = False
+
+    def load(self) -> None:
+        """Import heavy libraries, load weights, open connections. Idempotent."""
+        self.loaded = True
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        """Answer each request, in order. A per-item failure is a Generation with `error`."""
+        raise NotImplementedError
+
+    async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
+        """Async twin; the default runs `generate` in a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.generate, requests)
+
+    def close(self) -> None:
+        """Release resources."""

@@ -1,0 +1,263 @@
+"""The engine: one policy, one backend; images in, Decisions out.
+
+    engine = Engine("llavaguard", "static", backend_options={"rating": "Unsafe", "category": "O2"})
+    decision = engine.assess("photo.jpg", metadata={"audience": "minors"})
+
+Post-processors run in the order the policy lists them. A bad image or a failing backend call
+becomes an error Decision for that item; `assess_many` never stops on one bad item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .compiler import CompiledPolicy, compile_policy
+from .components import MODES, Backend, Generation, Mode, PostProcessor, Request
+from .errors import BackendError, ImageError, PolicyEngineError
+from .host import PluginHost, get_host
+from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_source, load_image
+from .loader import load_policy
+from .policy import Policy
+from .verdict import Decision, Verdict, error_verdict, parse_verdict
+
+Item = ImageSource | tuple[ImageSource, dict[str, Any] | None]
+
+
+class Engine:
+    """Judge images against a policy with a backend, then post-process the verdicts."""
+
+    def __init__(
+        self,
+        policy: Policy | str | Path,
+        backend: Backend | str,
+        *,
+        mode: Mode = "full",
+        backend_options: dict[str, Any] | None = None,
+        batch_size: int | None = None,
+        concurrency: int = 1,
+        max_new_tokens: int | None = None,
+        score_threshold: float = 0.5,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        host: PluginHost | None = None,
+    ) -> None:
+        self.host = host or get_host()
+        if mode not in MODES:
+            raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        if isinstance(policy, Policy):
+            self.policy = policy
+        else:
+            self.policy = load_policy(policy, host=self.host)
+        self.compiled: CompiledPolicy = compile_policy(self.policy, host=self.host)
+        if isinstance(backend, str):
+            backend_cls = self.host.backend(backend)
+            backend = backend_cls(**(backend_options or {}))
+        elif backend_options:
+            raise PolicyEngineError("backend_options only apply when the backend is given by name")
+        self.backend = backend
+        caps = backend.capabilities
+        if mode == "score" and not caps.scores:
+            raise PolicyEngineError(
+                f"backend {backend.name!r} cannot score (mode 'score'); use mode full or verdict"
+            )
+        if not caps.images:
+            raise PolicyEngineError(f"backend {backend.name!r} does not accept images")
+        self.mode: Mode = mode
+        limit = caps.max_batch_size if caps.batching else 1
+        self.batch_size = max(1, min(batch_size or limit, limit))
+        self.concurrency = max(1, concurrency)
+        self.max_new_tokens = max_new_tokens
+        self.score_threshold = score_threshold
+        self.max_pixels = max_pixels
+        self.chain: list[tuple[str, PostProcessor]] = []
+        for index, step in enumerate(self.policy.postprocess):
+            cls = self.host.postprocessor(step.name)
+            params = cls.Params.model_validate(step.params)
+            self.chain.append((step.id or f"{index}:{step.name}", cls(params, self.policy)))
+        self._load_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the backend (weights, connections) once; assess() calls it when needed."""
+        with self._load_lock:
+            if not self.backend.loaded:
+                self.backend.load()
+                self.backend.loaded = True
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sync API --------------------------------------------------------------------------
+    def assess(self, image: ImageSource, metadata: dict[str, Any] | None = None) -> Decision:
+        """Judge one image. Errors for this image come back as an error Decision."""
+        return next(self.assess_many([(image, metadata)]))
+
+    def assess_many(
+        self, images: Iterable[Item], metadata: dict[str, Any] | None = None
+    ) -> Iterator[Decision]:
+        """Judge many images lazily, in input order, batching when the backend can.
+
+        Items are image sources or (source, metadata) pairs; `metadata` applies to every item
+        that has none of its own.
+        """
+        self.load()
+        for batch in _batches(images, self.batch_size):
+            prepared = [self._prepare(item, metadata) for item in batch]
+            requests = [p for p in prepared if isinstance(p, Request)]
+            started = time.perf_counter()
+            generations = self._generate(requests) if requests else []
+            yield from self._finish(prepared, generations, time.perf_counter() - started)
+
+    # -- async API -------------------------------------------------------------------------
+    async def aassess(self, image: ImageSource, metadata: dict[str, Any] | None = None) -> Decision:
+        async for decision in self.aassess_many([(image, metadata)]):
+            return decision
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aassess_many(
+        self, images: Iterable[Item], metadata: dict[str, Any] | None = None
+    ) -> AsyncIterator[Decision]:
+        """Async twin of assess_many: up to `concurrency` batches in flight, order preserved."""
+        await asyncio.to_thread(self.load)
+        pending: deque[asyncio.Task[list[Decision]]] = deque()
+        for batch in _batches(images, self.batch_size):
+            pending.append(asyncio.create_task(self._arun_batch(batch, metadata)))
+            if len(pending) >= self.concurrency:
+                for decision in await pending.popleft():
+                    yield decision
+        while pending:
+            for decision in await pending.popleft():
+                yield decision
+
+    async def _arun_batch(
+        self, batch: list[Item], metadata: dict[str, Any] | None
+    ) -> list[Decision]:
+        prepared = await asyncio.to_thread(lambda: [self._prepare(i, metadata) for i in batch])
+        requests = [p for p in prepared if isinstance(p, Request)]
+        started = time.perf_counter()
+        generations: list[Generation] = []
+        if requests:
+            try:
+                generations = await self.backend.agenerate(requests)
+            except BackendError as err:
+                generations = [Generation(error=err.message, retryable=err.retryable)] * len(
+                    requests
+                )
+        return list(self._finish(prepared, generations, time.perf_counter() - started))
+
+    # -- internals -------------------------------------------------------------------------
+    def _prepare(self, item: Item, default_metadata: dict[str, Any] | None) -> Request | Decision:
+        source, metadata = item if isinstance(item, tuple) else (item, None)
+        metadata = dict(metadata if metadata is not None else default_metadata or {})
+        started = time.perf_counter()
+        try:
+            image: LoadedImage = load_image(source, max_pixels=self.max_pixels)
+        except ImageError as err:
+            verdict = error_verdict(
+                self.compiled, "image", err.message, source=describe_source(source)
+            )
+            return self._postprocess(verdict, metadata)
+        request = Request(
+            image=image,
+            compiled=self.compiled,
+            mode=self.mode,
+            metadata=metadata,
+            max_new_tokens=self.max_new_tokens,
+        )
+        request.metadata.setdefault("_decode_seconds", time.perf_counter() - started)
+        return request
+
+    def _generate(self, requests: Sequence[Request]) -> list[Generation]:
+        try:
+            generations = self.backend.generate(requests)
+        except BackendError as err:
+            return [Generation(error=err.message, retryable=err.retryable) for _ in requests]
+        if len(generations) != len(requests):
+            message = (
+                f"backend {self.backend.name!r} returned {len(generations)} answers "
+                f"for {len(requests)} requests"
+            )
+            return [Generation(error=message) for _ in requests]
+        return generations
+
+    def _finish(
+        self, prepared: list[Request | Decision], generations: list[Generation], seconds: float
+    ) -> Iterator[Decision]:
+        answers = iter(generations)
+        share = seconds / max(1, len(generations))
+        for item in prepared:
+            if isinstance(item, Decision):
+                yield item
+                continue
+            generation = next(answers)
+            decode = item.metadata.pop("_decode_seconds", 0.0)
+            timings = {"decode_image": decode, "generate": share, **generation.timings}
+            verdict = self._verdict(item, generation, timings)
+            yield self._postprocess(verdict, item.metadata)
+
+    def _verdict(self, request: Request, gen: Generation, timings: dict[str, float]) -> Verdict:
+        extra: dict[str, Any] = {
+            "model": gen.model,
+            "source": request.image.source,
+            "timings": timings,
+        }
+        if gen.error is not None:
+            return error_verdict(
+                self.compiled, "backend", gen.error, raw=gen.text or None,
+                retryable=gen.retryable, **extra,
+            )
+        if self.mode == "score":
+            if gen.p_unsafe is None:
+                return error_verdict(self.compiled, "backend", "backend gave no score", **extra)
+            rating = "Unsafe" if gen.p_unsafe >= self.score_threshold else "Safe"
+            policy = self.compiled.policy
+            return Verdict(
+                rating=rating,
+                p_unsafe=gen.p_unsafe,
+                category_scores=gen.category_scores,
+                policy_id=policy.id,
+                policy_version=policy.version,
+                policy_hash=self.compiled.hash,
+                **extra,
+            )
+        verdict = parse_verdict(
+            gen.text, self.compiled, schema=self.compiled.schema_for(self.mode), **extra
+        )
+        if verdict.ok:
+            verdict.p_unsafe = gen.p_unsafe
+            verdict.category_scores = gen.category_scores
+        return verdict
+
+    def _postprocess(self, verdict: Verdict, metadata: dict[str, Any]) -> Decision:
+        decision = Decision(verdict=verdict, metadata=metadata)
+        context = {"metadata": metadata, "mode": self.mode, "compiled": self.compiled}
+        for step_id, processor in self.chain:
+            try:
+                processor(decision, context)
+            except Exception as err:  # a plugin fault must not lose the verdict
+                decision.note(step_id, f"post-processor failed: {type(err).__name__}: {err}",
+                              error=True)
+        self.host.observe_decision(decision)
+        return decision
+
+
+def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,14 @@
+"""Built-in prompt formats, registered through the entry point like any plugin."""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from .generic import GenericFormat
+from .llavaguard import LlavaGuardV10, LlavaGuardV12
+
+
+@hookimpl
+def register_prompt_formats(register):  # type: ignore[no-untyped-def]
+    register(LlavaGuardV12)
+    register(LlavaGuardV10)
+    register(GenericFormat)

@@ -1,0 +1,340 @@
+"""Loading policy files: safe YAML, `extends` overlays, validation mapped back to file lines.
+
+Every problem is reported as `FILE:LINE:COL: field.path: message`. A name without a slash or a
+YAML suffix is a shipped policy (`policies/`); anything else is a path.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import PolicyError, Problem, UnknownNameError
+from .host import PluginHost, get_host
+from .policy import (
+    Category,
+    CategoryException,
+    LocatedValueError,
+    OutputOptions,
+    Policy,
+    PostprocessStep,
+)
+from .yamlsource import (
+    Located,
+    LocatedList,
+    Mark,
+    decode_policy_bytes,
+    load_located,
+    located,
+    located_list,
+)
+
+SHIPPED_PACKAGE = "policy_engine.policies"
+MAX_EXTENDS_DEPTH = 16
+
+
+def shipped_policies() -> dict[str, str]:
+    """Shipped policy names and their descriptions' first lines (cheap: no validation)."""
+    result = {}
+    for entry in sorted(importlib.resources.files(SHIPPED_PACKAGE).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            result[entry.name.removesuffix(".yaml")] = str(entry)
+    return result
+
+
+def is_path_like(ref: str) -> bool:
+    return "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml")) or ref.startswith(".")
+
+
+def _resolve(ref: str, base: Path | None) -> tuple[str, Path]:
+    """(display name, file) for a policy reference; raises UnknownNameError for bad names."""
+    if is_path_like(ref):
+        path = Path(ref).expanduser()
+        if base is not None and not path.is_absolute():
+            path = base / path
+        return str(path), path
+    shipped = shipped_policies()
+    if ref not in shipped:
+        raise UnknownNameError("policy", ref, shipped)
+    return f"<shipped>/{ref}.yaml", Path(shipped[ref])
+
+
+def _read(display: str, path: Path) -> Located:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PolicyError([Problem(display, 0, 0, "", "no such file")]) from None
+    except IsADirectoryError:
+        raise PolicyError([Problem(display, 0, 0, "", "is a directory, not a policy file")]) from None
+    except OSError as err:
+        raise PolicyError([Problem(display, 0, 0, "", f"cannot read: {err.strerror}")]) from None
+    data = load_located(decode_policy_bytes(raw, display), display)
+    if not isinstance(data, Located):
+        raise PolicyError(
+            [Problem(display, 1, 1, "", f"a policy is a YAML mapping, not {type(data).__name__}")]
+        )
+    return data
+
+
+def _problem_at(mark: Mark | None, file: str, path: str, message: str) -> Problem:
+    if mark is None:
+        return Problem(file, 0, 0, path, message)
+    return Problem(mark.file, mark.line, mark.column, path, message)
+
+
+# -- extends -------------------------------------------------------------------------------
+
+
+def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) -> Located:
+    """Load a file and everything it extends, merged (child over parent)."""
+    display, path = _resolve(ref, base)
+    identity = str(path.resolve())
+    if identity in seen:
+        chain = " -> ".join([*seen[seen.index(identity):], identity])
+        raise PolicyError([_problem_at(via, display, "extends", f"extends cycle: {chain}")])
+    if len(seen) >= MAX_EXTENDS_DEPTH:
+        raise PolicyError(
+            [_problem_at(via, display, "extends", f"extends more than {MAX_EXTENDS_DEPTH} deep")]
+        )
+    data = _read(display, path)
+    parent_ref = data.get("extends")
+    if parent_ref is None:
+        _reject_patch_keys(data, display)
+        return data
+    extends_mark = data.marks["extends"]
+    if not isinstance(parent_ref, str) or not parent_ref:
+        raise PolicyError(
+            [_problem_at(extends_mark, display, "extends", "must be a policy name or a path")]
+        )
+    try:
+        parent = _load_chain(parent_ref, path.parent, [*seen, identity], extends_mark)
+    except UnknownNameError as err:
+        raise PolicyError(
+            [_problem_at(extends_mark, display, "extends", f"parent {err.message[8:]}")]
+        ) from None
+    except PolicyError as err:
+        if any(p.message == "no such file" and p.path == "" for p in err.problems):
+            raise PolicyError(
+                [_problem_at(extends_mark, display, "extends", f"parent {parent_ref!r} not found")]
+            ) from None
+        raise
+    return _overlay(parent, data, display)
+
+
+def _reject_patch_keys(data: Located, display: str) -> None:
+    categories = data.get("categories")
+    if isinstance(categories, LocatedList):
+        for index, entry in enumerate(categories):
+            if isinstance(entry, Located) and "remove" in entry:
+                raise PolicyError(
+                    [
+                        _problem_at(
+                            entry.marks["remove"],
+                            display,
+                            f"categories[{index}].remove",
+                            "'remove' only applies in a policy that extends another",
+                        )
+                    ]
+                )
+
+
+def _overlay(parent: Located, child: Located, display: str) -> Located:
+    data = dict(parent)
+    marks = dict(parent.marks)
+    for key, value in child.items():
+        if key == "extends":
+            continue
+        mark = child.marks[key]
+        if key == "categories" and isinstance(value, LocatedList):
+            data[key] = _overlay_categories(parent.get(key), value, display)
+        elif key == "exceptions" and isinstance(value, Located):
+            data[key] = _overlay_exceptions(parent.get(key), value)
+        elif key in ("output", "metadata") and isinstance(value, Located):
+            base = parent.get(key)
+            if isinstance(base, Located):
+                merged = located({**base, **value}, value.mark, {**base.marks, **value.marks})
+                data[key] = merged
+            else:
+                data[key] = value
+        else:
+            data[key] = value
+        marks[key] = mark
+    return located(data, child.mark, marks)
+
+
+def _overlay_categories(parent: Any, patches: LocatedList, display: str) -> LocatedList:
+    if not isinstance(parent, LocatedList):
+        return patches
+    items: list[Any] = list(parent)
+    item_marks = list(parent.marks)
+
+    def position(category_id: Any) -> int | None:
+        for index, item in enumerate(items):
+            if isinstance(item, dict) and item.get("id") == category_id:
+                return index
+        return None
+
+    for index, patch in enumerate(patches):
+        mark = patches.marks[index]
+        if not isinstance(patch, Located) or "id" not in patch:
+            items.append(patch)  # validation reports what is wrong with it
+            item_marks.append(mark)
+            continue
+        at = position(patch["id"])
+        if patch.get("remove") is True:
+            if at is None:
+                raise PolicyError(
+                    [
+                        _problem_at(
+                            patch.marks["id"],
+                            display,
+                            f"categories[{index}].id",
+                            f"cannot remove {patch['id']!r}: the parent has no such category",
+                        )
+                    ]
+                )
+            del items[at], item_marks[at]
+            continue
+        fields = {k: v for k, v in patch.items() if k != "remove"}
+        field_marks = {k: v for k, v in patch.marks.items() if k != "remove"}
+        if at is None:
+            items.append(located(fields, patch.mark, field_marks))
+            item_marks.append(mark)
+        else:
+            base = items[at]
+            base_marks = base.marks if isinstance(base, Located) else {}
+            items[at] = located({**base, **fields}, patch.mark, {**base_marks, **field_marks})
+            item_marks[at] = mark
+    return located_list(items, patches.mark, item_marks)
+
+
+def _overlay_exceptions(parent: Any, child: Located) -> Located:
+    data = dict(parent) if isinstance(parent, Located) else {}
+    marks = dict(parent.marks) if isinstance(parent, Located) else {}
+    for key, value in child.items():
+        if value is None or (isinstance(value, dict) and value.get("status", 0) is None):
+            data.pop(key, None)
+            marks.pop(key, None)
+        else:
+            data[key] = value
+            marks[key] = child.marks[key]
+    return located(data, child.mark, marks)
+
+
+# -- validation ----------------------------------------------------------------------------
+
+_FIELD_MODELS: dict[str, type[BaseModel]] = {
+    "categories": Category,
+    "exceptions": CategoryException,
+    "output": OutputOptions,
+    "postprocess": PostprocessStep,
+    "none_category": Policy.model_fields["none_category"].annotation,  # type: ignore[dict-item]
+}
+
+
+def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[Mark | None, str, bool]:
+    """Follow a validation location through located data: (mark, display path, key found)."""
+    mark: Mark | None = getattr(data, "mark", None)
+    parts: list[str] = []
+    node = data
+    found = True
+    for part in loc:
+        if isinstance(node, LocatedList) and isinstance(part, int) and part < len(node):
+            item = node[part]
+            label = item.get("id") if isinstance(item, dict) else None
+            parts.append(f"[{label}]" if isinstance(label, str) else f"[{part}]")
+            mark, node = node.marks[part], item
+        elif isinstance(node, Located) and isinstance(part, str) and part in node:
+            parts.append(f".{part}" if parts else part)
+            mark, node = node.marks[part], node[part]
+        else:
+            parts.append(f".{part}" if parts and isinstance(part, str) else f"[{part}]")
+            found = False
+            break
+    return mark, "".join(parts), found
+
+
+def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
+    model: type[BaseModel] = Policy
+    for index, part in enumerate(loc[:-1]):
+        if isinstance(part, str) and index == 0 and part in _FIELD_MODELS:
+            model = _FIELD_MODELS[part]
+        elif isinstance(part, str) and part in model.model_fields:
+            annotation = model.model_fields[part].annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                model = annotation
+    return sorted(model.model_fields)
+
+
+def _validation_problems(
+    err: ValidationError, data: Located, file: str, prefix: tuple[str | int, ...] = ()
+) -> list[Problem]:
+    problems = []
+    for item in err.errors():
+        loc = prefix + tuple(item["loc"])
+        message = item["msg"]
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, LocatedValueError):
+            loc = prefix + tuple(int(p) if p.isdigit() else p for p in cause.path.split("."))
+            message = cause.message
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        mark, path, found = _walk(data, loc)
+        if item["type"] == "missing":
+            message = "required field is missing"
+        elif item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc) if not prefix else []
+            message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif not found:
+            message = f"{message}"
+        problems.append(_problem_at(mark, file, path, message))
+    return problems
+
+
+def load_policy(ref: str | Path, *, host: PluginHost | None = None) -> Policy:
+    """Load, resolve and validate a policy by shipped name or path. Raises PolicyError."""
+    host = host or get_host()
+    ref = str(ref)
+    display = _resolve(ref, None)[0]
+    data = _load_chain(ref, None, [], None)
+    try:
+        policy = Policy.model_validate(dict(data))
+    except ValidationError as err:
+        raise PolicyError(_validation_problems(err, data, display)) from None
+    problems = _plugin_problems(policy, data, display, host)
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
+def _plugin_problems(policy: Policy, data: Located, file: str, host: PluginHost) -> list[Problem]:
+    """Checks that need registered plugins: prompt format, post-processor names and params."""
+    problems: list[Problem] = []
+    try:
+        fmt = host.prompt_format(policy.prompt_format)
+    except UnknownNameError as err:
+        mark, path, _ = _walk(data, ("prompt_format",))
+        problems.append(_problem_at(mark, file, path or "prompt_format", err.message))
+    else:
+        for loc, message in fmt().check(policy):
+            mark, path, _ = _walk(data, loc)
+            problems.append(_problem_at(mark, file, path, message))
+    for index, step in enumerate(policy.postprocess):
+        try:
+            cls = host.postprocessor(step.name)
+        except UnknownNameError as err:
+            mark, path, _ = _walk(data, ("postprocess", index, "name"))
+            problems.append(_problem_at(mark, file, path, err.message))
+            continue
+        try:
+            params = cls.Params.model_validate(step.params)
+        except ValidationError as err:
+            problems += _validation_problems(err, data, file, ("postprocess", index, "params"))
+            continue
+        for loc, message in cls.check(params, policy):
+            mark, path, _ = _walk(data, ("postprocess", index, "params", *loc))
+            problems.append(_problem_at(mark, file, path, message))
+    return problems

@@ -1,0 +1,231 @@
+"""The policy file format: pydantic models, unknown keys rejected everywhere.
+
+A `Policy` is the fully resolved form (after `extends`); `policy-engine schema` prints the JSON
+Schema of `PolicyFile`, the form a file is written in, for editors.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_SEVERITY_LEVELS = ("low", "medium", "high", "critical")
+_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Category(_Strict):
+    """One policy category: what content of this kind should not and can show."""
+
+    id: str = Field(description="Short identifier shown to the model, e.g. 'O4'.")
+    name: str = Field(min_length=1, description="Human name, e.g. 'Nudity Content'.")
+    severity: str = Field(
+        default="medium", description="One of the policy's severity_levels."
+    )
+    should_not: list[str] = Field(
+        default_factory=list, description="Guidelines: what content should not contain."
+    )
+    can: list[str] = Field(default_factory=list, description="Guidelines: what content can contain.")
+    exception_examples: list[str] | None = Field(
+        default=None,
+        description=(
+            "Bullets listed when an exception declares this category non-violating or "
+            "sensitive. Default: should_not followed by can."
+        ),
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError(
+                "must start with a letter and hold only letters, digits, '_', '.', '-' "
+                "(at most 32 characters)"
+            )
+        return value
+
+    @property
+    def label(self) -> str:
+        """The label the model answers with, e.g. 'O4: Nudity Content'."""
+        return f"{self.id}: {self.name}"
+
+    @property
+    def examples(self) -> list[str]:
+        if self.exception_examples is not None:
+            return list(self.exception_examples)
+        return [*self.should_not, *self.can]
+
+
+class NoneCategory(_Strict):
+    """The category a model picks when none of the policy's categories applies."""
+
+    id: str = "NA"
+    name: str = "None applying"
+
+    @property
+    def label(self) -> str:
+        return f"{self.id}: {self.name}"
+
+
+class ExceptionStatus(StrEnum):
+    NON_VIOLATING = "non-violating"
+    SENSITIVE = "sensitive"
+
+
+class CategoryException(_Strict):
+    """A context-specific exception: a category declared non-violating or sensitive."""
+
+    status: ExceptionStatus = Field(
+        description="non-violating: allow any content of the category; sensitive: permit none."
+    )
+    reason: str | None = Field(default=None, description="Why this context makes the exception.")
+
+
+class OutputOptions(_Strict):
+    """What the model is asked to answer, and how much it may write."""
+
+    rationale: bool = Field(default=True, description="Ask for a rationale.")
+    max_new_tokens: int = Field(default=500, ge=16, le=8192, description="Token budget.")
+    rationale_max_chars: int = Field(
+        default=2000, ge=1, le=100_000, description="Upper bound on the rationale's length."
+    )
+    extra_fields: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Extra answer fields for formats that support them ('severity', 'categories'). "
+            "The LlavaGuard formats support none: their weights were never trained on them."
+        ),
+    )
+
+    @field_validator("extra_fields")
+    @classmethod
+    def _known_fields(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in ("severity", "categories"):
+                raise ValueError(f"unknown extra field {name!r}; known: categories, severity")
+        if len(set(value)) != len(value):
+            raise ValueError("extra fields must not repeat")
+        return value
+
+
+class PostprocessStep(_Strict):
+    """One post-processor in the policy's ordered chain, with its parameters."""
+
+    name: str = Field(min_length=1, description="A registered post-processor name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Its parameters.")
+    id: str | None = Field(default=None, description="Optional label shown in traces.")
+
+
+class Policy(_Strict):
+    """A resolved, validated policy. Build one with `policy_engine.load_policy`."""
+
+    id: str = Field(min_length=1, description="Stable identifier, e.g. 'llavaguard'.")
+    version: str = Field(default="1", description="The policy's own version.")
+    description: str = Field(default="", description="What the policy is for.")
+    prompt_format: str = Field(
+        default="llavaguard-v1.2", description="A registered prompt format name."
+    )
+    severity_levels: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SEVERITY_LEVELS),
+        min_length=1,
+        description="The severity scale, lowest first.",
+    )
+    categories: list[Category] = Field(min_length=1, description="The policy categories, in order.")
+    none_category: NoneCategory = Field(default_factory=NoneCategory)
+    exceptions: dict[str, CategoryException] = Field(
+        default_factory=dict, description="Exceptions keyed by category id."
+    )
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    postprocess: list[PostprocessStep] = Field(
+        default_factory=list, description="Post-processors, applied in this order."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form metadata.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        seen: set[str] = set()
+        for index, category in enumerate(self.categories):
+            if category.id in seen:
+                raise _located(f"categories.{index}.id", f"duplicate category id {category.id!r}")
+            seen.add(category.id)
+            if category.severity not in self.severity_levels:
+                raise _located(
+                    f"categories.{index}.severity",
+                    f"{category.severity!r} is not a severity level; "
+                    f"levels: {', '.join(self.severity_levels)}",
+                )
+        if self.none_category.id in seen:
+            raise _located("none_category.id", f"{self.none_category.id!r} is a category id")
+        for key in self.exceptions:
+            if key not in seen:
+                raise _located(
+                    f"exceptions.{key}",
+                    f"unknown category {key!r}; categories: {', '.join(sorted(seen))}",
+                )
+        return self
+
+    def category(self, category_id: str) -> Category:
+        for category in self.categories:
+            if category.id == category_id:
+                return category
+        raise KeyError(category_id)
+
+    def exception_for(self, category_id: str) -> CategoryException | None:
+        return self.exceptions.get(category_id)
+
+
+class LocatedValueError(ValueError):
+    """A model-level check that knows which field it is about (mapped back to a YAML line)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _located(path: str, message: str) -> LocatedValueError:
+    return LocatedValueError(path, message)
+
+
+class CategoryPatch(_Strict):
+    """A category entry in a file that `extends` another: override fields, add, or remove."""
+
+    id: str
+    name: str | None = None
+    severity: str | None = None
+    should_not: list[str] | None = None
+    can: list[str] | None = None
+    exception_examples: list[str] | None = None
+    remove: bool = Field(default=False, description="Remove the inherited category with this id.")
+
+
+class ExceptionPatch(_Strict):
+    status: ExceptionStatus | None = Field(
+        default=None, description="non-violating, sensitive, or null to drop an inherited one."
+    )
+    reason: str | None = None
+
+
+class PolicyFile(_Strict):
+    """The file format. With `extends`, every field is optional and overlays the parent."""
+
+    extends: str | None = Field(
+        default=None, description="A shipped policy name or a path (relative to this file)."
+    )
+    id: str | None = None
+    version: str | None = None
+    description: str | None = None
+    prompt_format: str | None = None
+    severity_levels: list[str] | None = None
+    categories: list[CategoryPatch] | None = None
+    none_category: NoneCategory | None = None
+    exceptions: dict[str, ExceptionPatch | None] | None = None
+    output: OutputOptions | None = None
+    postprocess: list[PostprocessStep] | None = None
+    metadata: dict[str, Any] | None = None
