@@ -1,0 +1,279 @@
+"""The `policy-engine` command line. JSON on stdout; user errors as one line each on stderr.
+
+Exit status: 0 success; 1 some items failed (assess) or a backend fault; 2 a user error (bad
+policy, unknown name, bad option). Plugins add commands through `register_commands`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import click
+import yaml
+
+from .compiler import compile_policy
+from .errors import PolicyEngineError, PolicyError
+from .host import get_host
+from .loader import load_policy, shipped_policies
+from .policy import PolicyFile
+
+POLICY_HELP = "A shipped policy name (see `policy-engine policies`) or a path to a YAML file."
+
+
+class _Group(click.Group):
+    """Turns the engine's errors into clean messages and exit codes: never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PolicyError as err:
+            for problem in err.problems:
+                click.echo(str(problem), err=True)
+            ctx.exit(err.exit_code)
+        except PolicyEngineError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="policy-engine", prog_name="policy-engine")
+def cli() -> None:
+    """Judge images against declarative safety policies with vision-language models."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def policies(as_json: bool) -> None:
+    """List the shipped policies."""
+    rows = []
+    for name in shipped_policies():
+        policy = load_policy(name)
+        rows.append(
+            {
+                "name": name,
+                "id": policy.id,
+                "version": policy.version,
+                "prompt_format": policy.prompt_format,
+                "categories": len(policy.categories),
+                "description": policy.description,
+            }
+        )
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<20} v{row['version']:<5} {row['prompt_format']:<16} "
+                   f"{row['description']}")
+
+
+@cli.command()
+@click.argument("policy", metavar="POLICY")
+def check(policy: str) -> None:
+    """Validate POLICY and print a summary. POLICY: a shipped name or a path."""
+    loaded = load_policy(policy)
+    compiled = compile_policy(loaded)
+    summary = {
+        "ok": True,
+        "policy": policy,
+        "id": loaded.id,
+        "version": loaded.version,
+        "prompt_format": loaded.prompt_format,
+        "categories": [c.id for c in loaded.categories],
+        "exceptions": {k: v.status.value for k, v in loaded.exceptions.items()},
+        "postprocess": [s.id or s.name for s in loaded.postprocess],
+        "hash": compiled.hash,
+    }
+    _echo_json(summary)
+
+
+@cli.command(name="compile")
+@click.argument("policy", metavar="POLICY")
+@click.option(
+    "--part",
+    type=click.Choice(["prompt", "schema", "all"]),
+    default="all",
+    show_default=True,
+    help="prompt: the exact prompt text; schema: the verdict JSON Schema; all: both as JSON.",
+)
+def compile_command(policy: str, part: str) -> None:
+    """Show what the model will be asked (prompt) and what it must answer (schema)."""
+    compiled = compile_policy(load_policy(policy))
+    if part == "prompt":
+        click.echo(compiled.prompt, nl=False)
+    elif part == "schema":
+        _echo_json(compiled.schema)
+    else:
+        _echo_json(
+            {
+                "policy": compiled.policy.id,
+                "version": compiled.policy.version,
+                "prompt_format": compiled.prompt_format,
+                "hash": compiled.hash,
+                "prompt": compiled.prompt,
+                "schema": compiled.schema,
+                "layout": {"keys": list(compiled.layout.keys), "indent": compiled.layout.indent},
+                "answer_prefix": compiled.layout.prefix(),
+            }
+        )
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of the policy file format (for editors)."""
+    document = PolicyFile.model_json_schema()
+    document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    document["title"] = "policy-engine policy file"
+    _echo_json(document)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins, their hooks and what each registered."""
+    infos = [asdict(info) for info in get_host().plugins()]
+    if as_json:
+        _echo_json(infos)
+        return
+    for info in infos:
+        origin = "built-in" if info["builtin"] else (info["distribution"] or "registered")
+        version = f" {info['version']}" if info["version"] else ""
+        click.echo(f"{info['name']} ({origin}{version})")
+        click.echo(f"  hooks: {', '.join(info['hooks'])}")
+        for kind, names in info["registered"].items():
+            click.echo(f"  {kind}s: {', '.join(names)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def backends(as_json: bool) -> None:
+    """List installed backends and their capabilities."""
+    rows = []
+    for name, entry in sorted(get_host().backends().items()):
+        cls = entry.obj
+        rows.append(
+            {
+                "name": name,
+                "plugin": entry.plugin,
+                "description": cls.description,
+                "capabilities": asdict(cls.capabilities),
+                "options": sorted(cls.Options.model_fields),
+            }
+        )
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        caps = [k for k, v in row["capabilities"].items() if v is True]
+        click.echo(f"{row['name']:<12} {row['description']}")
+        click.echo(f"{'':<12} capabilities: {', '.join(caps)}; options: "
+                   f"{', '.join(row['options']) or 'none'}")
+
+
+def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=what)
+        try:
+            result[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            result[key] = value
+    return result
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--policy", "-p", "policy", default="llavaguard", show_default=True, help=POLICY_HELP)
+@click.option("--backend", "-b", "backend", required=True, help="A backend name (`backends`).")
+@click.option("--model", "-m", default=None, help="Model id or path, passed to the backend.")
+@click.option(
+    "--mode",
+    type=click.Choice(["full", "verdict", "score"]),
+    default="full",
+    show_default=True,
+    help="full: rating, category, rationale; verdict: no rationale; score: P(unsafe) only.",
+)
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
+              help="A backend option (repeatable); values are YAML scalars.")
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE",
+              help="Request metadata for post-processors (repeatable), e.g. audience=minors.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per call.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "table"]), default="jsonl",
+              show_default=True, help="jsonl: one Decision per line; table: for people.")
+def assess(
+    images: tuple[str, ...],
+    policy: str,
+    backend: str,
+    model: str | None,
+    mode: str,
+    options: tuple[str, ...],
+    meta: tuple[str, ...],
+    batch_size: int | None,
+    fmt: str,
+) -> None:
+    """Judge each IMAGE (path or data: URL) against a policy; print one Decision per line."""
+    from .engine import Engine
+
+    backend_options = _parse_pairs(options, "--option")
+    if model is not None:
+        backend_options["model"] = model
+    metadata = _parse_pairs(meta, "--meta")
+    engine = Engine(
+        policy,
+        backend,
+        mode=mode,  # type: ignore[arg-type]
+        backend_options=backend_options,
+        batch_size=batch_size,
+    )
+    failed = 0
+    with engine:
+        for decision in engine.assess_many(images, metadata=metadata):
+            failed += not decision.verdict.ok
+            if fmt == "jsonl":
+                click.echo(decision.model_dump_json(exclude_none=True))
+            else:
+                _echo_row(decision)
+    if failed:
+        click.echo(f"error: {failed} of {len(images)} images could not be assessed", err=True)
+        sys.exit(1)
+
+
+def _echo_row(decision: Any) -> None:
+    v = decision.verdict
+    if v.error is not None:
+        click.echo(f"{v.source}: ERROR ({v.error.kind}) {v.error.message}")
+        return
+    score = f" p_unsafe={v.p_unsafe:.3f}" if v.p_unsafe is not None else ""
+    category = f" {v.category_id}: {v.category_name}" if v.category_id else ""
+    click.echo(f"{v.source}: {v.rating}{category}{score}")
+    for action in decision.actions:
+        extra = " ".join(f"{k}={val}" for k, val in action.params.items())
+        click.echo(f"  -> {action.name} {extra}".rstrip())
+    if v.rationale:
+        click.echo(f"  {v.rationale}")
+
+
+def build_cli() -> click.Group:
+    """The CLI with plugin commands added (one factory for the console script and tests)."""
+    get_host().add_commands(cli)
+    return cli
+
+
+def main() -> None:
+    try:
+        build_cli()
+    except PolicyEngineError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    cli(prog_name="policy-engine")
