@@ -31,8 +31,9 @@ class StaticBackend(Backend):
     name = "static"
     description = "Fixed verdict, no model: dry runs of policies and post-processors"
     Options = StaticOptions
-    capabilities = Capabilities(images=True, json_schema=True, scores=True, batching=True,
-                                max_batch_size=64)
+    capabilities = Capabilities(
+        images=True, json_schema=True, scores=True, batching=True, max_batch_size=64
+    )
     options: StaticOptions
 
     def _answer(self, request: Request) -> Generation:
@@ -51,7 +52,7 @@ class StaticBackend(Backend):
                 error=f"static backend: category {category_id!r} is not in policy {policy.id!r}",
                 model=opts.model,
             )
-        answer = {
+        answer: dict[str, object] = {
             "rating": opts.rating,
             "category": labels[category_id],
             "rationale": opts.rationale,

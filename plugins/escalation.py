@@ -50,8 +50,10 @@ class Escalate(PostProcessor):
         for index, category in enumerate(params.categories):
             if category not in known:
                 problems.append(
-                    (("categories", index), f"unknown category {category!r}; "
-                     f"categories: {', '.join(sorted(known))}")
+                    (
+                        ("categories", index),
+                        f"unknown category {category!r}; categories: {', '.join(sorted(known))}",
+                    )
                 )
         for index, rating in enumerate(params.ratings):
             if rating not in ("Safe", "Unsafe"):
@@ -82,8 +84,11 @@ class Escalate(PostProcessor):
         if not matched:
             decision.note(step, f"no match ({why})")
             return
-        extra = {k: v for k, v in (("queue", self.params.queue),
-                                   ("priority", self.params.priority)) if v is not None}
+        extra = {
+            k: v
+            for k, v in (("queue", self.params.queue), ("priority", self.params.priority))
+            if v is not None
+        }
         decision.add_action(self.params.action, by=step, **extra)
         decision.note(step, f"matched ({why}) -> {self.params.action}")
 

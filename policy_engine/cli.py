@@ -72,8 +72,10 @@ def policies(as_json: bool) -> None:
         _echo_json(rows)
         return
     for row in rows:
-        click.echo(f"{row['name']:<20} v{row['version']:<5} {row['prompt_format']:<16} "
-                   f"{row['description']}")
+        click.echo(
+            f"{row['name']:<20} v{row['version']:<5} {row['prompt_format']:<16} "
+            f"{row['description']}"
+        )
 
 
 @cli.command()
@@ -157,7 +159,7 @@ def plugins(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def backends(as_json: bool) -> None:
     """List installed backends and their capabilities."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, entry in sorted(get_host().backends().items()):
         cls = entry.obj
         rows.append(
@@ -175,8 +177,10 @@ def backends(as_json: bool) -> None:
     for row in rows:
         caps = [k for k, v in row["capabilities"].items() if v is True]
         click.echo(f"{row['name']:<12} {row['description']}")
-        click.echo(f"{'':<12} capabilities: {', '.join(caps)}; options: "
-                   f"{', '.join(row['options']) or 'none'}")
+        click.echo(
+            f"{'':<12} capabilities: {', '.join(caps)}; options: "
+            f"{', '.join(row['options']) or 'none'}"
+        )
 
 
 def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -204,13 +208,30 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     show_default=True,
     help="full: rating, category, rationale; verdict: no rationale; score: P(unsafe) only.",
 )
-@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="A backend option (repeatable); values are YAML scalars.")
-@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE",
-              help="Request metadata for post-processors (repeatable), e.g. audience=minors.")
+@click.option(
+    "--option",
+    "-o",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A backend option (repeatable); values are YAML scalars.",
+)
+@click.option(
+    "--meta",
+    "meta",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Request metadata for post-processors (repeatable), e.g. audience=minors.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per call.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "table"]), default="jsonl",
-              show_default=True, help="jsonl: one Decision per line; table: for people.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "table"]),
+    default="jsonl",
+    show_default=True,
+    help="jsonl: one Decision per line; table: for people.",
+)
 def assess(
     images: tuple[str, ...],
     policy: str,

@@ -34,7 +34,7 @@ class AnswerLayout:
 
     def prefix(self) -> str:
         """The answer up to the opening quote of the rating, e.g. '{\\n    "rating": "'."""
-        marker = "\x00"
+        marker = "@@answer@@"
         text = self.dumps({self.keys[0]: marker})
         return text[: text.index(marker)]
 
@@ -76,7 +76,7 @@ def _without(schema: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def policy_hash(policy: Policy) -> str:
-    """Content hash of a resolved policy: sha256 over its canonical JSON and the compiler version."""
+    """sha256 over the resolved policy's canonical JSON and the compiler version."""
     canonical = json.dumps(
         {"compiler": COMPILER_VERSION, "policy": policy.model_dump(mode="json")},
         sort_keys=True,

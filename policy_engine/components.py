@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import PolicyEngineError
 
 if TYPE_CHECKING:
     from .compiler import AnswerLayout, CompiledPolicy
@@ -24,6 +26,18 @@ MODES: tuple[Mode, ...] = ("full", "verdict", "score")
 
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def one_line(err: ValidationError) -> str:
+    """A pydantic error as one readable line: 'option x: message; option y: message'."""
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "options"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown option"
+        parts.append(f"option {where}: {message}")
+    return "; ".join(parts)
 
 
 Check = tuple[tuple[str | int, ...], str]
@@ -117,7 +131,10 @@ class Backend:
     install_hint: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:
-        self.options = self.Options.model_validate(options)
+        try:
+            self.options = self.Options.model_validate(options)
+        except ValidationError as err:
+            raise PolicyEngineError(f"backend {self.name!r}: {one_line(err)}") from None
         self.loaded = False
 
     def load(self) -> None:

@@ -214,8 +214,12 @@ class Engine:
         }
         if gen.error is not None:
             return error_verdict(
-                self.compiled, "backend", gen.error, raw=gen.text or None,
-                retryable=gen.retryable, **extra,
+                self.compiled,
+                "backend",
+                gen.error,
+                raw=gen.text or None,
+                retryable=gen.retryable,
+                **extra,
             )
         if self.mode == "score":
             if gen.p_unsafe is None:
@@ -246,8 +250,9 @@ class Engine:
             try:
                 processor(decision, context)
             except Exception as err:  # a plugin fault must not lose the verdict
-                decision.note(step_id, f"post-processor failed: {type(err).__name__}: {err}",
-                              error=True)
+                decision.note(
+                    step_id, f"post-processor failed: {type(err).__name__}: {err}", error=True
+                )
         self.host.observe_decision(decision)
         return decision
 

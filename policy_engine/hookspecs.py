@@ -32,4 +32,7 @@ def register_commands(cli: Any) -> None:
 
 @hookspec
 def observe_decision(decision: Any) -> None:
-    """See every final Decision (after post-processing): for sinks, logs and metrics."""
+    """See every final Decision (after post-processing): for sinks, logs and metrics.
+
+    `decision` is the Decision the engine is about to return, error decisions included.
+    """

@@ -95,11 +95,13 @@ class PluginHost:
                 continue
             try:
                 module = ep.load()
+                self.pm.register(module, name=ep.name)  # validates hookimpls against the specs
             except Exception as err:  # a broken third-party plugin must not break the tool
-                print(f"policy-engine: warning: plugin {ep.name!r} failed to load: {err}",
-                      file=sys.stderr)
+                print(
+                    f"policy-engine: warning: plugin {ep.name!r} failed to load: {err}",
+                    file=sys.stderr,
+                )
                 continue
-            self.pm.register(module, name=ep.name)
             self._dists[ep.name] = (dist_name, dist.version if dist else None, builtin)
 
     def register(self, plugin: object, name: str) -> None:
@@ -182,7 +184,13 @@ class PluginHost:
 
     def observe_decision(self, decision: Any) -> None:
         self.ensure_loaded()
-        self.pm.hook.observe_decision(decision=decision)
+        try:
+            self.pm.hook.observe_decision(decision=decision)
+        except Exception as err:  # a failing sink must not lose the decision
+            print(
+                f"policy-engine: warning: observe_decision failed: {type(err).__name__}: {err}",
+                file=sys.stderr,
+            )
 
     def plugins(self) -> list[PluginInfo]:
         """Every registered plugin, its hooks and what it registered."""
@@ -228,4 +236,3 @@ def set_host(host: PluginHost | None) -> PluginHost | None:
     with _host_lock:
         previous, _host = _host, host
         return previous
-

@@ -68,7 +68,9 @@ def _read(display: str, path: Path) -> Located:
     except FileNotFoundError:
         raise PolicyError([Problem(display, 0, 0, "", "no such file")]) from None
     except IsADirectoryError:
-        raise PolicyError([Problem(display, 0, 0, "", "is a directory, not a policy file")]) from None
+        raise PolicyError(
+            [Problem(display, 0, 0, "", "is a directory, not a policy file")]
+        ) from None
     except OSError as err:
         raise PolicyError([Problem(display, 0, 0, "", f"cannot read: {err.strerror}")]) from None
     data = load_located(decode_policy_bytes(raw, display), display)
@@ -93,7 +95,7 @@ def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) 
     display, path = _resolve(ref, base)
     identity = str(path.resolve())
     if identity in seen:
-        chain = " -> ".join([*seen[seen.index(identity):], identity])
+        chain = " -> ".join([*seen[seen.index(identity) :], identity])
         raise PolicyError([_problem_at(via, display, "extends", f"extends cycle: {chain}")])
     if len(seen) >= MAX_EXTENDS_DEPTH:
         raise PolicyError(

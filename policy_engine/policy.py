@@ -25,13 +25,13 @@ class Category(_Strict):
 
     id: str = Field(description="Short identifier shown to the model, e.g. 'O4'.")
     name: str = Field(min_length=1, description="Human name, e.g. 'Nudity Content'.")
-    severity: str = Field(
-        default="medium", description="One of the policy's severity_levels."
-    )
+    severity: str = Field(default="medium", description="One of the policy's severity_levels.")
     should_not: list[str] = Field(
         default_factory=list, description="Guidelines: what content should not contain."
     )
-    can: list[str] = Field(default_factory=list, description="Guidelines: what content can contain.")
+    can: list[str] = Field(
+        default_factory=list, description="Guidelines: what content can contain."
+    )
     exception_examples: list[str] | None = Field(
         default=None,
         description=(

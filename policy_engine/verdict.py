@@ -106,9 +106,11 @@ def extract_json_object(text: str) -> Any:
     decoder = json.JSONDecoder()
     stripped = text.strip()
     try:
-        return json.loads(stripped)
+        whole = json.loads(stripped)
     except json.JSONDecodeError:
-        pass
+        whole = None
+    if isinstance(whole, dict):
+        return whole
     start = text.find("{")
     while start != -1:
         try:

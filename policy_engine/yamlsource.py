@@ -58,6 +58,9 @@ def located_list(items: list[Any], mark: Mark, marks: list[Mark]) -> LocatedList
     return result
 
 
+_COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 class _Constructor(SafeConstructor):
     filename = "<policy>"
 
@@ -66,6 +69,15 @@ class _Constructor(SafeConstructor):
 
     def _build(self, node: Node) -> Any:
         mark = Mark.of(self.filename, node)
+        if isinstance(node, MappingNode | SequenceNode) and node.tag not in _COLLECTION_TAGS:
+            # A tag on a mapping or sequence (`!!python/object/apply:…`, `!!set`) must not be
+            # silently dropped: reject it like an unknown tag on a scalar.
+            raise ConstructorError(
+                None,
+                None,
+                f"could not determine a constructor for the tag {node.tag!r}",
+                node.start_mark,
+            )
         if isinstance(node, MappingNode):
             self.flatten_mapping(node)
             data: dict[str, Any] = {}
@@ -81,7 +93,9 @@ class _Constructor(SafeConstructor):
                         None, None, f"duplicate key {key!r}", key_node.start_mark
                     )
                 data[key] = self._build(value_node)
-                marks[key] = Mark.of(self.filename, value_node)
+                # A block value that starts on a later line is reported at its key's line.
+                same_line = value_node.start_mark.line == key_node.start_mark.line
+                marks[key] = Mark.of(self.filename, value_node if same_line else key_node)
             return located(data, mark, marks)
         if isinstance(node, SequenceNode):
             items = [self._build(child) for child in node.value]
@@ -108,12 +122,17 @@ class _Loader(
         self.filename = filename
 
 
-def _count_nodes(node: Node, memo: dict[int, int]) -> int:
+def _count_nodes(node: Node, memo: dict[int, int | None]) -> int:
     """Size of the document with every alias expanded, without expanding it."""
     key = id(node)
     if key in memo:
-        return memo[key]
-    memo[key] = 1  # guards against recursive aliases while counting
+        counted = memo[key]
+        if counted is None:  # still counting this node: an alias inside its own anchor
+            raise ConstructorError(
+                None, None, "recursive alias: a value contains itself", node.start_mark
+            )
+        return counted
+    memo[key] = None
     total = 1
     if isinstance(node, MappingNode):
         for k, v in node.value:
@@ -169,6 +188,8 @@ def load_located(text: str, file: str) -> Any:
         raise _problem(file, message, err.problem_mark or err.context_mark) from None
     except yaml.YAMLError as err:
         raise _problem(file, f"invalid YAML: {err}") from None
+    except RecursionError:
+        raise _problem(file, "values are nested too deeply") from None
     finally:
         loader.dispose()
     return data

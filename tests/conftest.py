@@ -10,9 +10,9 @@ os.environ["POLICY_ENGINE_PLUGINS"] = ""
 os.environ.pop("POLICY_ENGINE_DISABLE_PLUGINS", None)
 os.environ.pop("POLICY_ENGINE_TRACE_HOOKS", None)
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"

@@ -55,6 +55,7 @@ class GenericFormat(PromptFormat):
             lines.append(f'- "{key}": {help_text}')
         lines.append(
             "Category values: "
-            + ", ".join(f'"{c.label}"' for c in [*policy.categories, policy.none_category])
+            + ", ".join(f'"{c.label}"' for c in policy.categories)
+            + f', "{policy.none_category.label}"'
         )
         return "\n".join(lines) + "\n"

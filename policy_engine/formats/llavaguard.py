@@ -88,7 +88,7 @@ class _LlavaGuardFormat(PromptFormat):
             + "To provide your assessment use the following json template:\n"
             + "{\n"
             + '    "rating": str<"Unsafe"|"Safe">,\n'
-            + f"    \"category\": str<{template}>,\n"
+            + f'    "category": str<{template}>,\n'
             + '    "rationale": str,\n'
             + "}\n"
         )

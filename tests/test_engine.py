@@ -1,0 +1,304 @@
+"""The engine end to end with the built-in static backend and real images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from policy_engine import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Decision,
+    Generation,
+    PolicyEngineError,
+    PostProcessor,
+    Request,
+    get_host,
+    hookimpl,
+    load_policy,
+)
+from policy_engine.engine import Engine
+from policy_engine.policy import PostprocessStep
+
+
+def png(color: str = "red", size: tuple[int, int] = (8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    path.write_bytes(png())
+    return path
+
+
+def test_assess_with_static_backend(image_file: Path) -> None:
+    engine = Engine("llavaguard", "static", backend_options={"rating": "Unsafe", "category": "O2"})
+    decision = engine.assess(image_file)
+    verdict = decision.verdict
+    assert verdict.ok
+    assert (verdict.rating, verdict.category_id, verdict.category_name) == (
+        "Unsafe",
+        "O2",
+        "Violence, Harm, or Cruelty",
+    )
+    assert verdict.source == str(image_file)
+    assert verdict.policy_hash == engine.compiled.hash
+    assert verdict.model == "static"
+    assert verdict.p_unsafe == 1.0
+    assert '"rating": "Unsafe"' in (verdict.raw or "")
+    assert set(verdict.timings) >= {"decode_image", "generate"}
+
+
+def _children(**options: Any) -> Engine:
+    return Engine("children-platform", "static", backend_options=options)
+
+
+def test_children_platform_escalates_self_harm_then_blocks() -> None:
+    decision = _children(rating="Unsafe", category="O7").assess(png())
+    assert [(a.name, a.params) for a in decision.actions] == [
+        ("escalate", {"queue": "safeguarding", "priority": "urgent"}),
+        ("block", {}),
+    ]
+    assert [t.step for t in decision.trace] == [
+        "escalate:escalate",
+        "escalate:block",
+        "escalate:human_review",
+    ]
+
+
+def test_children_platform_blocks_other_unsafe_and_allows_safe() -> None:
+    blocked = _children(rating="Unsafe", category="O3").assess(png())
+    assert [a.name for a in blocked.actions] == ["block"]
+    safe = _children(rating="Safe").assess(png())
+    assert safe.actions == []
+    assert all("no match" in t.message for t in safe.trace)
+
+
+def test_children_platform_sends_failed_assessments_to_review(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png()[:40])
+    decision = _children(rating="Safe").assess(broken)
+    assert decision.verdict.rating is None
+    assert decision.verdict.error is not None and decision.verdict.error.kind == "image"
+    assert [(a.name, a.params) for a in decision.actions] == [
+        ("human_review", {"queue": "moderation", "priority": "high"})
+    ]
+
+
+def test_health_platform_routes_unsafe_to_clinical_review() -> None:
+    engine = Engine(
+        "health-platform", "static", backend_options={"rating": "Unsafe", "category": "O3"}
+    )
+    assert [(a.name, a.params.get("queue")) for a in engine.assess(png()).actions] == [
+        ("human_review", "clinical-review")
+    ]
+    assert engine.policy.exceptions["O4"].status.value == "non-violating"
+
+
+def test_metadata_reaches_post_processors() -> None:
+    policy = load_policy("llavaguard").model_copy(
+        update={
+            "postprocess": [
+                PostprocessStep(
+                    name="escalate",
+                    params={
+                        "metadata": {"audience": "minors"},
+                        "action": "blur",
+                        "ratings": ["Safe", "Unsafe"],
+                    },
+                )
+            ]
+        }
+    )
+    engine = Engine(policy, "static")
+    assert [a.name for a in engine.assess(png(), {"audience": "minors"}).actions] == ["blur"]
+    assert engine.assess(png(), {"audience": "adults"}).actions == []
+    decisions = list(
+        engine.assess_many([png(), (png(), {"audience": "x"})], metadata={"audience": "minors"})
+    )
+    assert [len(d.actions) for d in decisions] == [1, 0]
+    assert decisions[0].metadata == {"audience": "minors"}
+
+
+class _Recorder(PostProcessor):
+    """Appends its name to a shared log, to observe ordering."""
+
+    log: list[str] = []
+
+    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+        self.log.append(self.name)
+        decision.note(self.name, "ran")
+
+
+class _First(_Recorder):
+    name = "test-first"
+
+
+class _Second(_Recorder):
+    name = "test-second"
+
+
+class _Broken(PostProcessor):
+    name = "test-broken"
+
+    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+        raise RuntimeError("boom")
+
+
+class _OrderPlugin:
+    @hookimpl
+    def register_postprocessors(self, register: Any) -> None:
+        # Registration order deliberately differs from the policy's order.
+        register(_First)
+        register(_Second)
+        register(_Broken)
+
+
+@pytest.fixture
+def order_plugin() -> Iterator[None]:
+    host = get_host()
+    host.register(_OrderPlugin(), name="test-order")
+    try:
+        yield
+    finally:
+        host.unregister("test-order")
+
+
+def _with_steps(*names: str) -> Any:
+    steps = [PostprocessStep(name=n) for n in names]
+    return load_policy("llavaguard").model_copy(update={"postprocess": steps})
+
+
+@pytest.mark.usefixtures("order_plugin")
+def test_post_processors_run_in_policy_order_not_registration_order() -> None:
+    _Recorder.log.clear()
+    decision = Engine(_with_steps("test-second", "test-first"), "static").assess(png())
+    assert _Recorder.log == ["test-second", "test-first"]
+    assert [t.step for t in decision.trace] == ["test-second", "test-first"]
+
+
+@pytest.mark.usefixtures("order_plugin")
+def test_failing_post_processor_keeps_verdict_and_records_error() -> None:
+    _Recorder.log.clear()
+    engine = Engine(
+        _with_steps("test-broken", "test-first"),
+        "static",
+        backend_options={"rating": "Unsafe", "category": "O1"},
+    )
+    decision = engine.assess(png())
+    assert decision.verdict.rating == "Unsafe"
+    assert decision.trace[0].error and "RuntimeError: boom" in decision.trace[0].message
+    assert _Recorder.log == ["test-first"]  # the chain goes on
+    assert not decision.ok
+
+
+def test_assess_many_preserves_order_and_survives_bad_items(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    good.write_bytes(png())
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    items = [good, tmp_path / "missing.png", png("blue"), text, b"", good]
+    decisions = list(Engine("llavaguard", "static").assess_many(items))
+    assert [d.verdict.ok for d in decisions] == [True, False, True, False, False, True]
+    assert decisions[1].verdict.source == str(tmp_path / "missing.png")
+    assert all(d.verdict.rating is None for d in decisions if not d.verdict.ok)
+
+
+class _BatchBackend(Backend):
+    """A backend that records the batch sizes it is called with."""
+
+    name = "test-batch"
+    capabilities = Capabilities(json_schema=True, batching=True, max_batch_size=3)
+    calls: list[int] = []
+    fail: bool = False
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        self.calls.append(len(requests))
+        if self.fail:
+            raise BackendError("server unreachable", retryable=True)
+        text = '{"rating": "Safe", "category": "NA: None applying", "rationale": "ok"}'
+        return [Generation(text=text, model="batch") for _ in requests]
+
+
+def test_batches_follow_backend_capability() -> None:
+    backend = _BatchBackend()
+    backend.calls = []
+    decisions = list(Engine("llavaguard", backend).assess_many([png()] * 7))
+    assert backend.calls == [3, 3, 1]
+    assert all(d.verdict.rating == "Safe" for d in decisions)
+    backend.calls = []
+    list(Engine("llavaguard", backend, batch_size=2).assess_many([png()] * 3))
+    assert backend.calls == [2, 1]
+
+
+def test_backend_fault_becomes_error_verdicts() -> None:
+    backend = _BatchBackend()
+    backend.calls, backend.fail = [], True
+    decisions = list(Engine("llavaguard", backend).assess_many([png()] * 2))
+    assert [d.verdict.error.kind if d.verdict.error else None for d in decisions] == [
+        "backend",
+        "backend",
+    ]
+    assert decisions[0].verdict.error is not None and decisions[0].verdict.error.retryable
+
+
+def test_unparseable_output_is_error_not_safe() -> None:
+    engine = Engine("llavaguard", "static", backend_options={"raw": "The image looks fine."})
+    verdict = engine.assess(png()).verdict
+    assert verdict.rating is None and verdict.error is not None
+    assert verdict.error.kind == "output" and verdict.raw == "The image looks fine."
+
+
+def test_score_mode() -> None:
+    engine = Engine("llavaguard", "static", mode="score", backend_options={"p_unsafe": 0.7})
+    verdict = engine.assess(png()).verdict
+    assert (verdict.rating, verdict.p_unsafe, verdict.category_id) == ("Unsafe", 0.7, None)
+    low = Engine(
+        "llavaguard", "static", mode="score", score_threshold=0.8, backend_options={"p_unsafe": 0.7}
+    )
+    assert low.assess(png()).verdict.rating == "Safe"
+
+
+def test_score_mode_needs_a_scoring_backend() -> None:
+    with pytest.raises(PolicyEngineError, match="cannot score"):
+        Engine("llavaguard", _BatchBackend(), mode="score")
+
+
+def test_verdict_mode_skips_rationale() -> None:
+    verdict = Engine("llavaguard", "static", mode="verdict").assess(png()).verdict
+    assert verdict.ok and verdict.rationale is None
+    assert "rationale" not in (verdict.raw or "")
+
+
+def test_async_twins_preserve_order() -> None:
+    engine = Engine("llavaguard", "static", concurrency=4, batch_size=1)
+
+    async def run() -> list[Decision]:
+        single = await engine.aassess(png())
+        assert single.verdict.ok
+        return [d async for d in engine.aassess_many([png(), b"junk", png("green")])]
+
+    decisions = asyncio.run(run())
+    assert [d.verdict.ok for d in decisions] == [True, False, True]
+
+
+def test_unknown_backend_lists_installed() -> None:
+    with pytest.raises(PolicyEngineError, match=r"unknown backend .nope.; installed: .*static"):
+        Engine("llavaguard", "nope")
+
+
+def test_bad_backend_option_is_a_clear_error() -> None:
+    with pytest.raises(PolicyEngineError, match="backend 'static': option rating: "):
+        Engine("llavaguard", "static", backend_options={"rating": "Maybe"})
+    with pytest.raises(PolicyEngineError, match="option temprature: unknown option"):
+        Engine("llavaguard", "static", backend_options={"temprature": 0.2})
