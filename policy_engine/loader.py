@@ -75,10 +75,20 @@ def _read(display: str, path: Path) -> Located:
         raise PolicyError([Problem(display, 0, 0, "", f"cannot read: {err.strerror}")]) from None
     data = load_located(decode_policy_bytes(raw, display), display)
     if not isinstance(data, Located):
-        raise PolicyError(
-            [Problem(display, 1, 1, "", f"a policy is a YAML mapping, not {type(data).__name__}")]
-        )
+        kind = _KIND_NAMES.get(type(data), type(data).__name__)
+        mark = getattr(data, "mark", None) or Mark(display, 1, 1)
+        message = f"a policy is a YAML mapping, not {kind}"
+        raise PolicyError([_problem_at(mark, display, "", message)])
     return data
+
+
+_KIND_NAMES = {
+    LocatedList: "a list",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
 
 
 def _problem_at(mark: Mark | None, file: str, path: str, message: str) -> Problem:
@@ -107,6 +117,17 @@ def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) 
         _reject_patch_keys(data, display)
         return data
     extends_mark = data.marks["extends"]
+    if "id" not in data:
+        raise PolicyError(
+            [
+                _problem_at(
+                    data.mark,
+                    display,
+                    "id",
+                    "required field is missing (give the policy its own id)",
+                )
+            ]
+        )
     if not isinstance(parent_ref, str) or not parent_ref:
         raise PolicyError(
             [_problem_at(extends_mark, display, "extends", "must be a policy name or a path")]
@@ -115,7 +136,7 @@ def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) 
         parent = _load_chain(parent_ref, path.parent, [*seen, identity], extends_mark)
     except UnknownNameError as err:
         raise PolicyError(
-            [_problem_at(extends_mark, display, "extends", f"parent {err.message[8:]}")]
+            [_problem_at(extends_mark, display, "extends", f"unknown parent {err.message[8:]}")]
         ) from None
     except PolicyError as err:
         if any(p.message == "no such file" and p.path == "" for p in err.problems):
@@ -179,12 +200,36 @@ def _overlay_categories(parent: Any, patches: LocatedList, display: str) -> Loca
                 return index
         return None
 
+    patched: set[Any] = set()
     for index, patch in enumerate(patches):
         mark = patches.marks[index]
-        if not isinstance(patch, Located) or "id" not in patch:
+        if not isinstance(patch, Located) or "id" not in patch or not isinstance(patch["id"], str):
             items.append(patch)  # validation reports what is wrong with it
             item_marks.append(mark)
             continue
+        if patch["id"] in patched:
+            raise PolicyError(
+                [
+                    _problem_at(
+                        patch.marks["id"],
+                        display,
+                        f"categories[{index}].id",
+                        f"duplicate category id {patch['id']!r}",
+                    )
+                ]
+            )
+        patched.add(patch["id"])
+        if not isinstance(patch.get("remove", False), bool):
+            raise PolicyError(
+                [
+                    _problem_at(
+                        patch.marks["remove"],
+                        display,
+                        f"categories[{index}].remove",
+                        "must be true or false",
+                    )
+                ]
+            )
         at = position(patch["id"])
         if patch.get("remove") is True:
             if at is None:
@@ -253,7 +298,10 @@ def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[Mark | None, str, bool
             parts.append(f".{part}" if parts else part)
             mark, node = node.marks[part], node[part]
         else:
-            parts.append(f".{part}" if parts and isinstance(part, str) else f"[{part}]")
+            if isinstance(part, str):
+                parts.append(f".{part}" if parts else part)
+            else:
+                parts.append(f"[{part}]")
             found = False
             break
     return mark, "".join(parts), found
