@@ -124,7 +124,7 @@ def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) 
                     data.mark,
                     display,
                     "id",
-                    "required field is missing (give the policy its own id)",
+                    "required field is missing (its own id)",
                 )
             ]
         )
