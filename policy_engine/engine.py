@@ -22,7 +22,7 @@ from .components import MODES, Backend, Generation, Mode, PostProcessor, Request
 from .errors import BackendError, ImageError, PolicyEngineError
 from .host import PluginHost, get_host
 from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_source, load_image
-from .loader import load_policy
+from .loader import check_policy, load_policy
 from .policy import Policy
 from .verdict import Decision, Verdict, error_verdict, parse_verdict
 
@@ -50,6 +50,7 @@ class Engine:
         if mode not in MODES:
             raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         if isinstance(policy, Policy):
+            check_policy(policy, host=self.host)
             self.policy = policy
         else:
             self.policy = load_policy(policy, host=self.host)

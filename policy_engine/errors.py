@@ -53,8 +53,8 @@ class UnknownNameError(PolicyEngineError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
         self.kind, self.name, self.known = kind, name, sorted(known)
-        listing = ", ".join(self.known) if self.known else "none installed"
-        super().__init__(f"unknown {kind} {name!r}; installed: {listing}")
+        listing = f"installed: {', '.join(self.known)}" if self.known else "none installed"
+        super().__init__(f"unknown {kind} {name!r}; {listing}")
 
 
 class PluginError(PolicyEngineError):

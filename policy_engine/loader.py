@@ -303,7 +303,7 @@ def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[Mark | None, str, bool
             else:
                 parts.append(f"[{part}]")
             found = False
-            break
+            node = None  # the rest of the path is named, but has no place in the file
     return mark, "".join(parts), found
 
 
@@ -358,6 +358,13 @@ def load_policy(ref: str | Path, *, host: PluginHost | None = None) -> Policy:
     if problems:
         raise PolicyError(problems)
     return policy
+
+
+def check_policy(policy: Policy, *, host: PluginHost | None = None) -> None:
+    """Run the plugin checks on a Policy built in code (no file): raises PolicyError."""
+    problems = _plugin_problems(policy, Located(), "<policy>", host or get_host())
+    if problems:
+        raise PolicyError(problems)
 
 
 def _plugin_problems(policy: Policy, data: Located, file: str, host: PluginHost) -> list[Problem]:

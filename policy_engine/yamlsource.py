@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -17,6 +18,7 @@ from .errors import PolicyError, Problem
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 100_000  # after alias expansion: stops "billion laughs" documents
+MAX_DEPTH = 64  # nesting, after alias expansion; a policy needs about 5
 
 
 class Mark:
@@ -120,28 +122,58 @@ class _Loader(
         _Constructor.__init__(self)
         yaml.resolver.Resolver.__init__(self)
         self.filename = filename
+        self._depth = self._nodes = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        """Stop at MAX_DEPTH or MAX_NODES while composing, before they cost time or the stack."""
+        self._depth += 1
+        self._nodes += 1
+        try:
+            problem = None
+            if self._depth > MAX_DEPTH + 1:  # the document's root is depth 0
+                problem = f"values are nested more than {MAX_DEPTH} levels deep"
+            elif self._nodes > MAX_NODES:
+                problem = f"document has more than {MAX_NODES:,} values"
+            if problem:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise ComposerError(None, None, problem, mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
-def _count_nodes(node: Node, memo: dict[int, int | None]) -> int:
-    """Size of the document with every alias expanded, without expanding it."""
+def _measure(
+    node: Node, memo: dict[int, tuple[int, int] | None], depth: int = 0
+) -> tuple[int, int]:
+    """(size, height) of the document with every alias expanded, without expanding it.
+
+    Also rejects recursive aliases and values nested more than MAX_DEPTH deep (counting through
+    aliases), which would otherwise overflow the stack when the policy is built or serialized.
+    """
     key = id(node)
     if key in memo:
-        counted = memo[key]
-        if counted is None:  # still counting this node: an alias inside its own anchor
+        measured = memo[key]
+        if measured is None:  # still measuring this node: an alias inside its own anchor
             raise ConstructorError(
                 None, None, "recursive alias: a value contains itself", node.start_mark
             )
-        return counted
-    memo[key] = None
-    total = 1
-    if isinstance(node, MappingNode):
-        for k, v in node.value:
-            total += _count_nodes(k, memo) + _count_nodes(v, memo)
-    elif isinstance(node, SequenceNode):
-        for child in node.value:
-            total += _count_nodes(child, memo)
-    memo[key] = total
-    return total
+    else:
+        memo[key] = None
+        children: list[Node] = []
+        if isinstance(node, MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, SequenceNode):
+            children = list(node.value)
+        total, height = 1, 0
+        for child in children:
+            child_total, child_height = _measure(child, memo, depth + 1)
+            total, height = total + child_total, max(height, child_height + 1)
+        measured = memo[key] = (total, height)
+    if depth + measured[1] > MAX_DEPTH:
+        raise ConstructorError(
+            None, None, f"values are nested more than {MAX_DEPTH} levels deep", node.start_mark
+        )
+    return measured
 
 
 def _problem(file: str, message: str, mark: Any = None) -> PolicyError:
@@ -175,7 +207,7 @@ def load_located(text: str, file: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             raise _problem(file, "the file is empty; a policy is a YAML mapping")
-        if _count_nodes(node, {}) > MAX_NODES:
+        if _measure(node, {})[0] > MAX_NODES:
             raise _problem(file, f"document expands to more than {MAX_NODES:,} values (aliases)")
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as err:

@@ -18,6 +18,7 @@ from policy_engine import (
     Decision,
     Generation,
     PolicyEngineError,
+    PolicyError,
     PostProcessor,
     Request,
     get_host,
@@ -302,3 +303,14 @@ def test_bad_backend_option_is_a_clear_error() -> None:
         Engine("llavaguard", "static", backend_options={"rating": "Maybe"})
     with pytest.raises(PolicyEngineError, match="option temprature: unknown option"):
         Engine("llavaguard", "static", backend_options={"temprature": 0.2})
+
+
+def test_policy_built_in_code_is_checked_like_a_file() -> None:
+    policy = _with_steps("no-such-step")
+    with pytest.raises(PolicyError, match=r"postprocess\[0\]\.name: unknown post-processor"):
+        Engine(policy, "static")
+    bad = load_policy("llavaguard").model_copy(
+        update={"postprocess": [PostprocessStep(name="escalate", params={"categories": ["O42"]})]}
+    )
+    with pytest.raises(PolicyError, match="unknown category 'O42'"):
+        Engine(bad, "static")
