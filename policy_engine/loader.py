@@ -7,6 +7,7 @@ YAML suffix is a shipped policy (`policies/`); anything else is a path.
 from __future__ import annotations
 
 import importlib.resources
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,21 @@ def _problem_at(mark: Mark | None, file: str, path: str, message: str) -> Proble
 # -- extends -------------------------------------------------------------------------------
 
 
+def _short(path: str) -> str:
+    """A path relative to the working directory when that is shorter."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return relative if len(relative) < len(path) else path
+
+
 def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) -> Located:
     """Load a file and everything it extends, merged (child over parent)."""
     display, path = _resolve(ref, base)
     identity = str(path.resolve())
     if identity in seen:
-        chain = " -> ".join([*seen[seen.index(identity) :], identity])
+        chain = " -> ".join(_short(p) for p in [*seen[seen.index(identity) :], identity])
         raise PolicyError([_problem_at(via, display, "extends", f"extends cycle: {chain}")])
     if len(seen) >= MAX_EXTENDS_DEPTH:
         raise PolicyError(
@@ -307,39 +317,74 @@ def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[Mark | None, str, bool
     return mark, "".join(parts), found
 
 
-def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
-    model: type[BaseModel] = Policy
+def _allowed_keys(loc: tuple[str | int, ...], root: type[BaseModel] = Policy) -> list[str]:
+    model: type[BaseModel] = root
     for index, part in enumerate(loc[:-1]):
-        if isinstance(part, str) and index == 0 and part in _FIELD_MODELS:
+        if root is Policy and isinstance(part, str) and index == 0 and part in _FIELD_MODELS:
             model = _FIELD_MODELS[part]
         elif isinstance(part, str) and part in model.model_fields:
             annotation = model.model_fields[part].annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 model = annotation
-    return sorted(model.model_fields)
+    keys = set(model.model_fields)
+    if model is Policy:
+        keys.add("extends")
+    if model is Category:
+        keys.add("remove")
+    return sorted(keys)
+
+
+_PLAIN = {
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def _plain_message(item: Any) -> str:
+    """pydantic's message in the loader's voice ("must be …")."""
+    kind = item["type"]
+    if kind in _PLAIN:
+        return _PLAIN[kind]
+    ctx = item.get("ctx") or {}
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    message: str = item["msg"]
+    return message.replace("Input should be", "must be").replace("String should", "must")
 
 
 def _validation_problems(
-    err: ValidationError, data: Located, file: str, prefix: tuple[str | int, ...] = ()
+    err: ValidationError,
+    data: Located,
+    file: str,
+    prefix: tuple[str | int, ...] = (),
+    root: type[BaseModel] = Policy,
 ) -> list[Problem]:
     problems = []
     for item in err.errors():
         loc = prefix + tuple(item["loc"])
-        message = item["msg"]
         cause = (item.get("ctx") or {}).get("error")
         if isinstance(cause, LocatedValueError):
             loc = prefix + tuple(int(p) if p.isdigit() else p for p in cause.path.split("."))
             message = cause.message
-        elif message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        mark, path, found = _walk(data, loc)
+        elif item["msg"].startswith("Value error, "):
+            message = item["msg"][len("Value error, ") :]
+        else:
+            message = _plain_message(item)
+        mark, path, _found = _walk(data, loc)
         if item["type"] == "missing":
             message = "required field is missing"
         elif item["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc) if not prefix else []
+            allowed = _allowed_keys(tuple(item["loc"]), root)
             message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-        elif not found:
-            message = f"{message}"
         problems.append(_problem_at(mark, file, path, message))
     return problems
 
@@ -389,7 +434,9 @@ def _plugin_problems(policy: Policy, data: Located, file: str, host: PluginHost)
         try:
             params = cls.Params.model_validate(step.params)
         except ValidationError as err:
-            problems += _validation_problems(err, data, file, ("postprocess", index, "params"))
+            problems += _validation_problems(
+                err, data, file, ("postprocess", index, "params"), root=cls.Params
+            )
             continue
         for loc, message in cls.check(params, policy):
             mark, path, _ = _walk(data, ("postprocess", index, "params", *loc))
