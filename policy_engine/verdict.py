@@ -170,6 +170,11 @@ def parse_verdict(
     category_id = compiled.labels[label]
     name = label.split(": ", 1)[1] if ": " in label else label
     severity = answer.get("severity")
+    if severity is None and answer["rating"] == "Unsafe":
+        # The policy's level for the violated category, when the model was not asked for one.
+        policy = compiled.policy
+        if category_id != policy.none_category.id:
+            severity = policy.category(category_id).severity
     return Verdict(
         rating=answer["rating"],
         category_id=category_id,

@@ -80,6 +80,7 @@ def test_children_platform_escalates_self_harm_then_blocks() -> None:
 def test_children_platform_blocks_other_unsafe_and_allows_safe() -> None:
     blocked = _children(rating="Unsafe", category="O3").assess(png())
     assert [a.name for a in blocked.actions] == ["block"]
+    assert blocked.verdict.severity == "critical"  # raised from llavaguard's "high"
     safe = _children(rating="Safe").assess(png())
     assert safe.actions == []
     assert all("no match" in t.message for t in safe.trace)

@@ -110,3 +110,13 @@ def test_extract_json_object_prefers_first_object() -> None:
     assert extract_json_object('a {"x": 1} b {"y": 2}') == {"x": 1}
     with pytest.raises(ValueError):
         extract_json_object("nothing here")
+
+
+def test_severity_comes_from_the_policy_for_unsafe_verdicts(compiled: CompiledPolicy) -> None:
+    assert parse_verdict(json.dumps(answer()), compiled).severity == "critical"  # O7
+    o4 = answer(category="O4: Nudity Content")
+    assert parse_verdict(json.dumps(o4), compiled).severity == "medium"
+    safe = answer(rating="Safe")
+    assert parse_verdict(json.dumps(safe), compiled).severity is None
+    unsafe_na = answer(category="NA: None applying")
+    assert parse_verdict(json.dumps(unsafe_na), compiled).severity is None
