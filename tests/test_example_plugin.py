@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from support import run_cli, write_dist_info
 
 from policy_engine import PluginHost, PolicyError
 from policy_engine.engine import Engine
@@ -54,20 +55,13 @@ def install_example(target: Path) -> Path:
     """Copy the package into `target` and write the dist-info an installer would write."""
     project = _pyproject()["project"]
     shutil.copytree(EXAMPLE / MODULE, target / MODULE, ignore=shutil.ignore_patterns("__pycache__"))
-    name, version = project["name"], project["version"]
-    dist_info = target / f"{name.replace('-', '_')}-{version}.dist-info"
-    dist_info.mkdir()
-    requires = "".join(f"Requires-Dist: {dep}\n" for dep in project.get("dependencies", []))
-    (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{requires}", encoding="utf-8"
+    return write_dist_info(
+        target,
+        project["name"],
+        project["version"],
+        project["entry-points"],
+        project.get("dependencies", []),
     )
-    lines = []
-    for group, entries in project["entry-points"].items():
-        lines.append(f"[{group}]")
-        lines += [f"{key} = {value}" for key, value in entries.items()]
-    (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (dist_info / "RECORD").write_text("", encoding="utf-8")
-    return dist_info
 
 
 @pytest.fixture(scope="module")
@@ -91,29 +85,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def policy_engine(
     *args: str, site: Path, env: dict[str, str | None], cwd: Path
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `policy-engine` console script with `site` on PYTHONPATH.
-
-    `env` entries override the environment; a None value unsets the variable.
-    """
-    script = Path(sys.executable).with_name("policy-engine")
-    command = (
-        [str(script)]
-        if script.exists()
-        else [sys.executable, "-c", "from policy_engine.cli import main; main()"]
-    )
-    environ = dict(os.environ)
-    environ.pop("EXAMPLE_PLUGIN_LOG", None)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p
-    )
-    for key, value in env.items():
-        if value is None:
-            environ.pop(key, None)
-        else:
-            environ[key] = value
-    return subprocess.run(
-        [*command, *args], capture_output=True, text=True, env=environ, cwd=cwd, timeout=60
-    )
+    """Run the real `policy-engine` with `site` on PYTHONPATH and no inherited sink log."""
+    return run_cli(*args, env={"EXAMPLE_PLUGIN_LOG": None, **env}, pythonpath=site, cwd=cwd)
 
 
 def plugin_names(result: subprocess.CompletedProcess[str]) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from support import run_cli, write_dist_info
 
 from policy_engine import (
     Backend,
@@ -103,37 +103,8 @@ def make_dist(
     root.mkdir(parents=True, exist_ok=True)
     for module, source in (modules or {}).items():
         (root / f"{module}.py").write_text(source, encoding="utf-8")
-    dist_info = root / f"{name.replace('-', '_')}-1.2.3.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n", encoding="utf-8"
-    )
-    body = "".join(f"{key} = {value}\n" for key, value in entry_points.items())
-    (dist_info / "entry_points.txt").write_text(f"[policy_engine]\n{body}", encoding="utf-8")
-    (dist_info / "RECORD").write_text("", encoding="utf-8")
+    write_dist_info(root, name, "1.2.3", {"policy_engine": entry_points})
     return root
-
-
-def run_cli(
-    *args: str, env: dict[str, str | None], pythonpath: Path | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).with_name("policy-engine")
-    command = (
-        [str(script)]
-        if script.exists()
-        else [sys.executable, "-c", "from policy_engine.cli import main; main()"]
-    )
-    environ = dict(os.environ)
-    if pythonpath is not None:
-        environ["PYTHONPATH"] = str(pythonpath)
-    for key, value in env.items():
-        if value is None:
-            environ.pop(key, None)
-        else:
-            environ[key] = value
-    return subprocess.run(
-        [*command, *args], capture_output=True, text=True, env=environ, cwd=cwd, timeout=60
-    )
 
 
 def png() -> bytes:
