@@ -175,6 +175,16 @@ def test_user_errors_are_one_clean_line(args: list[str], message: str) -> None:
     assert result.stdout == ""
 
 
+def test_python_dash_m_runs_the_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "policy_engine", "check", "llavaguard"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and json.loads(result.stdout)["id"] == "llavaguard"
+
+
 def test_version_and_help() -> None:
     assert run("--version").stdout.startswith("policy-engine, version ")
     help_text = run("--help").stdout
