@@ -106,6 +106,7 @@ class Request:
     mode: Mode = "full"
     metadata: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int | None = None  # None: the policy's budget
+    decode_seconds: float = 0.0  # time spent decoding the image, reported in the verdict
 
 
 @dataclass
@@ -138,8 +139,7 @@ class Backend:
         self.loaded = False
 
     def load(self) -> None:
-        """Import heavy libraries, load weights, open connections. Idempotent."""
-        self.loaded = True
+        """Import heavy libraries, load weights, open connections. The engine calls it once."""
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         """Answer each request, in order. A per-item failure is a Generation with `error`."""

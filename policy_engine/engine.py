@@ -150,11 +150,9 @@ class Engine:
         generations: list[Generation] = []
         if requests:
             try:
-                generations = await self.backend.agenerate(requests)
+                generations = self._checked(requests, await self.backend.agenerate(requests))
             except BackendError as err:
-                generations = [Generation(error=err.message, retryable=err.retryable)] * len(
-                    requests
-                )
+                generations = _failed(requests, err)
         return list(self._finish(prepared, generations, time.perf_counter() - started))
 
     # -- internals -------------------------------------------------------------------------
@@ -176,21 +174,26 @@ class Engine:
             metadata=metadata,
             max_new_tokens=self.max_new_tokens,
         )
-        request.metadata.setdefault("_decode_seconds", time.perf_counter() - started)
+        request.decode_seconds = time.perf_counter() - started
         return request
 
     def _generate(self, requests: Sequence[Request]) -> list[Generation]:
         try:
-            generations = self.backend.generate(requests)
+            return self._checked(requests, self.backend.generate(requests))
         except BackendError as err:
-            return [Generation(error=err.message, retryable=err.retryable) for _ in requests]
-        if len(generations) != len(requests):
-            message = (
-                f"backend {self.backend.name!r} returned {len(generations)} answers "
-                f"for {len(requests)} requests"
-            )
-            return [Generation(error=message) for _ in requests]
-        return generations
+            return _failed(requests, err)
+
+    def _checked(
+        self, requests: Sequence[Request], generations: list[Generation]
+    ) -> list[Generation]:
+        """The backend's answers, or one error per request if it broke the one-to-one contract."""
+        if len(generations) == len(requests):
+            return generations
+        message = (
+            f"backend {self.backend.name!r} returned {len(generations)} answers "
+            f"for {len(requests)} requests"
+        )
+        return [Generation(error=message) for _ in requests]
 
     def _finish(
         self, prepared: list[Request | Decision], generations: list[Generation], seconds: float
@@ -202,8 +205,7 @@ class Engine:
                 yield item
                 continue
             generation = next(answers)
-            decode = item.metadata.pop("_decode_seconds", 0.0)
-            timings = {"decode_image": decode, "generate": share, **generation.timings}
+            timings = {"decode_image": item.decode_seconds, "generate": share, **generation.timings}
             verdict = self._verdict(item, generation, timings)
             yield self._postprocess(verdict, item.metadata)
 
@@ -256,6 +258,10 @@ class Engine:
                 )
         self.host.observe_decision(decision)
         return decision
+
+
+def _failed(requests: Sequence[Request], err: BackendError) -> list[Generation]:
+    return [Generation(error=err.message, retryable=err.retryable) for _ in requests]
 
 
 def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

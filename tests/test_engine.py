@@ -315,3 +315,27 @@ def test_policy_built_in_code_is_checked_like_a_file() -> None:
     )
     with pytest.raises(PolicyError, match="unknown category 'O42'"):
         Engine(bad, "static")
+
+
+class _ShortBackend(Backend):
+    """Breaks the contract: one answer, whatever the number of requests."""
+
+    name = "test-short"
+    capabilities = Capabilities(batching=True, max_batch_size=4)
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        return [Generation(text="{}")]
+
+
+def test_wrong_answer_count_is_an_error_for_every_item_sync_and_async() -> None:
+    engine = Engine("llavaguard", _ShortBackend())
+
+    async def run() -> list[Decision]:
+        return [d async for d in engine.aassess_many([png(), png()])]
+
+    for decisions in (list(engine.assess_many([png(), png()])), asyncio.run(run())):
+        assert len(decisions) == 2
+        for decision in decisions:
+            assert decision.verdict.error is not None
+            assert "returned 1 answers for 2 requests" in decision.verdict.error.message
+            assert "decode_image" not in decision.metadata
