@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from .components import plain_message
 from .errors import PolicyError, Problem, UnknownNameError
 from .host import PluginHost, get_host
 from .policy import (
@@ -157,20 +158,22 @@ def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) 
     return _overlay(parent, data, display)
 
 
+def _entry_error(entry: Located, index: int, key: str, file: str, message: str) -> PolicyError:
+    """A problem with `key` of the category entry at `index` of the file being overlaid."""
+    return PolicyError([_problem_at(entry.marks[key], file, f"categories[{index}].{key}", message)])
+
+
 def _reject_patch_keys(data: Located, display: str) -> None:
     categories = data.get("categories")
     if isinstance(categories, LocatedList):
         for index, entry in enumerate(categories):
             if isinstance(entry, Located) and "remove" in entry:
-                raise PolicyError(
-                    [
-                        _problem_at(
-                            entry.marks["remove"],
-                            display,
-                            f"categories[{index}].remove",
-                            "'remove' only applies in a policy that extends another",
-                        )
-                    ]
+                raise _entry_error(
+                    entry,
+                    index,
+                    "remove",
+                    display,
+                    "'remove' only applies in a policy that extends another",
                 )
 
 
@@ -218,40 +221,21 @@ def _overlay_categories(parent: Any, patches: LocatedList, display: str) -> Loca
             item_marks.append(mark)
             continue
         if patch["id"] in patched:
-            raise PolicyError(
-                [
-                    _problem_at(
-                        patch.marks["id"],
-                        display,
-                        f"categories[{index}].id",
-                        f"duplicate category id {patch['id']!r}",
-                    )
-                ]
+            raise _entry_error(
+                patch, index, "id", display, f"duplicate category id {patch['id']!r}"
             )
         patched.add(patch["id"])
         if not isinstance(patch.get("remove", False), bool):
-            raise PolicyError(
-                [
-                    _problem_at(
-                        patch.marks["remove"],
-                        display,
-                        f"categories[{index}].remove",
-                        "must be true or false",
-                    )
-                ]
-            )
+            raise _entry_error(patch, index, "remove", display, "must be true or false")
         at = position(patch["id"])
         if patch.get("remove") is True:
             if at is None:
-                raise PolicyError(
-                    [
-                        _problem_at(
-                            patch.marks["id"],
-                            display,
-                            f"categories[{index}].id",
-                            f"cannot remove {patch['id']!r}: the parent has no such category",
-                        )
-                    ]
+                raise _entry_error(
+                    patch,
+                    index,
+                    "id",
+                    display,
+                    f"cannot remove {patch['id']!r}: the parent has no such category",
                 )
             del items[at], item_marks[at]
             continue
@@ -292,12 +276,12 @@ _FIELD_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[Mark | None, str, bool]:
-    """Follow a validation location through located data: (mark, display path, key found)."""
+def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[Mark | None, str]:
+    """Follow a validation location through located data: (mark of the deepest value found,
+    display path of the whole location)."""
     mark: Mark | None = getattr(data, "mark", None)
     parts: list[str] = []
     node = data
-    found = True
     for part in loc:
         if isinstance(node, LocatedList) and isinstance(part, int) and part < len(node):
             item = node[part]
@@ -312,9 +296,8 @@ def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[Mark | None, str, bool
                 parts.append(f".{part}" if parts else part)
             else:
                 parts.append(f"[{part}]")
-            found = False
             node = None  # the rest of the path is named, but has no place in the file
-    return mark, "".join(parts), found
+    return mark, "".join(parts)
 
 
 def _allowed_keys(loc: tuple[str | int, ...], root: type[BaseModel] = Policy) -> list[str]:
@@ -334,33 +317,6 @@ def _allowed_keys(loc: tuple[str | int, ...], root: type[BaseModel] = Policy) ->
     return sorted(keys)
 
 
-_PLAIN = {
-    "int_parsing": "must be an integer",
-    "int_type": "must be an integer",
-    "float_parsing": "must be a number",
-    "float_type": "must be a number",
-    "bool_parsing": "must be true or false",
-    "bool_type": "must be true or false",
-    "string_type": "must be a string",
-    "list_type": "must be a list",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-}
-
-
-def _plain_message(item: Any) -> str:
-    """pydantic's message in the loader's voice ("must be …")."""
-    kind = item["type"]
-    if kind in _PLAIN:
-        return _PLAIN[kind]
-    ctx = item.get("ctx") or {}
-    if kind == "too_short" and ctx.get("min_length") == 1:
-        return "must not be empty"
-    message: str = item["msg"]
-    return message.replace("Input should be", "must be").replace("String should", "must")
-
-
 def _validation_problems(
     err: ValidationError,
     data: Located,
@@ -375,11 +331,9 @@ def _validation_problems(
         if isinstance(cause, LocatedValueError):
             loc = prefix + tuple(int(p) if p.isdigit() else p for p in cause.path.split("."))
             message = cause.message
-        elif item["msg"].startswith("Value error, "):
-            message = item["msg"][len("Value error, ") :]
         else:
-            message = _plain_message(item)
-        mark, path, _found = _walk(data, loc)
+            message = plain_message(item)
+        mark, path = _walk(data, loc)
         if item["type"] == "missing":
             message = "required field is missing"
         elif item["type"] == "extra_forbidden":
@@ -418,17 +372,17 @@ def _plugin_problems(policy: Policy, data: Located, file: str, host: PluginHost)
     try:
         fmt = host.prompt_format(policy.prompt_format)
     except UnknownNameError as err:
-        mark, path, _ = _walk(data, ("prompt_format",))
+        mark, path = _walk(data, ("prompt_format",))
         problems.append(_problem_at(mark, file, path or "prompt_format", err.message))
     else:
         for loc, message in fmt().check(policy):
-            mark, path, _ = _walk(data, loc)
+            mark, path = _walk(data, loc)
             problems.append(_problem_at(mark, file, path, message))
     for index, step in enumerate(policy.postprocess):
         try:
             cls = host.postprocessor(step.name)
         except UnknownNameError as err:
-            mark, path, _ = _walk(data, ("postprocess", index, "name"))
+            mark, path = _walk(data, ("postprocess", index, "name"))
             problems.append(_problem_at(mark, file, path, err.message))
             continue
         try:
@@ -439,6 +393,6 @@ def _plugin_problems(policy: Policy, data: Located, file: str, host: PluginHost)
             )
             continue
         for loc, message in cls.check(params, policy):
-            mark, path, _ = _walk(data, ("postprocess", index, "params", *loc))
+            mark, path = _walk(data, ("postprocess", index, "params", *loc))
             problems.append(_problem_at(mark, file, path, message))
     return problems
