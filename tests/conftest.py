@@ -9,6 +9,8 @@ import os
 os.environ["POLICY_ENGINE_PLUGINS"] = ""
 os.environ.pop("POLICY_ENGINE_DISABLE_PLUGINS", None)
 os.environ.pop("POLICY_ENGINE_TRACE_HOOKS", None)
+# Model tests load checkpoints from local directories only; never let them reach the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path
 
@@ -23,3 +25,18 @@ GOLDEN = DATA / "llavaguard"
 @pytest.fixture
 def golden() -> Path:
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory holding both tiny random-weight checkpoints, built once per run.
+
+    Use it as `tiny_model_path(name, cache_dir=tiny_models)`. Skips without transformers.
+    """
+    pytest.importorskip("transformers")
+    from policy_engine.backends.tiny import TINY_MODELS, tiny_model_path
+
+    cache = tmp_path_factory.mktemp("tiny-models")
+    for name in TINY_MODELS:
+        tiny_model_path(name, cache_dir=cache)
+    return cache
