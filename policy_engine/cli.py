@@ -199,8 +199,20 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
 @cli.command()
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
 @click.option("--policy", "-p", "policy", default="llavaguard", show_default=True, help=POLICY_HELP)
-@click.option("--backend", "-b", "backend", required=True, help="A backend name (`backends`).")
-@click.option("--model", "-m", default=None, help="Model id or path, passed to the backend.")
+@click.option(
+    "--backend",
+    "-b",
+    "backend",
+    default="transformers",
+    show_default=True,
+    help="A backend name (`backends`).",
+)
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    help="Model: hub id, local checkpoint directory, or tiny-random (random weights, offline).",
+)
 @click.option(
     "--mode",
     type=click.Choice(["full", "verdict", "score"]),

@@ -161,7 +161,10 @@ def test_assess_data_url(runner: CliRunner) -> None:
     ("args", "message"),
     [
         (["check", "no-such-policy"], "error: unknown policy 'no-such-policy'; installed: "),
-        (["assess", "x.png", "-b", "nope"], "error: unknown backend 'nope'; installed: static"),
+        (
+            ["assess", "x.png", "-b", "nope"],
+            "error: unknown backend 'nope'; installed: static, transformers",
+        ),
         (["assess", "x.png", "-b", "static", "-o", "rating=Maybe"], "option rating"),
         (["assess", "x.png", "-b", "static", "-o", "novalue"], "is not KEY=VALUE"),
         (["check", "missing/file.yaml"], "missing/file.yaml: no such file"),

@@ -34,7 +34,7 @@ from policy_engine.cli import cli
 from policy_engine.engine import Engine
 from policy_engine.host import set_host
 
-BUILTINS = {"builtin-escalation", "builtin-formats", "builtin-static"}
+BUILTINS = {"builtin-escalation", "builtin-formats", "builtin-static", "builtin-transformers"}
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -223,8 +223,8 @@ def test_unknown_name_lists_installed_names() -> None:
         host.backend("nope")
     assert caught.value.kind == "backend"
     assert caught.value.name == "nope"
-    assert caught.value.known == ["static"]
-    assert str(caught.value) == "unknown backend 'nope'; installed: static"
+    assert caught.value.known == ["static", "transformers"]
+    assert str(caught.value) == "unknown backend 'nope'; installed: static, transformers"
 
     with pytest.raises(UnknownNameError) as caught:
         host.prompt_format("llavaguard-v9")
@@ -359,17 +359,22 @@ def test_loading_is_lazy_and_happens_once() -> None:
 
 
 def test_blocklisting_a_builtin_removes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POLICY_ENGINE_DISABLE_PLUGINS", " builtin-static , something-else")
+    disabled = " builtin-static , builtin-transformers, something-else"
+    monkeypatch.setenv("POLICY_ENGINE_DISABLE_PLUGINS", disabled)
     host = PluginHost()
     assert "static" not in host.backends()
-    assert {info.name for info in host.plugins()} == BUILTINS - {"builtin-static"}
+    assert {info.name for info in host.plugins()} == BUILTINS - {
+        "builtin-static",
+        "builtin-transformers",
+    }
     with pytest.raises(UnknownNameError, match=r"unknown backend 'static'.*none installed"):
         host.backend("static")
     assert "escalate" in host.postprocessors()
 
 
 def test_blocklisting_a_builtin_in_the_cli() -> None:
-    result = run_cli("backends", "--json", env={"POLICY_ENGINE_DISABLE_PLUGINS": "builtin-static"})
+    disabled = {"POLICY_ENGINE_DISABLE_PLUGINS": "builtin-static,builtin-transformers"}
+    result = run_cli("backends", "--json", env=disabled)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
     assessed = run_cli(
@@ -377,7 +382,7 @@ def test_blocklisting_a_builtin_in_the_cli() -> None:
         "x.png",
         "--backend",
         "static",
-        env={"POLICY_ENGINE_DISABLE_PLUGINS": "builtin-static"},
+        env=disabled,
     )
     assert assessed.returncode == 2
     assert "error: unknown backend 'static'" in assessed.stderr
@@ -487,7 +492,7 @@ def test_a_broken_plugin_does_not_break_the_cli(third_party: Path, tmp_path: Pat
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert [row["name"] for row in json.loads(result.stdout)] == ["static", "third"]
+    assert [row["name"] for row in json.loads(result.stdout)] == ["static", "third", "transformers"]
     assert "warning: plugin 'broken' failed to load" in result.stderr
     assert "warning: plugin 'mismatched' failed to load" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,0 +1,431 @@
+"""The `transformers` backend: a LlavaGuard-style checkpoint run in-process with HF transformers.
+
+    policy-engine assess photo.jpg -b transformers -m AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf
+
+Any image-text-to-text checkpoint loads through the Auto classes (LlavaGuard v1.2 `-hf` is
+Llava-OneVision, v1.0/v1.1 `-hf` is Llava, QwenGuard is Qwen2.5-VL), by hub id or local path.
+The user turn is the image, then the compiled policy, rendered by the checkpoint's own chat
+template; the layout's answer prefix (`{\\n    "rating": "`) is appended after the generation
+prompt, so the first generated token is the rating.
+
+Modes:
+- `full` and `verdict` generate under the answer grammar (`policy_engine.grammar`, compiled by
+  llguidance once per policy, mode and tokenizer), so every answer is a valid verdict in the
+  layout the checkpoint was trained on. P(Unsafe) comes free from the rating step's logits.
+- `score` runs one forward pass over prompt + prefix and reads P(Unsafe) from the logits at the
+  rating position; with `category_scores` (default on) it then scores each category label after
+  "Unsafe" from the KV cache: one more forward pass per branching point of the labels' tokens.
+
+`-m tiny-random` (and `tiny-random-llava`) builds a tiny random-weight model locally and loads it
+through the same code: for trying the pipeline without hub access. Its verdicts are random.
+
+Construction only validates options; `load()` imports torch and transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policy_engine import Backend, Capabilities, Generation, Request, hookimpl
+from policy_engine.compiler import CompiledPolicy
+from policy_engine.errors import BackendError, BackendUnavailableError
+
+from .tiny import TINY_MODELS
+
+DEFAULT_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
+INSTALL_HINT = "pip install 'policy-engine[transformers]'"
+RANDOM_WEIGHTS_WARNING = (
+    "warning: model {name!r} has RANDOM weights: its verdicts are meaningless "
+    "(it exists to try the pipeline offline)"
+)
+
+
+class TransformersOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Hub id, local checkpoint directory, or tiny-random / tiny-random-llava.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    local_files_only: bool = Field(default=False, description="Never contact the hub.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    greedy: bool = Field(default=False, description="Greedy decoding: reproducible audits.")
+    temperature: float = Field(default=0.2, gt=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=50, ge=0)
+    seed: int | None = Field(default=None, description="Seed torch before each batch.")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Token budget; default: the policy's (500)."
+    )
+    constrained: bool = Field(
+        default=True, description="Decode under the answer grammar (off only to measure it)."
+    )
+    category_scores: bool = Field(
+        default=True, description="In score mode, also score the categories after 'Unsafe'."
+    )
+    trust_remote_code: bool = False
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+    description = "HF transformers in-process, grammar-constrained (LlavaGuard, QwenGuard)"
+    Options = TransformersOptions
+    capabilities = Capabilities(
+        images=True, json_schema=True, scores=True, batching=True, max_batch_size=8
+    )
+    install_hint = INSTALL_HINT
+    options: TransformersOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.model: Any = None
+        self.processor: Any = None
+        self.tokenizer: Any = None
+        self.guided: Any = None
+        self.device = "cpu"
+        self.model_name = self.options.model
+        self.tokens_generated = 0  # decode steps over all rows, for benchmarks
+        self._prompts: dict[str, str] = {}
+        self._rating_tokens: dict[str, tuple[int, int]] = {}
+        self._label_tries: dict[str, _Trie] = {}
+        self._lock = threading.Lock()
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self) -> None:
+        try:
+            import torch
+            import transformers
+        except ImportError as err:
+            raise BackendUnavailableError(
+                f"the transformers backend needs torch and transformers ({err.name} is missing): "
+                f"{INSTALL_HINT}"
+            ) from None
+        opts = self.options
+        source = self._resolve_source()
+        if opts.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif opts.device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError("device 'cuda' was asked for, but torch sees no GPU")
+        else:
+            self.device = opts.device
+        dtype = opts.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device == "cuda" else "float32"
+        hub = {
+            "revision": opts.revision,
+            "local_files_only": opts.local_files_only,
+            "trust_remote_code": opts.trust_remote_code,
+        }
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(source, **hub)
+            model_kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **hub}
+            if opts.attn_implementation:
+                model_kwargs["attn_implementation"] = opts.attn_implementation
+            model = transformers.AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
+        except (OSError, ValueError, KeyError) as err:
+            raise BackendUnavailableError(_load_error(self.options.model, source, err)) from None
+        self.model = model.to(self.device).eval()
+        self.tokenizer = getattr(self.processor, "tokenizer", None)
+        if self.tokenizer is None or not getattr(self.tokenizer, "is_fast", False):
+            raise BackendUnavailableError(
+                f"model {opts.model!r}: its processor has no fast tokenizer, which "
+                "constrained decoding needs"
+            )
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if opts.constrained:
+            from . import guidance
+
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            self.guided = guidance.guided_tokenizer(self.tokenizer, vocab, self._eos_ids())
+
+    def _resolve_source(self) -> str:
+        name = self.options.model
+        if name in TINY_MODELS:
+            from .tiny import tiny_model_path
+
+            print(RANDOM_WEIGHTS_WARNING.format(name=name), file=sys.stderr)
+            self.model_name = f"{name} (random weights)"
+            return str(tiny_model_path(name))
+        path = Path(name).expanduser()
+        looks_local = name.startswith((".", "/", "~")) or path.exists()
+        if looks_local and not (path / "config.json").is_file():
+            raise BackendUnavailableError(
+                f"model {name!r}: no checkpoint there (expected a directory with config.json)"
+            )
+        return str(path) if looks_local else name
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return [int(i) for i in ids if i is not None]
+
+    def close(self) -> None:
+        self.model = self.processor = self.tokenizer = self.guided = None
+        self.loaded = False
+
+    # -- prompts ---------------------------------------------------------------------------
+    def prompt_text(self, compiled: CompiledPolicy, mode: str = "full") -> str:
+        """The exact text the model gets (image placeholder unexpanded), prefix included."""
+        key = f"{compiled.hash}:{mode}"
+        if key not in self._prompts:
+            conversation = [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": compiled.prompt}],
+                }
+            ]
+            text = self.processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+            self._prompts[key] = text + compiled.layout_for(mode).prefix()  # type: ignore[arg-type]
+        return self._prompts[key]
+
+    def _continuation(self, compiled: CompiledPolicy, rating: str, label: str) -> str:
+        """The answer text after the prefix, through the rating and the category label."""
+        layout = compiled.layout.for_keys(("rating", "category"))
+        text = layout.dumps({"rating": rating, "category": label})
+        quoted = '"' + label
+        end = text.index(quoted, text.index('"category"')) + len(quoted) + 1
+        return text[len(layout.prefix()) : end]
+
+    def rating_tokens(self, compiled: CompiledPolicy) -> tuple[int, int]:
+        """The first token of "Safe" and of "Unsafe" where the model writes the rating."""
+        if compiled.hash not in self._rating_tokens:
+            firsts = []
+            for rating in ("Safe", "Unsafe"):
+                text = self._continuation(compiled, rating, next(iter(compiled.labels)))
+                firsts.append(self.tokenizer.encode(text, add_special_tokens=False)[0])
+            self._rating_tokens[compiled.hash] = (firsts[0], firsts[1])
+        return self._rating_tokens[compiled.hash]
+
+    def _inputs(self, requests: Sequence[Request], mode: str) -> Any:
+        import torch
+
+        texts = [self.prompt_text(r.compiled, mode) for r in requests]
+        images = [r.image.image for r in requests]
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs and self.model.dtype != torch.float32:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        if not requests:
+            return []
+        if self.model is None:
+            raise BackendError("the transformers backend was used before load()")
+        with self._lock:  # one model, one batch at a time (also under aassess_many)
+            groups: dict[tuple[str, str], list[int]] = {}
+            for index, request in enumerate(requests):
+                groups.setdefault((request.compiled.hash, request.mode), []).append(index)
+            results: list[Generation | None] = [None] * len(requests)
+            for (_, mode), indexes in groups.items():
+                batch = [requests[i] for i in indexes]
+                answers = self._score(batch) if mode == "score" else self._decode(batch, mode)
+                for i, answer in zip(indexes, answers, strict=True):
+                    results[i] = answer
+            return [r for r in results if r is not None]
+
+    def _decode(self, requests: Sequence[Request], mode: str) -> list[Generation]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        from . import guidance
+
+        opts = self.options
+        compiled = requests[0].compiled
+        budget = opts.max_new_tokens or requests[0].max_new_tokens or compiled.max_new_tokens
+        if self.guided is not None:
+            budget = max(budget, guidance.minimum_budget(compiled, mode))  # type: ignore[arg-type]
+        started = time.perf_counter()
+        try:
+            inputs = self._inputs(requests, mode)
+        except (ValueError, RuntimeError, TypeError) as err:
+            return [Generation(error=f"processor failed: {err}", model=self.model_name)] * len(
+                requests
+            )
+        matchers: list[Any] = [
+            guidance.matcher_for(compiled, mode, self.guided) if self.guided else None  # type: ignore[arg-type]
+            for _ in requests
+        ]
+        processor = guidance.GrammarProcessor(
+            matchers, self.guided, self.rating_tokens(compiled), budget
+        )
+        sampling: dict[str, Any] = {"do_sample": False}
+        if not opts.greedy:
+            sampling = {
+                "do_sample": True,
+                "temperature": opts.temperature,
+                "top_p": opts.top_p,
+                "top_k": opts.top_k,
+            }
+        if opts.seed is not None:
+            torch.manual_seed(opts.seed)
+        prompt_length = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                logits_processor=LogitsProcessorList([processor]),
+                max_new_tokens=budget,
+                num_beams=1,
+                eos_token_id=self._eos_ids(),
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
+            )
+        self.tokens_generated += processor.steps * len(requests)
+        seconds = time.perf_counter() - started
+        prefix = compiled.layout_for(mode).prefix()  # type: ignore[arg-type]
+        results = []
+        for row, request in enumerate(requests):
+            new = output[row, prompt_length:].tolist()
+            text = prefix + self.tokenizer.decode(new, skip_special_tokens=True)
+            error = processor.errors[row]
+            results.append(
+                Generation(
+                    text=text,
+                    p_unsafe=processor.p_unsafe[row],
+                    model=self.model_name,
+                    error=error,
+                    timings={"model": seconds / len(requests)},
+                )
+            )
+            del request
+        return results
+
+    def _score(self, requests: Sequence[Request]) -> list[Generation]:
+        """One image at a time (no padding): prompt + prefix, then the labels from the cache."""
+        import torch
+
+        results = []
+        for request in requests:
+            started = time.perf_counter()
+            compiled = request.compiled
+            safe, unsafe = self.rating_tokens(compiled)
+            try:
+                inputs = self._inputs([request], "score")
+            except (ValueError, RuntimeError, TypeError) as err:
+                results.append(Generation(error=f"processor failed: {err}", model=self.model_name))
+                continue
+            want_categories = self.options.category_scores
+            with torch.inference_mode():
+                out = self.model(**inputs, use_cache=want_categories, logits_to_keep=1)
+                logits = out.logits[0, -1].float()
+                p_unsafe = float(torch.softmax(logits[[safe, unsafe]], dim=-1)[1])
+                scores = None
+                if want_categories:
+                    trie = self._label_trie(compiled)
+                    scores = trie.score(self.model, out.past_key_values, logits)
+            results.append(
+                Generation(
+                    p_unsafe=p_unsafe,
+                    category_scores=scores,
+                    model=self.model_name,
+                    timings={"model": time.perf_counter() - started},
+                )
+            )
+        return results
+
+    def _label_trie(self, compiled: CompiledPolicy) -> _Trie:
+        if compiled.hash not in self._label_tries:
+            trie = _Trie()
+            for label, category_id in compiled.labels.items():
+                text = self._continuation(compiled, "Unsafe", label)
+                trie.add(self.tokenizer.encode(text, add_special_tokens=False), category_id)
+            self._label_tries[compiled.hash] = trie
+        return self._label_tries[compiled.hash]
+
+
+class _Trie:
+    """Token sequences of 'Unsafe", "category": "<label>"' continuations, shared prefixes merged.
+
+    Scoring walks it over the prompt's KV cache: only nodes where the labels branch need logits,
+    and a chain of forced tokens up to the next branch is one forward pass.
+    """
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Trie] = {}
+        self.label: str | None = None
+        self.count = 0
+
+    def add(self, tokens: list[int], label: str) -> None:
+        node = self
+        node.count += 1
+        for token in tokens:
+            node = node.children.setdefault(token, _Trie())
+            node.count += 1
+        node.label = label
+
+    def labels(self) -> list[str]:
+        found = [self.label] if self.label is not None else []
+        for child in self.children.values():
+            found.extend(child.labels())
+        return found
+
+    def score(self, model: Any, cache: Any, logits: Any) -> dict[str, float]:
+        result: dict[str, float] = {}
+        self._walk(model, cache, logits, 1.0, result)
+        return result
+
+    def _walk(
+        self, model: Any, cache: Any, logits: Any, prob: float, out: dict[str, float]
+    ) -> None:
+        import torch
+
+        tokens = list(self.children)
+        probs = torch.softmax(logits[tokens].float(), dim=-1).tolist() if len(tokens) > 1 else [1.0]
+        for token, p in zip(tokens, probs, strict=True):
+            child = self.children[token]
+            if child.count == 1:  # one label below: the rest of its tokens are forced
+                (label,) = child.labels()
+                out[label] = prob * p
+                continue
+            chain = [token]
+            node = child
+            while len(node.children) == 1 and node.label is None:
+                (next_token,) = node.children
+                chain.append(next_token)
+                node = node.children[next_token]
+            length = cache.get_seq_length()
+            step = model(
+                input_ids=torch.tensor([chain], device=model.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            node._walk(model, step.past_key_values, step.logits[0, -1], prob * p, out)
+            added = cache.get_seq_length() - length
+            if added:
+                cache.crop(-added)  # transformers 5: a negative count removes that many tokens
+
+
+def _load_error(name: str, source: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(source).exists():
+        return f"cannot load model {name!r} from {source}: {first}"
+    return (
+        f"cannot load model {name!r}: not in the local cache and the hub is unreachable or "
+        f"has no such model ({first}). Pass a local checkpoint directory with --model PATH, "
+        "or --model tiny-random to try the pipeline offline (random weights)"
+    )
+
+
+@hookimpl
+def register_backends(register):  # type: ignore[no-untyped-def]
+    register(TransformersBackend)
