@@ -41,6 +41,11 @@ BODIES = {
         "from policy_engine import compile_policy, load_policy\n"
         "compile_policy(load_policy('llavaguard'))"
     ),
+    "backends": (
+        "from policy_engine.host import get_host\n"
+        "get_host().backends()\n"
+        "get_host().backend('transformers')(model='tiny-random', greedy=True)"
+    ),
     "control": "import importlib.util\nimportlib.util.find_spec('torch')",
 }
 
@@ -53,7 +58,7 @@ def attempts(body: str) -> list[str]:
     return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("case", ["import", "help", "compile"])
+@pytest.mark.parametrize("case", ["import", "help", "compile", "backends"])
 def test_no_heavy_imports(case: str) -> None:
     assert attempts(BODIES[case]) == []
 

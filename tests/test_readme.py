@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 from pathlib import Path
+
+from PIL import Image
+from support import run_cli
 
 from policy_engine import compile_policy, load_policy
 
@@ -11,16 +16,38 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
-def test_ci_runs_the_readme_commands() -> None:
+def front_commands() -> list[str]:
     first_block = re.search(r"```bash\n(.*?)```", README, re.S)
     assert first_block is not None
-    commands = [
-        line for line in first_block.group(1).splitlines() if line and not line.startswith("#")
-    ]
-    setup, _main, test = commands
+    return [line for line in first_block.group(1).splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_runs_the_readme_commands() -> None:
+    setup, *main_job, test = front_commands()
+    assert [line for line in main_job if " assess " in line] == main_job and main_job
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert setup in ci and test in ci
     assert ci.index(setup) < ci.index(test)
+
+
+def test_readme_main_job_names_the_default_checkpoint_and_an_offline_line() -> None:
+    _, *main_job, _ = front_commands()
+    assert any("AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf" in line for line in main_job)
+    assert any("tiny-random" in line for line in main_job)
+
+
+def test_readme_offline_main_job_runs(tiny_models: Path, tmp_path: Path) -> None:
+    """The offline line, run as written (with this venv's script), on a real image file."""
+    (line,) = [c for c in front_commands() if "tiny-random" in c]
+    args = shlex.split(line)
+    assert args[0] == ".venv/bin/policy-engine"
+    Image.effect_noise((96, 64), 40).convert("RGB").save(tmp_path / "photo.jpg")
+    env = {"POLICY_ENGINE_CACHE": str(tiny_models), "HF_HUB_OFFLINE": "1"}
+    result = run_cli(*args[1:], "--mode", "verdict", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert decision["verdict"]["rating"] in ("Safe", "Unsafe")
+    assert decision["verdict"]["policy_id"] == "llavaguard"
 
 
 def test_readme_policy_example_loads(tmp_path: Path) -> None:
