@@ -184,6 +184,7 @@ class GrammarProcessor:
         self.errors: list[str | None] = [None] * len(matchers)
         self.steps = 0
         self._start: int | None = None
+        self._bitmask: np.ndarray[Any, Any] | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows, vocab = scores.shape
@@ -213,7 +214,9 @@ class GrammarProcessor:
             scores[done] = scores[done].masked_fill(~eos[:vocab], float("-inf"))
         if not live:
             return scores
-        bitmask = llguidance.numpy.allocate_token_bitmask(rows, vocab)
+        if self._bitmask is None or self._bitmask.shape[0] != rows:
+            self._bitmask = llguidance.numpy.allocate_token_bitmask(rows, vocab)
+        bitmask = self._bitmask
         for i in live:
             matcher = self.matchers[i]
             assert matcher is not None
