@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -244,6 +245,11 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     show_default=True,
     help="jsonl: one Decision per line; table: for people.",
 )
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="A progress line on stderr (default: when stderr is a terminal, for several images).",
+)
 def assess(
     images: tuple[str, ...],
     policy: str,
@@ -254,6 +260,7 @@ def assess(
     meta: tuple[str, ...],
     batch_size: int | None,
     fmt: str,
+    progress: bool | None,
 ) -> None:
     """Judge each IMAGE (path or data: URL) against a policy; print one Decision per line."""
     from .engine import Engine
@@ -270,13 +277,24 @@ def assess(
         batch_size=batch_size,
     )
     failed = 0
+    show = progress if progress is not None else sys.stderr.isatty() and len(images) > 1
+    started = time.monotonic()
     with engine:
-        for decision in engine.assess_many(images, metadata=metadata):
+        engine.load()  # before the progress line, so loading messages stay on their own lines
+        for done, decision in enumerate(engine.assess_many(images, metadata=metadata), 1):
             failed += not decision.verdict.ok
             if fmt == "jsonl":
                 click.echo(decision.model_dump_json(exclude_none=True))
             else:
                 _echo_row(decision)
+            if show:
+                rate = done / max(time.monotonic() - started, 1e-9)
+                note = f", {failed} failed" if failed else ""
+                end = "\n" if done == len(images) else ""
+                click.echo(
+                    f"\r[{done}/{len(images)}] {rate:.2f} images/s{note}", err=True, nl=False
+                )
+                click.echo(end, err=True, nl=False)
     if failed:
         click.echo(f"error: {failed} of {len(images)} images could not be assessed", err=True)
         sys.exit(1)

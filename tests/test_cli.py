@@ -193,3 +193,17 @@ def test_version_and_help() -> None:
     help_text = run("--help").stdout
     for command in ("assess", "check", "compile", "schema", "plugins", "backends", "policies"):
         assert command in help_text
+
+
+def test_assess_progress_goes_to_stderr_only(image: Path) -> None:
+    args = ("assess", str(image), str(image), str(image), "-b", "static")
+    shown = run(*args, "--progress")
+    assert shown.returncode == 0, shown.stderr
+    assert len(shown.stdout.splitlines()) == 3
+    assert all(
+        json.loads(line)["verdict"]["rating"] == "Safe" for line in shown.stdout.splitlines()
+    )
+    assert "[3/3]" in shown.stderr and shown.stderr.endswith("\n")
+    assert "[1/3]" in shown.stderr
+    quiet = run(*args)  # stderr is a pipe here: no progress line by default
+    assert quiet.stderr == ""
