@@ -23,7 +23,7 @@ from .errors import BackendError, ImageError, PolicyEngineError
 from .host import PluginHost, get_host
 from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_source, load_image
 from .loader import check_policy, load_policy
-from .policy import Policy
+from .policy import Category, NoneCategory, Policy
 from .verdict import Decision, Verdict, error_verdict, parse_verdict
 
 Item = ImageSource | tuple[ImageSource, dict[str, Any] | None]
@@ -229,10 +229,14 @@ class Engine:
                 return error_verdict(self.compiled, "backend", "backend gave no score", **extra)
             rating = "Unsafe" if gen.p_unsafe >= self.score_threshold else "Safe"
             policy = self.compiled.policy
+            category = _score_category(policy, rating, gen.category_scores)
             return Verdict(
                 rating=rating,
                 p_unsafe=gen.p_unsafe,
                 category_scores=gen.category_scores,
+                category_id=category.id if category else None,
+                category_name=category.name if category else None,
+                severity=category.severity if isinstance(category, Category) else None,
                 policy_id=policy.id,
                 policy_version=policy.version,
                 policy_hash=self.compiled.hash,
@@ -258,6 +262,20 @@ class Engine:
                 )
         self.host.observe_decision(decision)
         return decision
+
+
+def _score_category(
+    policy: Policy, rating: str, scores: dict[str, float] | None
+) -> Category | NoneCategory | None:
+    """A score-mode verdict's category: for Unsafe, the most likely violated category; for
+    Safe, the none-applying one; None when the backend gave no category scores."""
+    if not scores:
+        return None
+    if rating == "Safe":
+        return policy.none_category
+    known = {c.id: c for c in policy.categories}
+    ranked = sorted((v, k) for k, v in scores.items() if k in known)
+    return known[ranked[-1][1]] if ranked else None
 
 
 def _failed(requests: Sequence[Request], err: BackendError) -> list[Generation]:

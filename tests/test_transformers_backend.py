@@ -306,3 +306,21 @@ def test_options_are_validated_at_construction() -> None:
         TransformersBackend(temperature=0)
     with pytest.raises(PolicyEngineError, match="option devise: unknown option"):
         TransformersBackend(devise="cpu")
+
+
+def test_score_mode_names_the_most_likely_violated_category(greedy: TransformersBackend) -> None:
+    policy = load_policy("llavaguard")
+    images = varied_images(3)
+    unsafe = Engine(policy, greedy, mode="score", score_threshold=0.0)
+    safe = Engine(policy, greedy, mode="score", score_threshold=1.0 + 1e-9)
+    for decision in unsafe.assess_many(images):
+        verdict = decision.verdict
+        scores = verdict.category_scores
+        assert verdict.rating == "Unsafe" and scores is not None
+        best = max((c.id for c in policy.categories), key=lambda c: scores[c])
+        assert verdict.category_id == best
+        assert verdict.category_name == policy.category(best).name
+        assert verdict.severity == policy.category(best).severity
+    for decision in safe.assess_many(images):
+        assert (decision.verdict.rating, decision.verdict.category_id) == ("Safe", "NA")
+        assert decision.verdict.severity is None
