@@ -4,8 +4,8 @@ Tests and dry runs need a model that goes through exactly the hub code path
 (`AutoProcessor.from_pretrained`, `AutoModelForImageTextToText.from_pretrained`, chat template,
 image processor, `generate`) without a download or a GPU. These checkpoints have the same classes
 as the real ones (Llava-OneVision with SigLIP + Qwen2 for LlavaGuard v1.1/v1.2, Llava with CLIP +
-Llama for v1.0) at toy sizes, a byte-level BPE tokenizer trained on the project's own prompts, and
-RANDOM weights: their verdicts are meaningless.
+Llama for v1.0, Qwen2.5-VL for QwenGuard) at toy sizes, a byte-level BPE tokenizer trained on the
+project's own prompts, and RANDOM weights: their verdicts are meaningless.
 
 Builds are deterministic (same seed, same policy texts: byte-identical files) and atomic (built in
 a temporary sibling directory, then renamed into place). torch, transformers and tokenizers are
@@ -26,13 +26,17 @@ from typing import Any
 
 from policy_engine.errors import PolicyEngineError
 
-TINY_MODELS: dict[str, str] = {"tiny-random": "llava-onevision", "tiny-random-llava": "llava"}
+TINY_MODELS: dict[str, str] = {
+    "tiny-random": "llava-onevision",
+    "tiny-random-llava": "llava",
+    "tiny-random-qwen": "qwen2.5-vl",
+}
 """Checkpoint name -> model kind."""
 
 BUILD_VERSION = "1"
 """Bump when the recipe changes: it is part of the cache path, so old builds are never reused."""
 
-KINDS = ("llava-onevision", "llava")
+KINDS = ("llava-onevision", "llava", "qwen2.5-vl")
 
 TILE = 28
 """Side of one vision tile in pixels (two 14-px patches): 4 image tokens per tile."""
@@ -46,6 +50,22 @@ _ONEVISION_TOKENS = {
     "video": "<video>",
 }
 _LLAVA_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>", "image": "<image>"}
+_QWEN_TOKENS = {
+    "pad": "<|endoftext|>",  # also the bos id in the config, as in Qwen2.5-VL; never prepended
+    "im_start": "<|im_start|>",
+    "eos": "<|im_end|>",
+    "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>",
+    "image": "<|image_pad|>",
+    "video": "<|video_pad|>",
+}
+_TOKENS = {"llava-onevision": _ONEVISION_TOKENS, "llava": _LLAVA_TOKENS, "qwen2.5-vl": _QWEN_TOKENS}
+
+QWEN_MIN_PIXELS = (2 * TILE) ** 2
+"""Qwen2VLImageProcessor's default floor (56*56): smaller images are upscaled to 4 image tokens."""
+QWEN_MAX_PIXELS = TILE * TILE * 16
+"""At most about 16 image tokens (one per 28x28 block after the 2x2 merge) per image. Very
+elongated images can exceed it: `smart_resize` keeps at least one 28-px block per side."""
 
 # Images first, then videos, then text: the placeholder always precedes the prompt.
 ONEVISION_CHAT_TEMPLATE = (
@@ -59,6 +79,31 @@ ONEVISION_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- for part in message['content'] if part['type'] == 'text' -%}"
     "{{- ('\\n' if not loop.first else '') + part['text'] -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Qwen2.5-VL's own template, images first like the others: the default system turn when the
+# conversation has none, and each image as <|vision_start|><|image_pad|><|vision_end|> with no
+# separator before the text (the processor expands <|image_pad|> to one token per merged block).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'video' -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{- part['text'] -}}"
     "{%- endfor -%}"
     "{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
@@ -100,7 +145,7 @@ _README = """\
 # Tiny RANDOM-weight {kind} checkpoint
 
 Built offline by `policy_engine.backends.tiny` (recipe version {version}, seed {seed}) for tests and
-dry runs. It has the same model, processor and tokenizer classes as the real LlavaGuard
+dry runs. It has the same model, processor and tokenizer classes as the real {family}
 checkpoints, at toy sizes, and loads through `AutoProcessor` / `AutoModelForImageTextToText`.
 
 **The weights are RANDOM. Its verdicts are meaningless.** Never use it to judge content.
@@ -160,10 +205,10 @@ def tiny_model_path(name: str, cache_dir: Path | None = None) -> Path:
 def build_tiny_model(directory: Path, kind: str = "llava-onevision", seed: int = 0) -> Path:
     """Build a tiny random-weight checkpoint of `kind` into `directory`; return `directory`.
 
-    `kind` is "llava-onevision" (LlavaGuard v1.1/v1.2 class) or "llava" (v1.0 class). Writes the
-    model (safetensors, config, generation config), the processor (image/video processor,
-    tokenizer, chat template) and a README saying the weights are random. Not atomic: use
-    `tiny_model_path` for the cache.
+    `kind` is "llava-onevision" (LlavaGuard v1.1/v1.2 class), "llava" (v1.0 class) or "qwen2.5-vl"
+    (QwenGuard class). Writes the model (safetensors, config, generation config), the processor
+    (image/video processor, tokenizer, chat template) and a README saying the weights are random.
+    Not atomic: use `tiny_model_path` for the cache.
     """
     if kind not in KINDS:
         raise PolicyEngineError(f"unknown tiny model kind {kind!r}; known: {', '.join(KINDS)}")
@@ -171,10 +216,12 @@ def build_tiny_model(directory: Path, kind: str = "llava-onevision", seed: int =
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokens = _ONEVISION_TOKENS if kind == "llava-onevision" else _LLAVA_TOKENS
+    tokens = _TOKENS[kind]
     tokenizer = _build_tokenizer(kind, tokens)
     if kind == "llava-onevision":
         processor, model_factory = _onevision_parts(tokenizer, tokens)
+    elif kind == "qwen2.5-vl":
+        processor, model_factory = _qwen_parts(tokenizer, tokens)
     else:
         processor, model_factory = _llava_parts(tokenizer, tokens)
     with torch.random.fork_rng(devices=[]):
@@ -217,7 +264,8 @@ def _remove_stale_builds(models: Path, target_name: str, max_age_s: float = 3600
 
 
 def _write_readme(directory: Path, kind: str, seed: int) -> None:
-    text = _README.format(kind=kind, version=BUILD_VERSION, seed=seed)
+    family = "QwenGuard" if kind == "qwen2.5-vl" else "LlavaGuard"
+    text = _README.format(kind=kind, family=family, version=BUILD_VERSION, seed=seed)
     (directory / "README.md").write_text(text, encoding="utf-8")
 
 
@@ -278,6 +326,22 @@ def _build_tokenizer(kind: str, tokens: dict[str, str]) -> Any:
             model_max_length=4096,
             padding_side="left",
             chat_template=LLAVA_CHAT_TEMPLATE,
+        )
+    if kind == "qwen2.5-vl":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            eos_token=tokens["eos"],
+            pad_token=tokens["pad"],
+            extra_special_tokens={
+                "image_token": tokens["image"],
+                "video_token": tokens["video"],
+                "vision_start_token": tokens["vision_start"],
+                "vision_end_token": tokens["vision_end"],
+            },
+            clean_up_tokenization_spaces=False,
+            model_max_length=131072,
+            padding_side="left",
+            chat_template=QWEN_CHAT_TEMPLATE,
         )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -426,6 +490,85 @@ def _llava_parts(tokenizer: Any, tokens: dict[str, str]) -> tuple[Any, Any]:
 
     def factory() -> Any:
         model = LlavaForConditionalGeneration(config)
+        model.generation_config = generation
+        return model
+
+    return processor, factory
+
+
+def _qwen_parts(tokenizer: Any, tokens: dict[str, str]) -> tuple[Any, Any]:
+    """Qwen2.5-VL (QwenGuard's class): windowed ViT, 2x2 patch merger, 3-D multimodal RoPE."""
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLVisionConfig,
+    )
+
+    ids = {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in tokens.items()}
+    size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            size=size, patch_size=PATCH, temporal_patch_size=2, merge_size=TILE // PATCH
+        ),
+        video_processor=Qwen2VLVideoProcessor(
+            size=size, patch_size=PATCH, temporal_patch_size=2, merge_size=TILE // PATCH
+        ),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    text_hidden = 64
+    config = Qwen2_5_VLConfig(
+        vision_config=Qwen2_5_VLVisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=PATCH,
+            spatial_merge_size=TILE // PATCH,
+            temporal_patch_size=2,
+            window_size=2 * TILE,  # 2x2 merged blocks per attention window
+            fullatt_block_indexes=[1],  # block 0 windowed, block 1 full, like the real ViT
+            out_hidden_size=text_hidden,
+            tokens_per_second=2,
+        ),
+        text_config=Qwen2_5_VLTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            # 5x the usual 0.02: attention, hence the logits, then depend measurably on the 3-D
+            # RoPE positions, so tests notice a continuation placed at the wrong positions
+            initializer_range=0.1,
+            # head_dim 16: 8 rotary frequencies split over (temporal, height, width)
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["pad"],
+            eos_token_id=ids["eos"],
+            pad_token_id=ids["pad"],
+        ),
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=True,  # as in Qwen2.5-VL-3B, QwenGuard's base
+    )
+    generation = GenerationConfig(
+        bos_token_id=ids["pad"],
+        eos_token_id=[ids["eos"], ids["pad"]],
+        pad_token_id=ids["pad"],
+    )
+
+    def factory() -> Any:
+        model = Qwen2_5_VLForConditionalGeneration(config)
         model.generation_config = generation
         return model
 

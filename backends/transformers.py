@@ -16,8 +16,9 @@ Modes:
   rating position; with `category_scores` (default on) it then scores each category label after
   "Unsafe" from the KV cache: one more forward pass per branching point of the labels' tokens.
 
-`-m tiny-random` (and `tiny-random-llava`) builds a tiny random-weight model locally and loads it
-through the same code: for trying the pipeline without hub access. Its verdicts are random.
+`-m tiny-random` (and `tiny-random-llava`, `tiny-random-qwen`) builds a tiny random-weight model
+locally and loads it through the same code: for trying the pipeline without hub access. Its
+verdicts are random.
 
 Construction only validates options; `load()` imports torch and transformers.
 """
@@ -52,7 +53,7 @@ class TransformersOptions(BaseModel):
 
     model: str = Field(
         default=DEFAULT_MODEL,
-        description="Hub id, local checkpoint directory, or tiny-random / tiny-random-llava.",
+        description="Hub id, local checkpoint directory, or tiny-random[-llava|-qwen] (random).",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
     local_files_only: bool = Field(default=False, description="Never contact the hub.")
@@ -258,9 +259,9 @@ class TransformersBackend(Backend):
         try:
             inputs = self._inputs(requests, mode)
         except (ValueError, RuntimeError, TypeError) as err:
-            return [Generation(error=f"processor failed: {err}", model=self.model_name)] * len(
-                requests
-            )
+            if len(requests) > 1:  # one image the processor refuses must not fail its batch
+                return [g for r in requests for g in self._decode([r], mode)]
+            return [Generation(error=f"processor failed: {err}", model=self.model_name)]
         matchers: list[Any] = [
             guidance.matcher_for(compiled, mode, self.guided) if self.guided else None  # type: ignore[arg-type]
             for _ in requests

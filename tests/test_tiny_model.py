@@ -37,6 +37,7 @@ EXPECTED = {
         "processor": "LlavaOnevisionProcessor",
         "model": "LlavaOnevisionForConditionalGeneration",
         "eos": "<|im_end|>",
+        "image": "<image>",
         "render": "<|im_start|>user\n<image>\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
         "generation_prompt": "<|im_start|>assistant\n",
     },
@@ -44,10 +45,24 @@ EXPECTED = {
         "processor": "LlavaProcessor",
         "model": "LlavaForConditionalGeneration",
         "eos": "</s>",
+        "image": "<image>",
         "render": "USER: <image>\n{prompt} ASSISTANT:",
         "generation_prompt": "ASSISTANT:",
     },
+    "tiny-random-qwen": {
+        "processor": "Qwen2_5_VLProcessor",
+        "model": "Qwen2_5_VLForConditionalGeneration",
+        "eos": "<|im_end|>",
+        "image": "<|image_pad|>",
+        "render": (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        "generation_prompt": "<|im_start|>assistant\n",
+    },
 }
+MAX_QWEN_ASPECT = 200
+"""Qwen2VLImageProcessor's `smart_resize` rejects images whose long side exceeds 200x the short."""
 ROUND_TRIP = [
     '{\n    "rating": "Unsafe",',
     '{\n    "rating": "Safe",\n    "category": "NA: None applying",\n    "rationale": "ok"\n}',
@@ -113,7 +128,7 @@ def test_loads_through_auto_classes(name: str, loaded: dict[str, tuple[Any, Any]
     assert type(model).__name__ == EXPECTED[name]["model"]
     tokenizer = processor.tokenizer
     assert len(tokenizer) == model.config.text_config.vocab_size
-    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids(EXPECTED[name]["image"])
     assert processor.image_token_id == model.config.image_token_id
 
 
@@ -122,7 +137,7 @@ def test_chat_template(name: str, loaded: dict[str, tuple[Any, Any]], prompt: st
     processor, _ = loaded[name]
     text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True)
     assert text == EXPECTED[name]["render"].format(prompt=prompt)
-    assert text.index("<image>") < text.index(prompt)
+    assert text.index(EXPECTED[name]["image"]) < text.index(prompt)
     assert text.endswith(EXPECTED[name]["generation_prompt"])
     bare = processor.apply_chat_template(conversation(prompt))
     assert not bare.endswith(EXPECTED[name]["generation_prompt"])
@@ -138,6 +153,11 @@ def test_generate_any_image_size(
     processor, model = loaded[name]
     text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True)
     image = Image.new("RGB", size, (200, 40, 90))
+    if name == "tiny-random-qwen" and max(size) / min(size) > MAX_QWEN_ASPECT:
+        # The real QwenGuard processor has the same limit: such images need padding first.
+        with pytest.raises(ValueError, match="aspect ratio must be smaller than 200"):
+            processor(images=[image], text=[text], return_tensors="pt")
+        return
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     assert (inputs["input_ids"] == model.config.image_token_id).sum() > 0
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -148,7 +168,7 @@ def test_generate_any_image_size(
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bos_like_the_real_tokenizers(name: str, loaded: dict[str, tuple[Any, Any]]) -> None:
-    """Llama (v1.0) prepends <s> once; Qwen2 (OneVision) prepends nothing."""
+    """Llama (v1.0) prepends <s> once; Qwen2 (OneVision) and Qwen2.5-VL prepend nothing."""
     processor, _ = loaded[name]
     text = processor.apply_chat_template(conversation("hi"), add_generation_prompt=True)
     inputs = processor(images=[Image.new("RGB", (8, 8))], text=[text], return_tensors="pt")
@@ -268,12 +288,52 @@ def test_configs_match_the_real_geometry(paths: dict[str, Path]) -> None:
     assert llava["vision_config"]["model_type"] == "clip_vision_model"
     assert llava["text_config"]["model_type"] == "llama"
     assert llava["vision_feature_select_strategy"] == "default"
+    qwen = json.loads((paths["tiny-random-qwen"] / "config.json").read_text(encoding="utf-8"))
+    assert qwen["model_type"] == "qwen2_5_vl"
+    assert qwen["vision_config"]["model_type"] == "qwen2_5_vl_vision"
+    assert qwen["text_config"]["model_type"] == "qwen2_5_vl_text"
+    text = qwen["text_config"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2  # 3-D RoPE covers it
+    assert qwen["vision_config"]["out_hidden_size"] == text["hidden_size"]
+    assert all(
+        i < qwen["vision_config"]["depth"] for i in qwen["vision_config"]["fullatt_block_indexes"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "grid"),
+    [((1, 1), (4, 4)), ((64, 64), (4, 4)), ((640, 480), (6, 8)), ((3000, 20), (2, 96))],
+    ids=["1x1", "64x64", "640x480", "3000x20"],
+)
+def test_qwen_image_tokens_follow_the_grid(
+    size: tuple[int, int], grid: tuple[int, int], loaded: dict[str, tuple[Any, Any]]
+) -> None:
+    """One <|image_pad|> per 2x2 block of 14-px patches, between vision start and end.
+
+    Small images are upscaled to min_pixels (56x56: 4 tokens); others shrink to about
+    max_pixels (16 tokens), except that each side keeps at least one 28-px block, so a 3000x20
+    strip still gives 48 tokens.
+    """
+    processor, _ = loaded["tiny-random-qwen"]
+    text = processor.apply_chat_template(conversation("hi"), add_generation_prompt=True)
+    inputs = processor(images=[Image.new("RGB", size)], text=[text], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, *grid]]
+    ids = inputs["input_ids"][0].tolist()
+    tokenizer = processor.tokenizer
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    start = ids.index(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    end = ids.index(tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    assert ids[start + 1 : end] == [pad] * (grid[0] * grid[1] // 4)
+    assert ids.count(pad) == grid[0] * grid[1] // 4
+    # mm_token_type_ids marks the image tokens: the model needs it for its 3-D RoPE positions
+    assert inputs["mm_token_type_ids"][0].tolist() == [int(i == pad) for i in ids]
 
 
 def test_unknown_name() -> None:
     with pytest.raises(PolicyEngineError) as err:
         tiny_model_path("tiny-nonsense")
-    assert "tiny-random" in str(err.value) and "tiny-random-llava" in str(err.value)
+    assert all(name in str(err.value) for name in NAMES)
     with pytest.raises(PolicyEngineError):
         build_tiny_model(Path("unused"), "gpt")
 
