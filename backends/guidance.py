@@ -208,7 +208,7 @@ class GrammarProcessor:
             self.p_unsafe = [float(p) for p in probs]
         if self.tokenizer is None:
             return scores
-        scores = scores.clone()
+        # generate() hands each step a fresh float copy of the logits: masking in place is safe
         if done:  # the answer is complete (or the row finished): end it, nothing else
             eos = self.tokenizer.eos.to(scores.device)
             scores[done] = scores[done].masked_fill(~eos[:vocab], float("-inf"))
@@ -233,5 +233,8 @@ class GrammarProcessor:
             for preferred in (self.tokenizer.quote, self.tokenizer.closing):
                 narrowed = allowed & preferred.to(scores.device)[:vocab]
                 allowed = torch.where(narrowed.any(dim=-1, keepdim=True), narrowed, allowed)
-        scores[live] = scores[live].masked_fill(~allowed[live], float("-inf"))
+        if len(live) == rows:
+            scores.masked_fill_(~allowed, float("-inf"))
+        else:
+            scores[live] = scores[live].masked_fill(~allowed[live], float("-inf"))
         return scores
