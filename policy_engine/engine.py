@@ -250,18 +250,44 @@ class Engine:
             verdict.category_scores = gen.category_scores
         return verdict
 
+    def _on_failure(self, decision: Decision, failed: list[str]) -> None:
+        """The policy's failure mode: fail-closed adds its action; fail-open only notes."""
+        rule = self.policy.postprocess_failure
+        if rule.mode == "fail-open":
+            decision.note("postprocess-failure", "fail-open: the Decision stands as it is")
+            return
+        params = _on_failure_params(self.policy, failed)
+        decision.add_action(rule.action, by="postprocess-failure", **params)
+        decision.note("postprocess-failure", f"fail-closed -> {rule.action} ({params['reason']})")
+
     def _postprocess(self, verdict: Verdict, metadata: dict[str, Any]) -> Decision:
         decision = Decision(verdict=verdict, metadata=metadata)
-        context = {"metadata": metadata, "mode": self.mode, "compiled": self.compiled}
+        context: dict[str, Any] = {
+            "metadata": metadata,
+            "mode": self.mode,
+            "compiled": self.compiled,
+        }
+        failed: list[str] = []
         for step_id, processor in self.chain:
+            context["step_id"] = step_id
             try:
                 processor(decision, context)
             except Exception as err:  # a plugin fault must not lose the verdict
+                failed.append(step_id)
                 decision.note(
                     step_id, f"post-processor failed: {type(err).__name__}: {err}", error=True
                 )
+        if failed:
+            self._on_failure(decision, failed)
         self.host.observe_decision(decision)
         return decision
+
+
+def _on_failure_params(policy: Policy, failed: list[str]) -> dict[str, Any]:
+    rule = policy.postprocess_failure
+    params: dict[str, Any] = {"reason": f"post-processor failed: {', '.join(failed)}"}
+    params.update({k: v for k, v in (("queue", rule.queue), ("priority", rule.priority)) if v})
+    return params
 
 
 def _score_category(

@@ -183,14 +183,19 @@ class PluginHost:
         self.pm.hook.register_commands(cli=cli)
 
     def observe_decision(self, decision: Any) -> None:
+        """Show the Decision to every observer, each on its own: one failing sink neither loses
+        the decision nor keeps it from the others (a warning names the plugin)."""
         self.ensure_loaded()
-        try:
-            self.pm.hook.observe_decision(decision=decision)
-        except Exception as err:  # a failing sink must not lose the decision
-            print(
-                f"policy-engine: warning: observe_decision failed: {type(err).__name__}: {err}",
-                file=sys.stderr,
-            )
+        # pluggy's call order (last registered first), one call per implementation
+        for impl in reversed(self.pm.hook.observe_decision.get_hookimpls()):
+            try:
+                impl.function(**({"decision": decision} if impl.argnames else {}))
+            except Exception as err:  # a failing sink must not lose the decision
+                print(
+                    f"policy-engine: warning: plugin {impl.plugin_name!r}: observe_decision "
+                    f"failed: {type(err).__name__}: {err}",
+                    file=sys.stderr,
+                )
 
     def plugins(self) -> list[PluginInfo]:
         """Every registered plugin, its hooks and what it registered."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .host import PluginHost, get_host
 from .policy import (
     Category,
     CategoryException,
+    FailurePolicy,
     LocatedValueError,
     OutputOptions,
     Policy,
@@ -188,7 +190,7 @@ def _overlay(parent: Located, child: Located, display: str) -> Located:
             data[key] = _overlay_categories(parent.get(key), value, display)
         elif key == "exceptions" and isinstance(value, Located):
             data[key] = _overlay_exceptions(parent.get(key), value)
-        elif key in ("output", "metadata") and isinstance(value, Located):
+        elif key in ("output", "metadata", "postprocess_failure") and isinstance(value, Located):
             base = parent.get(key)
             if isinstance(base, Located):
                 merged = located({**base, **value}, value.mark, {**base.marks, **value.marks})
@@ -272,6 +274,7 @@ _FIELD_MODELS: dict[str, type[BaseModel]] = {
     "exceptions": CategoryException,
     "output": OutputOptions,
     "postprocess": PostprocessStep,
+    "postprocess_failure": FailurePolicy,
     "none_category": Policy.model_fields["none_category"].annotation,  # type: ignore[dict-item]
 }
 
@@ -300,16 +303,27 @@ def _walk(data: Any, loc: tuple[str | int, ...]) -> tuple[Mark | None, str]:
     return mark, "".join(parts)
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `X | None`, `list[X]`, `dict[str, X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _allowed_keys(loc: tuple[str | int, ...], root: type[BaseModel] = Policy) -> list[str]:
     model: type[BaseModel] = root
     for index, part in enumerate(loc[:-1]):
         if root is Policy and isinstance(part, str) and index == 0 and part in _FIELD_MODELS:
             model = _FIELD_MODELS[part]
-        elif isinstance(part, str) and part in model.model_fields:
-            annotation = model.model_fields[part].annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                model = annotation
-    keys = set(model.model_fields)
+        elif isinstance(part, str):
+            fields = {f.alias or name: f for name, f in model.model_fields.items()}
+            if part in fields:
+                model = _model_in(fields[part].annotation) or model
+    keys = {field.alias or name for name, field in model.model_fields.items()}
     if model is Policy:
         keys.add("extends")
     if model is Category:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -122,6 +122,20 @@ class PostprocessStep(_Strict):
     id: str | None = Field(default=None, description="Optional label shown in traces.")
 
 
+class FailurePolicy(_Strict):
+    """What happens to a Decision when one of its post-processors raises.
+
+    The verdict is never lost and the error is always in the trace. `fail-closed` (the default)
+    also adds an action, by default routing the item to human review; `fail-open` adds nothing,
+    so the Decision carries whatever the other post-processors decided.
+    """
+
+    mode: Literal["fail-closed", "fail-open"] = "fail-closed"
+    action: str = Field(default="human_review", min_length=1)
+    queue: str | None = "postprocess-failures"
+    priority: str | None = None
+
+
 class Policy(_Strict):
     """A resolved, validated policy. Build one with `policy_engine.load_policy`."""
 
@@ -144,6 +158,10 @@ class Policy(_Strict):
     output: OutputOptions = Field(default_factory=OutputOptions)
     postprocess: list[PostprocessStep] = Field(
         default_factory=list, description="Post-processors, applied in this order."
+    )
+    postprocess_failure: FailurePolicy = Field(
+        default_factory=FailurePolicy,
+        description="What a post-processor that raises does to the Decision.",
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form metadata.")
 
@@ -228,4 +246,5 @@ class PolicyFile(_Strict):
     exceptions: dict[str, ExceptionPatch | None] | None = None
     output: OutputOptions | None = None
     postprocess: list[PostprocessStep] | None = None
+    postprocess_failure: FailurePolicy | None = None
     metadata: dict[str, Any] | None = None

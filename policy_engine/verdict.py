@@ -32,7 +32,9 @@ class Verdict(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rating: Rating | None = Field(description="None when the item errored: never a silent Safe.")
+    rating: Rating | None = Field(
+        default=None, description="None when the item errored: never a silent Safe."
+    )
     category_id: str | None = None
     category_name: str | None = None
     rationale: str | None = None

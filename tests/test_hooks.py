@@ -192,9 +192,15 @@ def test_hook_register_postprocessors(tmp_path: Path) -> None:
     decision = Engine(
         path, "static", backend_options={"rating": "Unsafe", "category": "O2"}, host=host
     ).assess(png())
-    assert [a.name for a in decision.actions] == ["block", "stamp"]  # policy order
+    # policy order, then the default failure policy (fail-closed: human review)
+    assert [a.name for a in decision.actions] == ["block", "stamp", "human_review"]
     assert decision.actions[1].params == {"mode": "full"}
-    assert [t.step for t in decision.trace] == ["escalate:block", "fragile", "stamp"]
+    assert [t.step for t in decision.trace] == [
+        "escalate:block",
+        "fragile",
+        "stamp",
+        "postprocess-failure",
+    ]
     failure = decision.trace[1]
     assert failure.error and failure.message == "post-processor failed: ValueError: boom"
     assert decision.verdict.rating == "Unsafe"  # a failing post-processor never loses the verdict
