@@ -1,7 +1,32 @@
-"""The `escalate` post-processor: when a verdict matches, add an action (review, block, …).
+"""Escalation: turn verdicts into moderation actions, declaratively.
 
-One step is one rule; a policy lists several steps for several rules, and they run in the order
-the policy lists them. Every match (and every non-match) leaves a line in the Decision's trace.
+Two post-processors:
+
+`rules` -- the rules language. Conditions on the verdict (rating, category, severity, P(Unsafe),
+category scores), the mode and the request metadata, combined with all/any/not; actions allow,
+block, blur, human_review, escalate (with queue and priority) or any custom name a plugin
+handles. Semantics: rules run in the order listed; with `match: first` (the default) the first
+rule that holds acts and later rules are not evaluated, with `match: all` every rule that holds
+acts, in order; `default` acts when none held. Every evaluated rule leaves a trace line naming
+the facts that decided it.
+
+    postprocess:
+      - name: rules
+        id: moderation
+        params:
+          rules:
+            - id: self-harm
+              when: {category: O7}
+              then: {action: escalate, queue: safeguarding, priority: urgent}
+            - id: minors-strict
+              when: {rating: Unsafe, metadata: {audience: minors}}
+              then: block
+            - id: borderline
+              when: {p_unsafe: {min: 0.3, max: 0.7}}
+              then: {action: human_review, queue: borderline}
+          default: allow
+
+`escalate` -- one rule per step, the short form the shipped policies started with:
 
     postprocess:
       - name: escalate
@@ -10,9 +35,10 @@ the policy lists them. Every match (and every non-match) leaves a line in the De
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from policy_engine import Decision, Policy, PostProcessor, hookimpl
 
@@ -93,6 +119,354 @@ class Escalate(PostProcessor):
         decision.note(step, f"matched ({why}) -> {self.params.action}")
 
 
+# -- the rules language ------------------------------------------------------------------------
+
+KNOWN_ACTIONS = ("allow", "block", "blur", "human_review", "escalate")
+"""Actions with a meaning in the docs; any other identifier is a custom action for plugins."""
+
+Where = tuple[str | int, ...]
+Problems = list[tuple[Where, str]]
+
+
+class Range(BaseModel):
+    """An inclusive range of a probability: `{min: 0.3, max: 0.7}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: float = Field(default=0.0, ge=0.0, le=1.0)
+    max: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min > self.max:
+            raise ValueError(f"impossible range: min {self.min} > max {self.max}")
+        return self
+
+    def holds(self, value: float) -> bool:
+        return self.min <= value <= self.max
+
+    def __str__(self) -> str:
+        return f"[{self.min:g}, {self.max:g}]"
+
+
+class SeverityRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    at_least: str | None = None
+    at_most: str | None = None
+
+
+class Condition(BaseModel):
+    """When a rule applies. Every key given must hold (and); `all`, `any`, `not` combine.
+
+    Keys about the verdict (rating, category, severity, p_unsafe, score) never match a failed
+    assessment; `error: true` matches only those, `error: false` only valid verdicts.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    rating: list[Literal["Safe", "Unsafe"]] | None = None
+    category: list[str] | None = None
+    severity: SeverityRange | None = None
+    p_unsafe: Range | None = None
+    score: dict[str, Range] | None = Field(
+        default=None, description="Category id -> range of its category score."
+    )
+    mode: list[Literal["full", "verdict", "score"]] | None = None
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Request metadata: key -> value, or a list of accepted values."
+    )
+    error: bool | None = None
+    all: list[Condition] | None = None
+    any: list[Condition] | None = None
+    not_: Condition | None = Field(default=None, alias="not")
+
+    @field_validator("rating", "category", "mode", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        """`rating: Unsafe` means `rating: [Unsafe]`."""
+        return [value] if isinstance(value, str) else value
+
+    def check(self, policy: Policy, where: Where) -> Problems:
+        problems: Problems = []
+        known = {c.id for c in policy.categories} | {policy.none_category.id}
+        listing = ", ".join(sorted(known))
+        for index, category in enumerate(self.category or []):
+            if category not in known:
+                at = (*where, "category", index)
+                problems.append((at, f"unknown category {category!r}; categories: {listing}"))
+        for category in self.score or {}:
+            if category not in known:
+                problems.append(
+                    (
+                        (*where, "score", category),
+                        f"unknown category {category!r}; categories: {listing}",
+                    )
+                )
+        if self.severity is not None:
+            levels = policy.severity_levels
+            for key in ("at_least", "at_most"):
+                level = getattr(self.severity, key)
+                if level is not None and level not in levels:
+                    problems.append(
+                        (
+                            (*where, "severity", key),
+                            f"{level!r} is not a severity level; levels: {', '.join(levels)}",
+                        )
+                    )
+            low, high = self.severity.at_least, self.severity.at_most
+            if low in levels and high in levels and levels.index(low) > levels.index(high):
+                problems.append(((*where, "severity"), f"impossible range: {low} is above {high}"))
+        for key in ("all", "any"):
+            for index, child in enumerate(getattr(self, key) or []):
+                problems.extend(child.check(policy, (*where, key, index)))
+        if self.not_ is not None:
+            problems.extend(self.not_.check(policy, (*where, "not")))
+        return problems
+
+    def evaluate(
+        self, decision: Decision, context: dict[str, Any], policy: Policy
+    ) -> tuple[bool, str]:
+        """(holds, why): `why` names the facts that decided it, for the trace."""
+        verdict = decision.verdict
+        reasons: list[str] = []
+        about_verdict = any(
+            v is not None
+            for v in (self.rating, self.category, self.severity, self.p_unsafe, self.score)
+        )
+        if self.error is not None:
+            if self.error != (not verdict.ok):
+                return False, "verdict is an error" if not verdict.ok else "verdict is not an error"
+            reasons.append(
+                f"error verdict ({verdict.error.kind})" if verdict.error else "valid verdict"
+            )
+        if about_verdict and not verdict.ok:
+            return False, "verdict is an error"
+        if self.rating is not None:
+            ratings = _as_list(self.rating)
+            if verdict.rating not in ratings:
+                return False, f"rating {verdict.rating} not {_either(ratings)}"
+            reasons.append(f"rating {verdict.rating}")
+        if self.category is not None:
+            categories = _as_list(self.category)
+            if verdict.category_id not in categories:
+                return False, f"category {verdict.category_id} not {_either(categories)}"
+            reasons.append(f"category {verdict.category_id}")
+        if self.severity is not None:
+            ok, why = _severity_holds(self.severity, verdict.severity, policy)
+            if not ok:
+                return False, why
+            reasons.append(why)
+        if self.p_unsafe is not None:
+            if verdict.p_unsafe is None:
+                return False, "no p_unsafe"
+            if not self.p_unsafe.holds(verdict.p_unsafe):
+                return False, f"p_unsafe {verdict.p_unsafe:.3f} not in {self.p_unsafe}"
+            reasons.append(f"p_unsafe {verdict.p_unsafe:.3f} in {self.p_unsafe}")
+        for category, bounds in (self.score or {}).items():
+            scores = verdict.category_scores or {}
+            if category not in scores:
+                return False, f"no score for {category}"
+            if not bounds.holds(scores[category]):
+                return False, f"score {category} {scores[category]:.3f} not in {bounds}"
+            reasons.append(f"score {category} {scores[category]:.3f} in {bounds}")
+        if self.mode is not None:
+            modes = _as_list(self.mode)
+            if context.get("mode") not in modes:
+                return False, f"mode {context.get('mode')} not {_either(modes)}"
+            reasons.append(f"mode {context.get('mode')}")
+        metadata = context.get("metadata", {})
+        for key, wanted in (self.metadata or {}).items():
+            accepted = wanted if isinstance(wanted, list) else [wanted]
+            if key not in metadata:
+                return False, f"metadata {key} missing"
+            if metadata[key] not in accepted:
+                return False, f"metadata {key}={metadata[key]!r} not {_either(accepted)}"
+            reasons.append(f"{key}={metadata[key]!r}")
+        for child in self.all or []:
+            ok, why = child.evaluate(decision, context, policy)
+            if not ok:
+                return False, why
+            reasons.append(why)
+        if self.any is not None:
+            misses = []
+            for child in self.any:
+                ok, why = child.evaluate(decision, context, policy)
+                if ok:
+                    reasons.append(why)
+                    break
+                misses.append(why)
+            else:
+                return False, "none of: " + "; ".join(misses)
+        if self.not_ is not None:
+            ok, why = self.not_.evaluate(decision, context, policy)
+            if ok:
+                return False, f"not ({why})"
+            reasons.append(f"not ({why})")
+        return True, "; ".join(reasons) or "always"
+
+
+class ActionSpec(BaseModel):
+    """What a matching rule does: a known action or a custom one, with its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: str
+
+    @field_validator("action")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value):
+            raise ValueError(
+                f"{value!r} is not an action name (one word: letters, digits, _ . -); "
+                f"known actions: {', '.join(KNOWN_ACTIONS)}, or a custom name"
+            )
+        return value
+
+    queue: str | None = None
+    priority: str | None = None
+    reason: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict, description="Extra parameters.")
+
+    def apply(self, decision: Decision, by: str) -> str:
+        extra = {
+            k: v
+            for k, v in (
+                ("queue", self.queue),
+                ("priority", self.priority),
+                ("reason", self.reason),
+            )
+            if v is not None
+        }
+        decision.add_action(self.action, by=by, **extra, **self.params)
+        shown = " ".join(f"{k}={v}" for k, v in {**extra, **self.params}.items())
+        return f"{self.action} {shown}".rstrip()
+
+
+def _action(value: Any) -> Any:
+    return {"action": value} if isinstance(value, str) else value
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    when: Condition = Field(default_factory=Condition)
+    then: list[ActionSpec] = Field(min_length=1)
+
+    @field_validator("then", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        return [_action(item) for item in items]
+
+
+class RulesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    match: Literal["first", "all"] = Field(
+        default="first",
+        description="first: the first matching rule acts, later ones are not evaluated; "
+        "all: every matching rule acts, in order.",
+    )
+    rules: list[Rule] = Field(min_length=1)
+    default: list[ActionSpec] | None = Field(
+        default=None, description="Actions when no rule matched."
+    )
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value]
+        return [_action(item) for item in items]
+
+
+class Rules(PostProcessor):
+    """Declarative moderation rules: conditions on the verdict and the request, and actions.
+
+    Evaluation semantics: rules are evaluated in the order listed. With `match: first` (the
+    default) the first rule whose condition holds applies its actions and no later rule is
+    evaluated; with `match: all` every rule whose condition holds applies, in order. When no rule
+    matched, `default` actions apply. Every evaluated rule leaves one trace line saying whether
+    it matched and which facts decided it.
+    """
+
+    name = "rules"
+    description = (
+        "Declarative rules: conditions (rating, category, severity, scores, metadata) -> actions"
+    )
+    Params = RulesParams
+    params: RulesParams
+
+    @classmethod
+    def check(cls, params: BaseModel, policy: Policy) -> list[tuple[tuple[str | int, ...], str]]:
+        assert isinstance(params, RulesParams)
+        problems: Problems = []
+        seen: dict[str, int] = {}
+        for index, rule in enumerate(params.rules):
+            problems.extend(rule.when.check(policy, ("rules", index, "when")))
+            if rule.id is not None:
+                if rule.id in seen:
+                    problems.append(
+                        (
+                            ("rules", index, "id"),
+                            f"duplicate rule id {rule.id!r} (also rule {seen[rule.id]})",
+                        )
+                    )
+                seen[rule.id] = index
+        return problems
+
+    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+        step = context.get("step_id", "rules")
+        matched_any = False
+        for index, rule in enumerate(self.params.rules):
+            label = f"rule {rule.id!r}" if rule.id else f"rule {index}"
+            ok, why = rule.when.evaluate(decision, context, self.policy)
+            if not ok:
+                decision.note(step, f"{label}: no match ({why})")
+                continue
+            matched_any = True
+            done = [spec.apply(decision, f"{step}:{rule.id or index}") for spec in rule.then]
+            decision.note(step, f"{label}: matched ({why}) -> {', '.join(done)}")
+            if self.params.match == "first":
+                rest = len(self.params.rules) - index - 1
+                if rest:
+                    decision.note(step, f"first match wins: {rest} later rule(s) not evaluated")
+                return
+        if not matched_any and self.params.default:
+            done = [spec.apply(decision, f"{step}:default") for spec in self.params.default]
+            decision.note(step, f"no rule matched -> default {', '.join(done)}")
+        elif not matched_any:
+            decision.note(step, "no rule matched; no default")
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _either(values: list[Any]) -> str:
+    return str(values[0]) if len(values) == 1 else "in [" + ", ".join(map(str, values)) + "]"
+
+
+def _severity_holds(
+    bounds: SeverityRange, severity: str | None, policy: Policy
+) -> tuple[bool, str]:
+    levels = policy.severity_levels
+    if severity is None or severity not in levels:
+        return False, f"severity {severity} not on the scale"
+    rank = levels.index(severity)
+    if bounds.at_least is not None and rank < levels.index(bounds.at_least):
+        return False, f"severity {severity} below {bounds.at_least}"
+    if bounds.at_most is not None and rank > levels.index(bounds.at_most):
+        return False, f"severity {severity} above {bounds.at_most}"
+    return True, f"severity {severity}"
+
+
 @hookimpl
 def register_postprocessors(register):  # type: ignore[no-untyped-def]
     register(Escalate)
+    register(Rules)

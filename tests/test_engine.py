@@ -70,10 +70,15 @@ def test_children_platform_escalates_self_harm_then_blocks() -> None:
         ("escalate", {"queue": "safeguarding", "priority": "urgent"}),
         ("block", {}),
     ]
-    assert [t.step for t in decision.trace] == [
-        "escalate:escalate",
-        "escalate:block",
-        "escalate:human_review",
+    assert [a.by for a in decision.actions] == [
+        "children-moderation:safeguarding",
+        "children-moderation:block-unsafe",
+    ]
+    assert [t.message for t in decision.trace] == [
+        "rule 'safeguarding': matched (category O7) -> escalate queue=safeguarding priority=urgent",
+        "rule 'block-unsafe': matched (rating Unsafe) -> block",
+        "rule 'blur-borderline': no match (rating Unsafe not Safe)",
+        "rule 'review-failures': no match (verdict is not an error)",
     ]
 
 
@@ -83,7 +88,17 @@ def test_children_platform_blocks_other_unsafe_and_allows_safe() -> None:
     assert blocked.verdict.severity == "critical"  # raised from llavaguard's "high"
     safe = _children(rating="Safe").assess(png())
     assert safe.actions == []
-    assert all("no match" in t.message for t in safe.trace)
+    assert [t.message for t in safe.trace][-1] == "no rule matched; no default"
+    assert all("no match" in t.message for t in safe.trace[:-1]), safe.trace
+
+
+def test_children_platform_blurs_safe_verdicts_the_model_was_unsure_of() -> None:
+    unsure = _children(rating="Safe", p_unsafe=0.35).assess(png())
+    assert [(a.name, a.params) for a in unsure.actions] == [
+        ("blur", {"reason": "the model was unsure this image is safe"})
+    ]
+    sure = _children(rating="Safe", p_unsafe=0.29).assess(png())
+    assert sure.actions == []
 
 
 def test_children_platform_sends_failed_assessments_to_review(tmp_path: Path) -> None:

@@ -103,8 +103,16 @@ def test_children_platform(llavaguard: Policy) -> None:
         assert policy.category(cid).should_not == inherited.should_not
         assert policy.category(cid).can == inherited.can
     assert policy.category("O1") == llavaguard.category("O1")
-    assert [s.id for s in policy.postprocess] == ["safeguarding", "block-unsafe", "review-failures"]
-    assert policy.postprocess[0].params["categories"] == ["O7"]
+    assert [s.id for s in policy.postprocess] == ["children-moderation"]
+    rules = policy.postprocess[0].params["rules"]
+    assert [r["id"] for r in rules] == [
+        "safeguarding",
+        "block-unsafe",
+        "blur-borderline",
+        "review-failures",
+    ]
+    assert policy.postprocess_failure.mode == "fail-closed"
+    assert rules[0]["when"] == {"category": "O7"}
     # metadata is merged with the parent's
     assert policy.metadata["audience"] == "minors"
     assert policy.metadata["license"] == "Apache-2.0"
