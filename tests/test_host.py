@@ -34,7 +34,15 @@ from policy_engine.cli import cli
 from policy_engine.engine import Engine
 from policy_engine.host import set_host
 
-BUILTINS = {"builtin-escalation", "builtin-formats", "builtin-static", "builtin-transformers"}
+BUILTINS = {
+    "builtin-escalation",
+    "builtin-formats",
+    "builtin-severity",
+    "builtin-sinks",
+    "builtin-static",
+    "builtin-thresholds",
+    "builtin-transformers",
+}
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -231,7 +239,9 @@ def test_unknown_name_lists_installed_names() -> None:
     assert str(caught.value).endswith("installed: generic, llavaguard-v1.0, llavaguard-v1.2")
     with pytest.raises(UnknownNameError) as caught:
         host.postprocessor("tag")
-    assert str(caught.value) == "unknown post-processor 'tag'; installed: escalate"
+    assert str(caught.value) == (
+        "unknown post-processor 'tag'; installed: escalate, rules, severity, thresholds"
+    )
 
 
 def test_unknown_name_on_an_empty_host() -> None:
@@ -541,9 +551,21 @@ def test_a_failing_sink_does_not_lose_the_decision(
         def observe_decision(self, decision):  # type: ignore[no-untyped-def]
             raise RuntimeError("sink is down")
 
+    seen: list[str | None] = []
+
+    class Working:
+        @hookimpl
+        def observe_decision(self, decision):  # type: ignore[no-untyped-def]
+            seen.append(decision.verdict.rating)
+
+    # registered first, so pluggy's order calls it after the broken one
+    get_host().register(Working(), name="working-sink")
+    default_host_plugin.append("working-sink")
     get_host().register(Broken(), name="broken-sink")
     default_host_plugin.append("broken-sink")
     decisions = list(Engine("llavaguard", "static").assess_many([png(), png()]))
     assert [d.verdict.rating for d in decisions] == ["Safe", "Safe"]
     err = capsys.readouterr().err
-    assert err.count("warning: observe_decision failed: RuntimeError: sink is down") == 2
+    warning = "plugin 'broken-sink': observe_decision failed: RuntimeError: sink is down"
+    assert err.count(warning) == 2
+    assert seen == ["Safe", "Safe"]  # the other sink still saw every decision
