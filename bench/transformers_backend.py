@@ -156,7 +156,7 @@ def main() -> None:
     batched = len(pics) / run(constrained, "full", 8, pics)
     single = len(pics) / run(constrained, "full", 1, pics)
     print(
-        f"batch of 8 vs one at a time: {batched:.2f} vs {single:.2f} images/s"
+        f"batch of {min(8, len(pics))} vs one at a time: {batched:.2f} vs {single:.2f} images/s"
         f"  ratio {batched / single:.2f}"
     )
 

@@ -324,3 +324,31 @@ def test_score_mode_names_the_most_likely_violated_category(greedy: Transformers
     for decision in safe.assess_many(images):
         assert (decision.verdict.rating, decision.verdict.category_id) == ("Safe", "NA")
         assert decision.verdict.severity is None
+
+
+def test_children_platform_acts_on_model_verdicts_end_to_end(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """`policy-engine assess` with a model backend: the shipped rules turn verdicts into actions."""
+    paths = []
+    for i, image in enumerate(varied_images(4)):
+        paths.append(tmp_path / f"{i}.png")
+        image.convert("RGB").save(paths[-1])
+    result = run_cli(
+        "assess", *map(str, paths), "-p", "children-platform", "-m", "tiny-random",
+        "--mode", "verdict", "-o", "greedy=true",
+        env={"HF_HUB_OFFLINE": "1", "POLICY_ENGINE_CACHE": str(tiny_cache)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for line in result.stdout.splitlines():
+        decision = json.loads(line)
+        verdict = decision["verdict"]
+        expected = []
+        if verdict["category_id"] == "O7":
+            expected.append("escalate")
+        if verdict["rating"] == "Unsafe":
+            expected.append("block")
+        elif verdict["p_unsafe"] >= 0.3:
+            expected.append("blur")
+        assert [a["name"] for a in decision["actions"]] == expected
+        assert len(decision["trace"]) == 4  # one line per rule of the shipped policy
