@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policy_engine import Decision, Policy, PostProcessor, hookimpl
+from policy_engine import Decision, Policy, PostProcessor, hookimpl, unknown_categories
 
 
 class EscalateParams(BaseModel):
@@ -71,16 +71,9 @@ class Escalate(PostProcessor):
     @classmethod
     def check(cls, params: BaseModel, policy: Policy) -> list[tuple[tuple[str | int, ...], str]]:
         assert isinstance(params, EscalateParams)
-        known = {c.id for c in policy.categories} | {policy.none_category.id}
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        for index, category in enumerate(params.categories):
-            if category not in known:
-                problems.append(
-                    (
-                        ("categories", index),
-                        f"unknown category {category!r}; categories: {', '.join(sorted(known))}",
-                    )
-                )
+        problems = unknown_categories(
+            policy, ((("categories", i), c) for i, c in enumerate(params.categories))
+        )
         for index, rating in enumerate(params.ratings):
             if rating not in ("Safe", "Unsafe"):
                 problems.append((("ratings", index), f"{rating!r} is not Safe or Unsafe"))
@@ -188,21 +181,11 @@ class Condition(BaseModel):
         return [value] if isinstance(value, str) else value
 
     def check(self, policy: Policy, where: Where) -> Problems:
-        problems: Problems = []
-        known = {c.id for c in policy.categories} | {policy.none_category.id}
-        listing = ", ".join(sorted(known))
-        for index, category in enumerate(self.category or []):
-            if category not in known:
-                at = (*where, "category", index)
-                problems.append((at, f"unknown category {category!r}; categories: {listing}"))
-        for category in self.score or {}:
-            if category not in known:
-                problems.append(
-                    (
-                        (*where, "score", category),
-                        f"unknown category {category!r}; categories: {listing}",
-                    )
-                )
+        problems = unknown_categories(
+            policy,
+            [((*where, "category", i), c) for i, c in enumerate(self.category or [])]
+            + [((*where, "score", c), c) for c in self.score or {}],
+        )
         if self.severity is not None:
             levels = policy.severity_levels
             for key in ("at_least", "at_most"):

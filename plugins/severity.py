@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policy_engine import Decision, Policy, PostProcessor, hookimpl
+from policy_engine import Decision, Policy, PostProcessor, hookimpl, unknown_categories
 
 Problems = list[tuple[tuple[str | int, ...], str]]
 
@@ -107,7 +107,6 @@ class Severity(PostProcessor):
     def check(cls, params: BaseModel, policy: Policy) -> Problems:
         assert isinstance(params, SeverityParams)
         levels = list(policy.severity_levels)
-        known = {c.id for c in policy.categories} | {policy.none_category.id}
         problems: Problems = []
         for kind in ("floor", "ceiling"):
             bounds: list[SeverityBound] = getattr(params, kind)
@@ -119,15 +118,10 @@ class Severity(PostProcessor):
                             f"{bound.level!r} is not a severity level; levels: {', '.join(levels)}",
                         )
                     )
-                for at, category in enumerate(bound.categories):
-                    if category not in known:
-                        problems.append(
-                            (
-                                (kind, index, "categories", at),
-                                f"unknown category {category!r}; "
-                                f"categories: {', '.join(sorted(known))}",
-                            )
-                        )
+                problems += unknown_categories(
+                    policy,
+                    (((kind, index, "categories", at), c) for at, c in enumerate(bound.categories)),
+                )
                 for key, want in bound.metadata.items():
                     if isinstance(want, list) and not want:
                         problems.append(

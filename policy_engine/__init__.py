@@ -14,6 +14,7 @@ from .components import (
     PostProcessor,
     PromptFormat,
     Request,
+    unknown_categories,
 )
 from .errors import (
     BackendError,
@@ -81,4 +82,5 @@ __all__ = [
     "parse_verdict",
     "policy_hash",
     "shipped_policies",
+    "unknown_categories",
 ]

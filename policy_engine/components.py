@@ -6,7 +6,7 @@ Each registered class has a `name`, a nested pydantic `Params`/`Options` model w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -70,6 +70,20 @@ def one_line(err: ValidationError) -> str:
 
 Check = tuple[tuple[str | int, ...], str]
 """A semantic problem: (location relative to the checked object, message)."""
+
+
+def unknown_categories(
+    policy: Policy, found: Iterable[tuple[tuple[str | int, ...], str]]
+) -> list[Check]:
+    """A Check for each (location, category id) that is not one of the policy's ids (the
+    none-applying one included), worded alike for every post-processor."""
+    known = [c.id for c in policy.categories] + [policy.none_category.id]
+    listing = ", ".join(sorted(known))
+    return [
+        (where, f"unknown category {category!r}; categories: {listing}")
+        for where, category in found
+        if category not in known
+    ]
 
 
 class PromptFormat:
