@@ -20,7 +20,7 @@ pytest.importorskip("llguidance")
 
 from PIL import Image
 from policy_engine.backends.transformers import TransformersBackend
-from test_transformers_backend import check_answer, varied_images
+from test_transformers_backend import branch_product, check_answer, label_sequences, varied_images
 
 from policy_engine import Engine
 from policy_engine.compiler import compile_policy
@@ -121,12 +121,7 @@ def _recomputed(
     import torch
 
     start = inputs["input_ids"].shape[1]
-    sequences = {
-        category_id: backend.tokenizer.encode(
-            backend._continuation(compiled, "Unsafe", label), add_special_tokens=False
-        )
-        for label, category_id in compiled.labels.items()
-    }
+    sequences = label_sequences(backend, compiled)
     expected = {}
     with torch.inference_mode():
         for category_id, ids in sequences.items():
@@ -146,13 +141,7 @@ def _recomputed(
                 "position_ids": positions,
             }
             logits = backend.model(**batch).logits[0].float()
-            prob = 1.0
-            for j, token in enumerate(ids):
-                branches = sorted({o[j] for o in sequences.values() if o[:j] == ids[:j]})
-                if len(branches) > 1:
-                    row = logits[start - 1 + j, branches].softmax(-1)
-                    prob *= float(row[branches.index(token)])
-            expected[category_id] = prob
+            expected[category_id] = branch_product(sequences, ids, logits, start)
     return expected
 
 

@@ -160,6 +160,30 @@ def test_scores_are_probabilities_and_agree_with_greedy_ratings(
         assert verdict.verdict.rating == ("Unsafe" if p >= 0.5 else "Safe")
 
 
+def label_sequences(backend: TransformersBackend, compiled: Any) -> dict[str, list[int]]:
+    """Each category id's continuation tokens after the prefix: 'Unsafe", "category": "<label>"'."""
+    return {
+        category_id: backend.tokenizer.encode(
+            backend._continuation(compiled, "Unsafe", label), add_special_tokens=False
+        )
+        for label, category_id in compiled.labels.items()
+    }
+
+
+def branch_product(
+    sequences: dict[str, list[int]], ids: list[int], logits: Any, start: int
+) -> float:
+    """The chance of `ids` among `sequences`: at each token where they branch, the softmax over
+    the branches' tokens (logits of an uncached pass whose continuation begins at `start`)."""
+    prob = 1.0
+    for j, token in enumerate(ids):
+        branches = sorted({o[j] for o in sequences.values() if o[:j] == ids[:j]})
+        if len(branches) > 1:
+            row = logits[start - 1 + j, branches].softmax(-1)
+            prob *= float(row[branches.index(token)])
+    return prob
+
+
 def test_category_scores_equal_a_full_recomputation(greedy: TransformersBackend) -> None:
     """The KV-cache walk over the label trie gives what scoring each label from scratch gives.
 
@@ -177,25 +201,14 @@ def test_category_scores_equal_a_full_recomputation(greedy: TransformersBackend)
     request = engine._prepare(image, None)
     inputs = greedy._inputs([request], "score")  # type: ignore[list-item]
     start = inputs["input_ids"].shape[1]
-    sequences = {
-        category_id: greedy.tokenizer.encode(
-            greedy._continuation(compiled, "Unsafe", label), add_special_tokens=False
-        )
-        for label, category_id in compiled.labels.items()
-    }
+    sequences = label_sequences(greedy, compiled)
     expected = {}
     with torch.inference_mode():
         for category_id, ids in sequences.items():
             full = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
             batch = {**inputs, "input_ids": full, "attention_mask": torch.ones_like(full)}
             logits = greedy.model(**batch).logits[0].float()
-            prob = 1.0
-            for j, token in enumerate(ids):
-                branches = sorted({o[j] for o in sequences.values() if o[:j] == ids[:j]})
-                if len(branches) > 1:
-                    row = logits[start - 1 + j, branches].softmax(-1)
-                    prob *= float(row[branches.index(token)])
-            expected[category_id] = prob
+            expected[category_id] = branch_product(sequences, ids, logits, start)
     assert math.isclose(sum(expected.values()), 1.0, abs_tol=1e-5)
     for category_id, value in expected.items():
         assert walked[category_id] == pytest.approx(value, abs=1e-4)
