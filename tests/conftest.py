@@ -12,7 +12,9 @@ os.environ.pop("POLICY_ENGINE_TRACE_HOOKS", None)
 # Model tests load checkpoints from local directories only; never let them reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +42,34 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in TINY_MODELS:
         tiny_model_path(name, cache_dir=cache)
     return cache
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_models: Path) -> Iterator[Path]:
+    """POLICY_ENGINE_CACHE pointing at the per-run tiny models, so `-m tiny-random` (and the
+    other tiny names) find them, and the hub switched off; for one test module."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("POLICY_ENGINE_CACHE", str(tiny_models))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield tiny_models
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def loaded_backend(tiny_cache: Path) -> Iterator[Callable[..., Any]]:
+    """A factory of loaded transformers backends (`loaded_backend(model=..., greedy=True)`),
+    closed at the end of the module."""
+    from policy_engine.backends.transformers import TransformersBackend
+
+    made: list[TransformersBackend] = []
+
+    def make(**options: Any) -> TransformersBackend:
+        instance = TransformersBackend(**options)
+        instance.load()
+        instance.loaded = True
+        made.append(instance)
+        return instance
+
+    yield make
+    for instance in made:
+        instance.close()

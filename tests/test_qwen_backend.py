@@ -9,8 +9,7 @@ tokens with 3-D multimodal RoPE, so text after an image sits at positions shifte
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -40,34 +39,13 @@ def usable_images(count: int) -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(tiny_models: Path) -> Iterator[Path]:
-    """POLICY_ENGINE_CACHE pointing at the per-run tiny models (as in test_transformers_backend)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("POLICY_ENGINE_CACHE", str(tiny_models))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    yield tiny_models
-    mp.undo()
-
-
-def _loaded(**options: Any) -> TransformersBackend:
-    instance = TransformersBackend(model=MODEL, **options)
-    instance.load()
-    instance.loaded = True
-    return instance
+def sampler(loaded_backend: Callable[..., TransformersBackend]) -> TransformersBackend:
+    return loaded_backend(model=MODEL, seed=0)
 
 
 @pytest.fixture(scope="module")
-def sampler(tiny_cache: Path) -> Iterator[TransformersBackend]:
-    instance = _loaded(seed=0)
-    yield instance
-    instance.close()
-
-
-@pytest.fixture(scope="module")
-def greedy(tiny_cache: Path) -> Iterator[TransformersBackend]:
-    instance = _loaded(greedy=True)
-    yield instance
-    instance.close()
+def greedy(loaded_backend: Callable[..., TransformersBackend]) -> TransformersBackend:
+    return loaded_backend(model=MODEL, greedy=True)
 
 
 def test_loads_the_qwen_classes(greedy: TransformersBackend) -> None:

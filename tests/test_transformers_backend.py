@@ -11,7 +11,7 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,31 +49,13 @@ categories:
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(tiny_models: Path) -> Iterator[Path]:
-    """POLICY_ENGINE_CACHE pointing at the per-run tiny models, so `-m tiny-random` finds them."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("POLICY_ENGINE_CACHE", str(tiny_models))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    yield tiny_models
-    mp.undo()
+def backend(loaded_backend: Callable[..., TransformersBackend]) -> TransformersBackend:
+    return loaded_backend(model="tiny-random")
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_cache: Path) -> Iterator[TransformersBackend]:
-    instance = TransformersBackend(model="tiny-random")
-    instance.load()
-    instance.loaded = True
-    yield instance
-    instance.close()
-
-
-@pytest.fixture(scope="module")
-def greedy(tiny_cache: Path) -> Iterator[TransformersBackend]:
-    instance = TransformersBackend(model="tiny-random", greedy=True)
-    instance.load()
-    instance.loaded = True
-    yield instance
-    instance.close()
+def greedy(loaded_backend: Callable[..., TransformersBackend]) -> TransformersBackend:
+    return loaded_backend(model="tiny-random", greedy=True)
 
 
 def varied_images(count: int = 50) -> list[Image.Image]:
