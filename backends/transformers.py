@@ -25,9 +25,12 @@ Construction only validates options; `load()` imports torch and transformers.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -124,9 +127,17 @@ class TransformersBackend(Backend):
         dtype = opts.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device == "cuda" else "float32"
+        offline = opts.local_files_only or _env_true("HF_HUB_OFFLINE")
+        if not offline and not Path(source).exists() and not hub_reachable():
+            # huggingface_hub would retry for minutes; the local cache is all there is
+            print(
+                f"policy-engine: the hub is unreachable; looking for {source!r} in the local cache",
+                file=sys.stderr,
+            )
+            offline = True
         hub = {
             "revision": opts.revision,
-            "local_files_only": opts.local_files_only,
+            "local_files_only": offline,
             "trust_remote_code": opts.trust_remote_code,
         }
         try:
@@ -414,6 +425,24 @@ class _Trie:
             added = cache.get_seq_length() - length
             if added:
                 cache.crop(-added)  # transformers 5: a negative count removes that many tokens
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub ($HF_ENDPOINT, default huggingface.co) opens within
+    `timeout` seconds. With a proxy configured we cannot tell, and say yes."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _load_error(name: str, source: str, err: Exception) -> str:

@@ -347,3 +347,41 @@ def test_children_platform_acts_on_model_verdicts_end_to_end(
             expected.append("blur")
         assert [a["name"] for a in decision["actions"]] == expected
         assert len(decision["trace"]) == 4  # one line per rule of the shipped policy
+
+
+def test_hub_reachable_tells_an_open_port_from_a_closed_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from policy_engine.backends.transformers import hub_reachable
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert hub_reachable(timeout=2.0)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # closed now
+    assert not hub_reachable(timeout=2.0)
+
+
+def test_unreachable_hub_fails_fast_without_hf_hub_offline(
+    tiny_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without HF_HUB_OFFLINE huggingface_hub would retry for minutes; we look in the cache."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(BackendUnavailableError, match="--model PATH"):
+        TransformersBackend(model="AIML-TUDA/no-such-checkpoint").load()
+    # the probe failed, so loading went to the cache only (no minutes of download retries)
+    assert "the hub is unreachable; looking for" in capsys.readouterr().err
