@@ -104,6 +104,7 @@ class TransformersBackend(Backend):
         self._prompts: dict[str, str] = {}
         self._rating_tokens: dict[str, tuple[int, int]] = {}
         self._label_tries: dict[str, _Trie] = {}
+        self._raised: set[tuple[str, str]] = set()  # (policy hash, mode) whose budget was raised
         self._lock = threading.Lock()
 
     # -- loading ---------------------------------------------------------------------------
@@ -265,7 +266,16 @@ class TransformersBackend(Backend):
         compiled = requests[0].compiled
         budget = opts.max_new_tokens or requests[0].max_new_tokens or compiled.max_new_tokens
         if self.guided is not None:
-            budget = max(budget, guidance.minimum_budget(compiled, mode))  # type: ignore[arg-type]
+            floor = guidance.minimum_budget(compiled, mode)  # type: ignore[arg-type]
+            if budget < floor and (compiled.hash, mode) not in self._raised:
+                self._raised.add((compiled.hash, mode))
+                print(
+                    f"policy-engine: warning: token budget {budget} raised to {floor} for "
+                    f"mode {mode}: a complete answer of policy {compiled.policy.id!r} can need "
+                    "that many",
+                    file=sys.stderr,
+                )
+            budget = max(budget, floor)
         started = time.perf_counter()
         try:
             inputs = self._inputs(requests, mode)

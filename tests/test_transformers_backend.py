@@ -385,3 +385,16 @@ def test_unreachable_hub_fails_fast_without_hf_hub_offline(
         TransformersBackend(model="AIML-TUDA/no-such-checkpoint").load()
     # the probe failed, so loading went to the cache only (no minutes of download retries)
     assert "the hub is unreachable; looking for" in capsys.readouterr().err
+
+
+def test_a_budget_too_small_for_a_whole_answer_is_raised_and_said_once(
+    loaded_backend: Callable[..., TransformersBackend], capsys: pytest.CaptureFixture[str]
+) -> None:
+    backend = loaded_backend(model="tiny-random", greedy=True, max_new_tokens=5)
+    engine = Engine("llavaguard", backend, mode="verdict")
+    for decision in engine.assess_many(varied_images(3)):
+        check_answer(decision, engine, "verdict")  # whole answers despite 5 tokens asked for
+    warnings = [
+        line for line in capsys.readouterr().err.splitlines() if "token budget 5 raised to" in line
+    ]
+    assert len(warnings) == 1 and "mode verdict" in warnings[0]
