@@ -308,6 +308,13 @@ def _build_tokenizer(kind: str, tokens: dict[str, str]) -> Any:
         show_progress=False,
     )
     backend.train_from_iterator(_corpus(), trainer=trainer)
+    common: dict[str, Any] = {
+        "tokenizer_object": backend,
+        "eos_token": tokens["eos"],
+        "pad_token": tokens["pad"],
+        "clean_up_tokenization_spaces": False,
+        "padding_side": "left",
+    }
     if kind == "llava":
         bos = tokens["bos"]
         backend.post_processor = processors.TemplateProcessing(
@@ -316,45 +323,29 @@ def _build_tokenizer(kind: str, tokens: dict[str, str]) -> Any:
             special_tokens=[(bos, backend.token_to_id(bos))],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            bos_token=tokens["bos"],
-            eos_token=tokens["eos"],
+            **common,
+            bos_token=bos,
             unk_token=tokens["unk"],
-            pad_token=tokens["pad"],
             extra_special_tokens={"image_token": tokens["image"]},
-            clean_up_tokenization_spaces=False,
             model_max_length=4096,
-            padding_side="left",
             chat_template=LLAVA_CHAT_TEMPLATE,
         )
+    video = {"image_token": tokens["image"], "video_token": tokens["video"]}
     if kind == "qwen2.5-vl":
         return PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            eos_token=tokens["eos"],
-            pad_token=tokens["pad"],
+            **common,
             extra_special_tokens={
-                "image_token": tokens["image"],
-                "video_token": tokens["video"],
+                **video,
                 "vision_start_token": tokens["vision_start"],
                 "vision_end_token": tokens["vision_end"],
             },
-            clean_up_tokenization_spaces=False,
             model_max_length=131072,
-            padding_side="left",
             chat_template=QWEN_CHAT_TEMPLATE,
         )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=tokens["eos"],
-        pad_token=tokens["pad"],
-        extra_special_tokens={
-            "image_token": tokens["image"],
-            "video_token": tokens["video"],
-            "im_start_token": tokens["im_start"],
-        },
-        clean_up_tokenization_spaces=False,
+        **common,
+        extra_special_tokens={**video, "im_start_token": tokens["im_start"]},
         model_max_length=32768,
-        padding_side="left",
         chat_template=ONEVISION_CHAT_TEMPLATE,
     )
 

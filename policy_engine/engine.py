@@ -256,7 +256,8 @@ class Engine:
         if rule.mode == "fail-open":
             decision.note("postprocess-failure", "fail-open: the Decision stands as it is")
             return
-        params = _on_failure_params(self.policy, failed)
+        params: dict[str, Any] = {"reason": f"post-processor failed: {', '.join(failed)}"}
+        params.update({k: v for k, v in (("queue", rule.queue), ("priority", rule.priority)) if v})
         decision.add_action(rule.action, by="postprocess-failure", **params)
         decision.note("postprocess-failure", f"fail-closed -> {rule.action} ({params['reason']})")
 
@@ -281,13 +282,6 @@ class Engine:
             self._on_failure(decision, failed)
         self.host.observe_decision(decision)
         return decision
-
-
-def _on_failure_params(policy: Policy, failed: list[str]) -> dict[str, Any]:
-    rule = policy.postprocess_failure
-    params: dict[str, Any] = {"reason": f"post-processor failed: {', '.join(failed)}"}
-    params.update({k: v for k, v in (("queue", rule.queue), ("priority", rule.priority)) if v})
-    return params
 
 
 def _score_category(

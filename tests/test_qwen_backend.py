@@ -19,7 +19,13 @@ pytest.importorskip("llguidance")
 
 from PIL import Image
 from policy_engine.backends.transformers import TransformersBackend
-from test_transformers_backend import branch_product, check_answer, label_sequences, varied_images
+from test_transformers_backend import (
+    assert_batched_equals_sequential,
+    branch_product,
+    check_answer,
+    label_sequences,
+    varied_images,
+)
 
 from policy_engine import Engine
 from policy_engine.compiler import compile_policy
@@ -153,15 +159,7 @@ def test_category_scores_equal_a_full_recomputation(
 
 def test_batched_greedy_equals_one_at_a_time(greedy: TransformersBackend) -> None:
     """Left padding in a batch shifts the 3-D positions; the answers must not change."""
-    images = usable_images(8)
-    batched = Engine("llavaguard", greedy, mode="full", batch_size=4, max_new_tokens=48)
-    single = Engine("llavaguard", greedy, mode="full", batch_size=1, max_new_tokens=48)
-    together = [d.verdict for d in batched.assess_many(images)]
-    alone = [d.verdict for d in single.assess_many(images)]
-    assert all(v.ok for v in together + alone), [v.error for v in together + alone]
-    assert [v.raw for v in together] == [v.raw for v in alone]
-    for a, b in zip(together, alone, strict=True):
-        assert a.p_unsafe == pytest.approx(b.p_unsafe, abs=1e-4)
+    assert_batched_equals_sequential(greedy, usable_images(8), batch_size=4)
 
 
 def test_extreme_aspect_ratio_is_an_error_verdict(greedy: TransformersBackend) -> None:

@@ -196,15 +196,22 @@ def test_category_scores_equal_a_full_recomputation(greedy: TransformersBackend)
         assert walked[category_id] == pytest.approx(value, abs=1e-4)
 
 
-def test_batched_greedy_equals_one_at_a_time(greedy: TransformersBackend) -> None:
-    images = varied_images(8)
-    batched = Engine("llavaguard", greedy, mode="full", batch_size=8, max_new_tokens=48)
+def assert_batched_equals_sequential(
+    greedy: TransformersBackend, images: list[Image.Image], batch_size: int
+) -> None:
+    """Greedy answers (text and score) in batches equal those one image at a time."""
+    batched = Engine("llavaguard", greedy, mode="full", batch_size=batch_size, max_new_tokens=48)
     single = Engine("llavaguard", greedy, mode="full", batch_size=1, max_new_tokens=48)
     together = [d.verdict for d in batched.assess_many(images)]
     alone = [d.verdict for d in single.assess_many(images)]
+    assert all(v.ok for v in together + alone), [v.error for v in together + alone]
     assert [v.raw for v in together] == [v.raw for v in alone]
     for a, b in zip(together, alone, strict=True):
         assert a.p_unsafe == pytest.approx(b.p_unsafe, abs=1e-4)
+
+
+def test_batched_greedy_equals_one_at_a_time(greedy: TransformersBackend) -> None:
+    assert_batched_equals_sequential(greedy, varied_images(8), batch_size=8)
 
 
 def test_grammar_cache_is_hit_on_the_second_call(backend: TransformersBackend) -> None:
