@@ -209,20 +209,12 @@ class TransformersBackend(Backend):
             self._prompts[key] = text + compiled.layout_for(mode).prefix()  # type: ignore[arg-type]
         return self._prompts[key]
 
-    def _continuation(self, compiled: CompiledPolicy, rating: str, label: str) -> str:
-        """The answer text after the prefix, through the rating and the category label."""
-        layout = compiled.layout.for_keys(("rating", "category"))
-        text = layout.dumps({"rating": rating, "category": label})
-        quoted = '"' + label
-        end = text.index(quoted, text.index('"category"')) + len(quoted) + 1
-        return text[len(layout.prefix()) : end]
-
     def rating_tokens(self, compiled: CompiledPolicy) -> tuple[int, int]:
         """The first token of "Safe" and of "Unsafe" where the model writes the rating."""
         if compiled.hash not in self._rating_tokens:
             firsts = []
             for rating in ("Safe", "Unsafe"):
-                text = self._continuation(compiled, rating, next(iter(compiled.labels)))
+                text = compiled.continuation(rating)
                 firsts.append(self.tokenizer.encode(text, add_special_tokens=False)[0])
             self._rating_tokens[compiled.hash] = (firsts[0], firsts[1])
         return self._rating_tokens[compiled.hash]
@@ -368,7 +360,7 @@ class TransformersBackend(Backend):
         if compiled.hash not in self._label_tries:
             trie = _Trie()
             for label, category_id in compiled.labels.items():
-                text = self._continuation(compiled, "Unsafe", label)
+                text = compiled.continuation("Unsafe", label)
                 trie.add(self.tokenizer.encode(text, add_special_tokens=False), category_id)
             self._label_tries[compiled.hash] = trie
         return self._label_tries[compiled.hash]

@@ -63,6 +63,17 @@ class CompiledPolicy:
     def layout_for(self, mode: Mode) -> AnswerLayout:
         return self.layout.for_keys(tuple(self.schema_for(mode)["properties"]))
 
+    def continuation(self, rating: str, label: str | None = None) -> str:
+        """The answer text right after the layout's prefix, through the rating and the given
+        category label (default: the first), e.g. 'Safe",\n    "category": "O1: ..."': what
+        a model writes after the prompt ends with the prefix."""
+        layout = self.layout.for_keys(("rating", "category"))
+        label = label if label is not None else next(iter(self.labels))
+        text = layout.dumps({"rating": rating, "category": label})
+        quoted = '"' + label
+        end = text.index(quoted, text.index('"category"')) + len(quoted) + 1
+        return text[len(layout.prefix()) : end]
+
     @property
     def max_new_tokens(self) -> int:
         return self.policy.output.max_new_tokens

@@ -146,7 +146,7 @@ def label_sequences(backend: TransformersBackend, compiled: Any) -> dict[str, li
     """Each category id's continuation tokens after the prefix: 'Unsafe", "category": "<label>"'."""
     return {
         category_id: backend.tokenizer.encode(
-            backend._continuation(compiled, "Unsafe", label), add_special_tokens=False
+            compiled.continuation("Unsafe", label), add_special_tokens=False
         )
         for label, category_id in compiled.labels.items()
     }
