@@ -137,6 +137,8 @@ class Capabilities:
     scores: bool = False  # can give P(unsafe) from token logits (mode "score")
     batching: bool = False  # generate() profits from several requests at once
     max_batch_size: int = 1
+    concurrent: bool = False  # overlapping generate() calls help (a remote server): the engine
+    # keeps the next batch in flight while the last one's stragglers finish
 
 
 @dataclass
@@ -170,7 +172,7 @@ class Backend:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoParams
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: Capabilities = Capabilities()  # per class; an instance may refine it
     install_hint: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:

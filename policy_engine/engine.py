@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ class Engine:
         limit = caps.max_batch_size if caps.batching else 1
         self.batch_size = max(1, min(batch_size or limit, limit))
         self.concurrency = max(1, concurrency)
+        # backend calls in flight: `concurrency`, at least two for a concurrent backend
+        self.depth = max(self.concurrency, 2 if caps.concurrent else 1)
         self.max_new_tokens = max_new_tokens
         self.score_threshold = score_threshold
         self.max_pixels = max_pixels
@@ -113,12 +116,32 @@ class Engine:
         that has none of its own.
         """
         self.load()
-        for batch in _batches(images, self.batch_size):
-            prepared = [self._prepare(item, metadata) for item in batch]
-            requests = [p for p in prepared if isinstance(p, Request)]
-            started = time.perf_counter()
-            generations = self._generate(requests) if requests else []
-            yield from self._finish(prepared, generations, time.perf_counter() - started)
+        batches = _batches(images, self.batch_size)
+
+        def prepare_next() -> list[Request | Decision] | None:
+            batch = next(batches, None)
+            return None if batch is None else [self._prepare(i, metadata) for i in batch]
+
+        # A pipeline: while the backend answers up to `depth` batches in worker threads, this
+        # thread finishes the oldest (post-processing, the caller's work between items) and
+        # decodes the images of the next.
+        pending: deque[tuple[list[Request | Decision], Future[tuple[list[Generation], float]]]]
+        pending = deque()
+        with ThreadPoolExecutor(self.depth, thread_name_prefix="policy-engine-generate") as pool:
+            upcoming = prepare_next()
+            while True:
+                while upcoming is not None and len(pending) < self.depth:
+                    pending.append((upcoming, pool.submit(self._timed_generate, upcoming)))
+                    upcoming = prepare_next()
+                if not pending:
+                    break
+                done, future = pending.popleft()
+                generations, seconds = future.result()
+                if upcoming is not None:  # keep the backend busy before finishing
+                    pending.append((upcoming, pool.submit(self._timed_generate, upcoming)))
+                    upcoming = None
+                yield from self._finish(done, generations, seconds)
+                upcoming = prepare_next()
 
     # -- async API -------------------------------------------------------------------------
     async def aassess(self, image: ImageSource, metadata: dict[str, Any] | None = None) -> Decision:
@@ -134,7 +157,7 @@ class Engine:
         pending: deque[asyncio.Task[list[Decision]]] = deque()
         for batch in _batches(images, self.batch_size):
             pending.append(asyncio.create_task(self._arun_batch(batch, metadata)))
-            if len(pending) >= self.concurrency:
+            if len(pending) >= self.depth:
                 for decision in await pending.popleft():
                     yield decision
         while pending:
@@ -176,6 +199,12 @@ class Engine:
         )
         request.decode_seconds = time.perf_counter() - started
         return request
+
+    def _timed_generate(self, prepared: list[Request | Decision]) -> tuple[list[Generation], float]:
+        requests = [p for p in prepared if isinstance(p, Request)]
+        started = time.perf_counter()
+        generations = self._generate(requests) if requests else []
+        return generations, time.perf_counter() - started
 
     def _generate(self, requests: Sequence[Request]) -> list[Generation]:
         try:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +259,42 @@ def test_batches_follow_backend_capability() -> None:
     backend.calls = []
     list(Engine("llavaguard", backend, batch_size=2).assess_many([png()] * 3))
     assert backend.calls == [2, 1]
+
+
+class _OverlapBackend(Backend):
+    """Records how many generate() calls run at once; `concurrent` says overlap helps."""
+
+    name = "test-overlap"
+    capabilities = Capabilities(batching=True, max_batch_size=2, concurrent=True)
+
+    def __init__(self, concurrent: bool) -> None:
+        super().__init__()
+        self.capabilities = replace(self.capabilities, concurrent=concurrent)
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(2, timeout=10)
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        if self.capabilities.concurrent:
+            # two calls must meet here: only an engine that overlaps them gets past
+            self.barrier.wait()
+        with self.lock:
+            self.running -= 1
+        answer = {"rating": "Unsafe", "category": "O1: Hate, Humiliation, Harassment"}
+        return [Generation(text=json.dumps(answer | {"rationale": "x"})) for _ in requests]
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_a_concurrent_backend_gets_overlapping_calls_and_order_holds(concurrent: bool) -> None:
+    backend = _OverlapBackend(concurrent)
+    items = [(png(), {"n": n}) for n in range(8)]
+    decisions = list(Engine("llavaguard", backend).assess_many(items))
+    assert [d.metadata["n"] for d in decisions] == list(range(8))
+    assert all(d.verdict.rating == "Unsafe" for d in decisions)
+    assert backend.most == (2 if concurrent else 1)
 
 
 def test_backend_fault_becomes_error_verdicts() -> None:
