@@ -215,6 +215,25 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     help="Model: hub id, local checkpoint directory, or tiny-random (random weights, offline).",
 )
 @click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    metavar="URL",
+    help="Server URL for HTTP backends (repeatable: several servers are balanced).",
+)
+@click.option(
+    "--transport",
+    type=click.Choice(["openai", "native"]),
+    default=None,
+    help="HTTP backends: openai (/v1/chat/completions) or native (SGLang /generate).",
+)
+@click.option(
+    "--launch",
+    is_flag=True,
+    default=False,
+    help="sglang: start an SGLang server for --model first (needs sglang and a GPU).",
+)
+@click.option(
     "--mode",
     type=click.Choice(["full", "verdict", "score"]),
     default="full",
@@ -255,6 +274,9 @@ def assess(
     policy: str,
     backend: str,
     model: str | None,
+    urls: tuple[str, ...],
+    transport: str | None,
+    launch: bool,
     mode: str,
     options: tuple[str, ...],
     meta: tuple[str, ...],
@@ -268,6 +290,12 @@ def assess(
     backend_options = _parse_pairs(options, "--option")
     if model is not None:
         backend_options["model"] = model
+    if urls:
+        backend_options["url"] = list(urls)
+    if transport is not None:
+        backend_options["transport"] = transport
+    if launch:
+        backend_options["launch"] = True
     metadata = _parse_pairs(meta, "--meta")
     engine = Engine(
         policy,

@@ -38,6 +38,7 @@ BUILTINS = {
     "builtin-escalation",
     "builtin-formats",
     "builtin-severity",
+    "builtin-sglang",
     "builtin-sinks",
     "builtin-static",
     "builtin-thresholds",
@@ -231,8 +232,8 @@ def test_unknown_name_lists_installed_names() -> None:
         host.backend("nope")
     assert caught.value.kind == "backend"
     assert caught.value.name == "nope"
-    assert caught.value.known == ["static", "transformers"]
-    assert str(caught.value) == "unknown backend 'nope'; installed: static, transformers"
+    assert caught.value.known == ["sglang", "static", "transformers"]
+    assert str(caught.value) == "unknown backend 'nope'; installed: sglang, static, transformers"
 
     with pytest.raises(UnknownNameError) as caught:
         host.prompt_format("llavaguard-v9")
@@ -369,13 +370,14 @@ def test_loading_is_lazy_and_happens_once() -> None:
 
 
 def test_blocklisting_a_builtin_removes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    disabled = " builtin-static , builtin-transformers, something-else"
+    disabled = " builtin-static , builtin-transformers, builtin-sglang, something-else"
     monkeypatch.setenv("POLICY_ENGINE_DISABLE_PLUGINS", disabled)
     host = PluginHost()
     assert "static" not in host.backends()
     assert {info.name for info in host.plugins()} == BUILTINS - {
         "builtin-static",
         "builtin-transformers",
+        "builtin-sglang",
     }
     with pytest.raises(UnknownNameError, match=r"unknown backend 'static'.*none installed"):
         host.backend("static")
@@ -383,7 +385,9 @@ def test_blocklisting_a_builtin_removes_it(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_blocklisting_a_builtin_in_the_cli() -> None:
-    disabled = {"POLICY_ENGINE_DISABLE_PLUGINS": "builtin-static,builtin-transformers"}
+    disabled = {
+        "POLICY_ENGINE_DISABLE_PLUGINS": "builtin-static,builtin-transformers,builtin-sglang"
+    }
     result = run_cli("backends", "--json", env=disabled)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
@@ -502,7 +506,12 @@ def test_a_broken_plugin_does_not_break_the_cli(third_party: Path, tmp_path: Pat
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert [row["name"] for row in json.loads(result.stdout)] == ["static", "third", "transformers"]
+    assert [row["name"] for row in json.loads(result.stdout)] == [
+        "sglang",
+        "static",
+        "third",
+        "transformers",
+    ]
     assert "warning: plugin 'broken' failed to load" in result.stderr
     assert "warning: plugin 'mismatched' failed to load" in result.stderr
     assert "Traceback" not in result.stderr
@@ -534,7 +543,7 @@ def test_trace_hooks_in_the_cli() -> None:
     for hook in ("register_commands", "register_backends"):
         assert f"[hooks]   {hook} [hook]" in traced.stderr
         assert f"finish {hook} -->" in traced.stderr
-    assert traced.stdout.startswith("static ")
+    assert traced.stdout.startswith("sglang ")
     quiet = run_cli("backends", env={"POLICY_ENGINE_TRACE_HOOKS": None})
     assert quiet.stderr == ""
     assert quiet.stdout == traced.stdout

@@ -1,0 +1,1049 @@
+"""The `sglang` backend: SGLang servers (and any OpenAI-compatible server) over HTTP.
+
+    policy-engine assess photo.jpg -b sglang --url http://gpu-1:30000
+    policy-engine assess *.jpg -b sglang --url http://gpu-1:30000 --url http://gpu-2:30000 \\
+        --transport native --mode score
+
+Two transports, both constrained to the compiled policy's JSON Schema:
+
+- `openai` (default): `POST /v1/chat/completions`, the image as a base64 `image_url` part before
+  the policy text, `response_format` in the nested `json_schema` form (llama.cpp decodes
+  unconstrained when the schema is sent flat), explicit `max_tokens` and `temperature`. The
+  server applies its chat template. Serves SGLang, vLLM and other OpenAI-compatible servers.
+  Score mode prefills the answer prefix as an assistant message with `continue_final_message`
+  and reads P(Unsafe) from the first token's `top_logprobs`.
+- `native`: SGLang's `POST /generate`: `text` rendered here with the model's chat template
+  (`chat_template`), `image_data`, `sampling_params` with `json_schema` (a JSON string) and an
+  explicit `max_new_tokens` (SGLang's default of 128 truncates rationales); `list_batch` items
+  per call. Score mode is one decode step at temperature 1 after the forced answer prefix, with
+  `token_ids_logprob` for the first tokens of "Safe" and "Unsafe" (looked up once via
+  `/tokenize`): SGLang computes returned logprobs after temperature and the grammar mask, so no
+  grammar, top-p or top-k is sent there.
+
+All HTTP runs on one event loop in a background thread owned by the backend, so the sync and the
+async engine APIs share one connection pool and one bound on requests in flight
+(`concurrency`, default 64). Every request retries connect errors, timeouts, 429 (honouring
+Retry-After), 5xx and malformed replies with exponential backoff and jitter, within a
+per-request `deadline`; one that finally fails becomes an error verdict for its item only.
+Several `url`s are balanced by least-in-flight (or round-robin); an endpoint that refuses
+connections is rested for a while. `load()` checks every endpoint's `/health`.
+
+The API key is read from the environment variable named by `api_key_env`
+(`POLICY_ENGINE_SGLANG_API_KEY`), never from options, and never appears in messages.
+
+This module never imports the `sglang` package; `launch` starts `python -m sglang.launch_server`
+as a subprocess on a machine where it is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import importlib.util
+import json
+import math
+import os
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from policy_engine import Backend, Capabilities, Generation, Request, hookimpl
+from policy_engine.compiler import CompiledPolicy
+from policy_engine.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ImageError,
+    PolicyEngineError,
+)
+
+INSTALL_HINT = "pip install 'policy-engine[sglang]'"
+DEFAULT_LAUNCH_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+T = TypeVar("T")
+
+
+# -- options ---------------------------------------------------------------------------------
+class SGLangOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: list[str] = Field(
+        default_factory=list,
+        description="Server URL(s): several are balanced; a router URL is one. "
+        "Comma-separated or a list.",
+    )
+    transport: Literal["openai", "native"] = Field(
+        default="openai",
+        description="openai: /v1/chat/completions (SGLang, vLLM, ...); native: SGLang /generate.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="Served model name (default: asked from the server); with launch, the "
+        "checkpoint to serve.",
+    )
+    chat_template: str = Field(
+        default="auto",
+        description="native only: chatml-llava, vicuna_v1.1, qwen2-vl, a Jinja file or a "
+        "checkpoint directory; auto: from the served model's path.",
+    )
+    api_key_env: str = Field(
+        default="POLICY_ENGINE_SGLANG_API_KEY",
+        description="Environment variable that holds the API key (sent as a Bearer token).",
+    )
+    concurrency: int = Field(default=64, ge=1, le=4096, description="Requests in flight.")
+    list_batch: int = Field(
+        default=1, ge=1, le=256, description="native only: images per /generate call."
+    )
+    balance: Literal["least-in-flight", "round-robin"] = "least-in-flight"
+    timeout: float = Field(default=120.0, gt=0, description="Seconds per attempt.")
+    connect_timeout: float = Field(default=10.0, gt=0)
+    deadline: float = Field(
+        default=600.0, gt=0, description="Seconds per request, all attempts included."
+    )
+    retries: int = Field(default=5, ge=0, description="Attempts after the first.")
+    backoff: float = Field(default=0.5, ge=0, description="First retry delay (doubles).")
+    backoff_max: float = Field(default=20.0, ge=0)
+    greedy: bool = Field(default=False, description="temperature 0: reproducible audits.")
+    temperature: float = Field(default=0.2, gt=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=50, ge=0, description="0: off.")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Token budget; default: the policy's (500)."
+    )
+    image_format: Literal["PNG", "JPEG", "WEBP"] = Field(
+        default="PNG", description="How images travel (PNG: lossless)."
+    )
+    top_logprobs: int = Field(
+        default=20, ge=2, le=20, description="openai score mode: top logprobs to read."
+    )
+    launch: bool = Field(
+        default=False, description="Start `python -m sglang.launch_server` (needs sglang, a GPU)."
+    )
+    launch_port: int = Field(default=30000, ge=1, le=65535)
+    launch_command: str | None = Field(
+        default=None,
+        description="Replaces the launch command; {python}, {model}, {port} are filled in.",
+    )
+    launch_timeout: float = Field(default=900.0, gt=0)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        return [normalize_url(url) for url in value]
+
+
+def normalize_url(url: str) -> str:
+    """'http://host:30000/v1/' -> 'http://host:30000'; a bad URL is a ValueError."""
+    url = url.strip()
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    path = parsed.path.rstrip("/")
+    path = path.removesuffix("/v1")
+    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
+
+
+# -- chat templates (native transport) -------------------------------------------------------
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A single-turn chat template as SGLang names them: system, user (image then text), and
+    the assistant's opening. `render` gives the text `/generate` expects."""
+
+    name: str
+    system: str
+    system_affixes: tuple[str, str]
+    user_affixes: tuple[str, str]
+    assistant_prefix: str
+    image_token: str
+
+    def render(self, prompt: str) -> str:
+        head = (
+            f"{self.system_affixes[0]}{self.system}{self.system_affixes[1]}" if self.system else ""
+        )
+        user = f"{self.user_affixes[0]}{self.image_token}{prompt}{self.user_affixes[1]}"
+        return head + user + self.assistant_prefix
+
+
+_CHATML = ("<|im_start|>system\n", "<|im_end|>\n")
+TEMPLATES: dict[str, ChatTemplate] = {
+    t.name: t
+    for t in (
+        ChatTemplate(  # LlavaGuard v1.2 (OneVision, Qwen2) and the 34B (Yi) checkpoints
+            "chatml-llava",
+            "You are a helpful assistant.",
+            _CHATML,
+            ("<|im_start|>user\n", "<|im_end|>\n"),
+            "<|im_start|>assistant\n",
+            "<image>\n",
+        ),
+        ChatTemplate(  # LlavaGuard 7B and 13B (LLaVA 1.5, Vicuna)
+            "vicuna_v1.1",
+            "A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+            ("", " "),
+            ("USER:", " "),
+            "ASSISTANT:",
+            " <image>\n",
+        ),
+        ChatTemplate(  # QwenGuard (Qwen2.5-VL)
+            "qwen2-vl",
+            "You are a helpful assistant.",
+            _CHATML,
+            ("<|im_start|>user\n", "<|im_end|>\n"),
+            "<|im_start|>assistant\n",
+            "<|vision_start|><|image_pad|><|vision_end|>",
+        ),
+    )
+}
+
+
+class JinjaTemplate:
+    """An HF chat template (a Jinja file, or the one a checkpoint directory ships)."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.source = _jinja_source(path)
+        try:
+            import jinja2
+            import jinja2.sandbox
+        except ImportError:
+            raise BackendUnavailableError(
+                f"a Jinja chat template needs jinja2: {INSTALL_HINT}"
+            ) from None
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            self.template = env.from_string(self.source)
+        except jinja2.TemplateError as err:
+            raise BackendUnavailableError(f"chat template {path}: {err}") from None
+
+    def render(self, prompt: str) -> str:
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        return str(
+            self.template.render(
+                messages=[{"role": "user", "content": content}],
+                add_generation_prompt=True,
+                bos_token="",
+                eos_token="",
+            )
+        )
+
+
+def _jinja_source(path: Path) -> str:
+    if path.is_dir():
+        for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+            candidate = path / name
+            if candidate.is_file():
+                if name.endswith(".jinja"):
+                    return candidate.read_text(encoding="utf-8")
+                template = json.loads(candidate.read_text(encoding="utf-8")).get("chat_template")
+                if isinstance(template, str):
+                    return template
+        raise BackendUnavailableError(f"chat template: {path} holds no chat template")
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise BackendUnavailableError(f"chat template {path}: {err.strerror}") from None
+
+
+def template_for(name: str, model_path: str | None) -> ChatTemplate | JinjaTemplate:
+    """The chat template the native transport renders: a name, a path, or guessed ('auto')."""
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    if name != "auto":
+        path = Path(name).expanduser()
+        if path.exists():
+            return JinjaTemplate(path)
+        raise BackendUnavailableError(
+            f"unknown chat template {name!r}; templates: {', '.join(TEMPLATES)}, "
+            "or a Jinja file or checkpoint directory"
+        )
+    guessed = guess_template(model_path or "")
+    if guessed is None:
+        raise BackendUnavailableError(
+            f"cannot tell the chat template of model {model_path!r}; pass "
+            f"-o chat_template=NAME ({', '.join(TEMPLATES)}) or a Jinja file"
+        )
+    return TEMPLATES[guessed]
+
+
+def guess_template(model_path: str) -> str | None:
+    """The SGLang template name for a checkpoint path, from its name alone."""
+    name = model_path.lower()
+    if "qwen" in name and ("vl" in name or "guard" in name):
+        return "qwen2-vl"
+    if any(k in name for k in ("-ov", "onevision", "v1.2", "34b", "v1.6")):
+        return "chatml-llava"
+    if any(k in name for k in ("llavaguard-7b", "llavaguard-13b", "llava-v1.5", "llava-1.5")):
+        return "vicuna_v1.1"
+    if "vicuna" in name:
+        return "vicuna_v1.1"
+    return None
+
+
+# -- endpoints -------------------------------------------------------------------------------
+@dataclass
+class Endpoint:
+    url: str
+    in_flight: int = 0
+    down_until: float = 0.0
+    failures: int = 0
+    served: int = 0
+
+
+class EndpointPool:
+    """Picks the endpoint for the next attempt: least requests in flight (ties in turn) or
+    round-robin, skipping endpoints that are resting after refused connections."""
+
+    def __init__(self, urls: Sequence[str], balance: str) -> None:
+        self.endpoints = [Endpoint(url) for url in urls]
+        self.balance = balance
+        self._turn = 0
+
+    def pick(self) -> Endpoint:
+        now = time.monotonic()
+        up = [e for e in self.endpoints if e.down_until <= now]
+        if not up:  # all resting: the one back soonest
+            return min(self.endpoints, key=lambda e: e.down_until)
+        self._turn += 1
+        n = len(self.endpoints)
+        order = {id(e): (i - self._turn) % n for i, e in enumerate(self.endpoints)}
+        if self.balance == "round-robin":
+            return min(up, key=lambda e: order[id(e)])
+        return min(up, key=lambda e: (e.in_flight, order[id(e)]))
+
+    @staticmethod
+    def refused(endpoint: Endpoint) -> None:
+        endpoint.failures += 1
+        endpoint.down_until = time.monotonic() + min(30.0, 0.5 * 2 ** (endpoint.failures - 1))
+
+    @staticmethod
+    def answered(endpoint: Endpoint) -> None:
+        endpoint.failures = 0
+        endpoint.down_until = 0.0
+
+
+# -- the I/O thread --------------------------------------------------------------------------
+class IOThread:
+    """An event loop in a daemon thread: the backend's HTTP runs here, whoever calls."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="policy-engine-sglang", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result()
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class Failed(Exception):
+    """A request that will not succeed: becomes this item's error."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+class BadReply(Exception):
+    """A reply whose content cannot be used (malformed JSON, wrong shape): worth a retry."""
+
+
+@dataclass
+class _Item:
+    request: Request
+    index: int
+    image_url: str = ""
+    result: Generation | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+# -- the backend -----------------------------------------------------------------------------
+class SGLangBackend(Backend):
+    name = "sglang"
+    description = "SGLang / OpenAI-compatible servers over HTTP, schema-constrained, concurrent"
+    Options = SGLangOptions
+    capabilities = Capabilities(
+        images=True,
+        json_schema=True,
+        scores=True,
+        batching=True,
+        max_batch_size=64,
+        concurrent=True,
+    )
+    install_hint = INSTALL_HINT
+    options: SGLangOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if not self.options.url and not self.options.launch:
+            raise PolicyEngineError(
+                "backend 'sglang': no server URL; pass --url URL (or -o url=URL), or --launch"
+            )
+        # an engine batch is one wave of `concurrency` requests; the engine keeps the next wave
+        # queued behind it, so at most about three waves of decoded images are in memory
+        self.capabilities = replace(self.capabilities, max_batch_size=self.options.concurrency)
+        self.urls = self.options.url or [f"http://127.0.0.1:{self.options.launch_port}"]
+        self.model_name = self.options.model or ""
+        self.pool = EndpointPool(self.urls, self.options.balance)
+        self.template: ChatTemplate | JinjaTemplate | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.requests_sent = 0  # HTTP attempts, for tests and benchmarks
+        self._io: IOThread | None = None
+        self._session: Any = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._tokenize_lock: asyncio.Lock | None = None
+        self._rating_ids: dict[str, tuple[int, int]] = {}
+        self._texts: dict[tuple[str, str], str] = {}
+        self._log_path: Path | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            raise BackendUnavailableError(
+                f"the sglang backend needs aiohttp: {INSTALL_HINT}"
+            ) from None
+        self._io = IOThread()
+        try:
+            self._io.run(self._open())
+            if self.options.launch:
+                self._launch()
+            self._io.run(self._check_health())
+            self._io.run(self._discover())
+        except BaseException:
+            self.close()
+            raise
+
+    async def _open(self) -> None:
+        import aiohttp
+
+        opts = self.options
+        connector = aiohttp.TCPConnector(limit=opts.concurrency, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=opts.timeout, sock_connect=opts.connect_timeout)
+        headers = {"User-Agent": "policy-engine"}
+        key = os.environ.get(opts.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, headers=headers, raise_for_status=False
+        )
+        self._semaphore = asyncio.Semaphore(opts.concurrency)
+        self._tokenize_lock = asyncio.Lock()
+
+    def close(self) -> None:
+        io, self._io = self._io, None
+        if io is not None:
+            if self._session is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is already gone
+                    io.run(self._session.close())
+                self._session = None
+            io.stop()
+        if self.process is not None:
+            _terminate(self.process)
+            self.process = None
+        self.loaded = False
+
+    async def _check_health(self) -> None:
+        import aiohttp
+
+        async def probe(endpoint: Endpoint) -> str | None:
+            try:
+                timeout = aiohttp.ClientTimeout(total=self.options.connect_timeout + 5)
+                async with self._session.get(endpoint.url + "/health", timeout=timeout) as reply:
+                    await reply.read()
+                    if reply.status == 200:
+                        return None
+                    return f"HTTP {reply.status}"
+            except (aiohttp.ClientError, TimeoutError) as err:
+                return _describe(err)
+
+        problems = await asyncio.gather(*(probe(e) for e in self.pool.endpoints))
+        down = [(e, p) for e, p in zip(self.pool.endpoints, problems, strict=True) if p]
+        if len(down) == len(self.pool.endpoints):
+            detail = "; ".join(f"{e.url}: {p}" for e, p in down)
+            raise BackendUnavailableError(f"no SGLang server answers /health ({detail})")
+        for endpoint, problem in down:
+            print(
+                f"policy-engine: warning: {endpoint.url} is not healthy ({problem}); "
+                "using the others",
+                file=sys.stderr,
+            )
+            self.pool.refused(endpoint)
+
+    async def _discover(self) -> None:
+        """The served model's name (openai) and chat template (native)."""
+        opts = self.options
+        if opts.transport == "openai":
+            if not self.model_name:
+                info = await self._get("/v1/models")
+                try:
+                    self.model_name = str(info["data"][0]["id"])
+                except (KeyError, IndexError, TypeError):
+                    raise BackendUnavailableError(
+                        "the server lists no model at /v1/models; pass -o model=NAME"
+                    ) from None
+            return
+        model_path = self.model_name
+        if not model_path:
+            info = await self._get("/get_model_info")
+            model_path = str(info.get("model_path") or "") if isinstance(info, dict) else ""
+            self.model_name = model_path or "sglang"
+        self.template = template_for(opts.chat_template, model_path)
+
+    async def _get(self, path: str) -> Any:
+        endpoint = self.pool.pick()
+        try:
+            async with self._session.get(endpoint.url + path) as reply:
+                if reply.status != 200:
+                    raise BackendUnavailableError(
+                        f"{endpoint.url}{path}: HTTP {reply.status}; pass -o model=NAME"
+                    )
+                return await reply.json(content_type=None)
+        except BackendUnavailableError:
+            raise
+        except Exception as err:
+            raise BackendUnavailableError(f"{endpoint.url}{path}: {_describe(err)}") from None
+
+    # -- launch ----------------------------------------------------------------------------
+    def launch_command(self) -> list[str]:
+        """The command `launch` runs (SGLang's server, or `launch_command`)."""
+        opts = self.options
+        model = opts.model or DEFAULT_LAUNCH_MODEL
+        port = urllib.parse.urlsplit(self.urls[0]).port or opts.launch_port
+        if opts.launch_command:
+            text = opts.launch_command.format(python=sys.executable, model=model, port=port)
+            return shlex.split(text)
+        if importlib.util.find_spec("sglang") is None:
+            raise BackendUnavailableError(
+                "--launch needs the sglang package, which runs on a GPU machine: "
+                "pip install 'sglang[all]' there, or start a server yourself and pass --url"
+            )
+        command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model]
+        command += ["--host", "127.0.0.1", "--port", str(port)]
+        template = opts.chat_template if opts.chat_template in TEMPLATES else guess_template(model)
+        if template:
+            command += ["--chat-template", template]
+        return command
+
+    def _launch(self) -> None:
+        command = self.launch_command()
+        handle, name = tempfile.mkstemp(prefix="policy-engine-sglang-", suffix=".log")
+        self._log_path = Path(name)
+        print(
+            f"policy-engine: starting {shlex.join(command)} (log: {name})",
+            file=sys.stderr,
+        )
+        try:
+            self.process = subprocess.Popen(
+                command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        except OSError as err:
+            raise BackendUnavailableError(f"cannot start {command[0]}: {err.strerror}") from None
+        finally:
+            os.close(handle)
+        assert self._io is not None
+        self._io.run(self._await_launch())
+
+    async def _await_launch(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.options.launch_timeout
+        url = self.urls[0] + "/health"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BackendUnavailableError(
+                    f"the launched server exited with status {self.process.returncode}: "
+                    f"{_tail(self._log_path)}"
+                )
+            try:
+                async with self._session.get(url) as reply:
+                    if reply.status == 200:
+                        return
+            except Exception:  # not up yet
+                pass
+            await asyncio.sleep(0.5)
+        raise BackendUnavailableError(
+            f"the launched server did not answer {url} within {self.options.launch_timeout:g}s"
+        )
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        if not requests:
+            return []
+        io = self._require_io()
+        items = [_Item(r, i) for i, r in enumerate(requests)]
+        futures = [io.submit(self._run_group(group)) for group in self._encoded_groups(items)]
+        for future in futures:
+            future.result()
+        return [item.result or Generation(error="no answer") for item in items]
+
+    async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
+        if not requests:
+            return []
+        io = self._require_io()
+        items = [_Item(r, i) for i, r in enumerate(requests)]
+        groups = await asyncio.to_thread(lambda: list(self._encoded_groups(items)))
+        await asyncio.gather(
+            *(asyncio.wrap_future(io.submit(self._run_group(group))) for group in groups)
+        )
+        return [item.result or Generation(error="no answer") for item in items]
+
+    def _require_io(self) -> IOThread:
+        if self._io is None:
+            raise BackendError("the sglang backend was used before load()")
+        return self._io
+
+    def _encoded_groups(self, items: list[_Item]) -> Iterator[list[_Item]]:
+        """Encode images one by one and yield the groups that travel together (one item, or a
+        native list batch of the same policy and mode), so early groups start while later
+        images are still being encoded."""
+        size = self.options.list_batch if self.options.transport == "native" else 1
+        open_groups: dict[tuple[str, str], list[_Item]] = {}
+        for item in items:
+            try:
+                item.image_url = data_url(item.request.image.to_bytes(self.options.image_format))
+            except (ImageError, ValueError) as err:
+                item.result = Generation(error=str(err), model=self.model_name)
+                continue
+            key = (item.request.compiled.hash, item.request.mode)
+            group = open_groups.setdefault(key, [])
+            group.append(item)
+            if len(group) >= size:
+                yield open_groups.pop(key)
+        yield from open_groups.values()
+
+    async def _run_group(self, group: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            if self.options.transport == "openai":
+                results = [await self._openai(group[0])]
+            else:
+                results = await self._native(group)
+        except Failed as err:
+            results = [
+                Generation(error=err.message, retryable=err.retryable, model=self.model_name)
+                for _ in group
+            ]
+        seconds = time.perf_counter() - started
+        for item, result in zip(group, results, strict=True):
+            result.timings.setdefault("http", seconds)
+            item.result = result
+
+    def budget(self, request: Request) -> int:
+        return (
+            self.options.max_new_tokens or request.max_new_tokens or request.compiled.max_new_tokens
+        )
+
+    def sampling(self) -> dict[str, Any]:
+        """Temperature, top-p and top-k as LlavaGuard's README sets them (or greedy)."""
+        opts = self.options
+        if opts.greedy:
+            return {"temperature": 0.0}
+        params: dict[str, Any] = {"temperature": opts.temperature, "top_p": opts.top_p}
+        if opts.top_k:
+            params["top_k"] = opts.top_k
+        return params
+
+    # -- openai transport ------------------------------------------------------------------
+    def openai_body(self, request: Request, image_url: str) -> dict[str, Any]:
+        """The /v1/chat/completions body for one request."""
+        compiled, mode = request.compiled, request.mode
+        content = [
+            {"type": "image_url", "image_url": {"url": image_url}},
+            {"type": "text", "text": compiled.prompt},
+        ]
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": [{"role": "user", "content": content}],
+        }
+        if mode == "score":
+            prefix = compiled.layout_for(mode).prefix()
+            body["messages"].append({"role": "assistant", "content": prefix})
+            body |= {
+                "continue_final_message": True,
+                "add_generation_prompt": False,
+                "max_tokens": 1,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "logprobs": True,
+                "top_logprobs": self.options.top_logprobs,
+            }
+            return body
+        body["max_tokens"] = self.budget(request)
+        body |= self.sampling()
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "verdict",
+                "schema": compiled.schema_for(mode),
+                "strict": True,
+            },
+        }
+        return body
+
+    async def _openai(self, item: _Item) -> Generation:
+        request = item.request
+        body = self.openai_body(request, item.image_url)
+
+        def parse(payload: Any) -> Generation:
+            try:
+                choice = payload["choices"][0]
+                text = choice["message"]["content"] or ""
+                finish = choice.get("finish_reason")
+                logprobs = choice.get("logprobs")
+            except (KeyError, IndexError, TypeError) as err:
+                raise BadReply(f"reply without choices[0].message.content ({err})") from None
+            if request.mode == "score":
+                try:
+                    top = logprobs["content"][0]["top_logprobs"]
+                    pairs = [(str(t["token"]), float(t["logprob"])) for t in top]
+                except (KeyError, IndexError, TypeError, ValueError):
+                    raise BadReply("score reply without logprobs.content[0].top_logprobs") from None
+                return self._openai_score(request.compiled, pairs)
+            if finish == "length":
+                return self._truncated(text, body["max_tokens"])
+            return Generation(text=str(text), model=self.model_name)
+
+        return await self._call("/v1/chat/completions", body, parse)
+
+    def _openai_score(self, compiled: CompiledPolicy, pairs: list[tuple[str, float]]) -> Generation:
+        """P(Unsafe) from the first answer token's top logprobs: the mass of tokens that start
+        each rating's continuation, renormalised over the two."""
+        mass = []
+        for rating in ("Safe", "Unsafe"):
+            continuation = compiled.continuation(rating)
+            mass.append(
+                sum(math.exp(lp) for tok, lp in pairs if tok and continuation.startswith(tok))
+            )
+        total = mass[0] + mass[1]
+        if total <= 0.0:
+            seen = ", ".join(repr(t) for t, _ in pairs[:5])
+            return Generation(
+                error="neither rating is among the first token's top logprobs "
+                f"({seen}); does the server continue a prefilled assistant message "
+                "(continue_final_message)?",
+                model=self.model_name,
+            )
+        return Generation(p_unsafe=mass[1] / total, model=self.model_name)
+
+    # -- native transport ------------------------------------------------------------------
+    def native_text(self, compiled: CompiledPolicy, mode: str) -> str:
+        """The prompt text for /generate: the chat template around image token and policy;
+        in score mode the answer prefix follows."""
+        key = (compiled.hash, mode)
+        if key not in self._texts:
+            assert self.template is not None
+            text = self.template.render(compiled.prompt)
+            if mode == "score":
+                text += compiled.layout_for("score").prefix()
+            self._texts[key] = text
+        return self._texts[key]
+
+    def native_body(self, items: Sequence[_Item], rating_ids: tuple[int, int] | None) -> Any:
+        """The /generate body for a group (one item: plain values; several: lists)."""
+        request = items[0].request
+        compiled, mode = request.compiled, request.mode
+        text = self.native_text(compiled, mode)
+        body: dict[str, Any] = {}
+        if mode == "score":
+            assert rating_ids is not None
+            body["sampling_params"] = {"max_new_tokens": 1, "temperature": 1.0}
+            body["return_logprob"] = True
+            body["token_ids_logprob"] = list(rating_ids)
+        else:
+            params = {"max_new_tokens": self.budget(request), **self.sampling()}
+            params["json_schema"] = json.dumps(compiled.schema_for(mode))
+            body["sampling_params"] = params
+        if len(items) == 1:
+            body["text"] = text
+            body["image_data"] = items[0].image_url
+        else:
+            body["text"] = [text] * len(items)
+            body["image_data"] = [item.image_url for item in items]
+            if mode == "score":
+                body["token_ids_logprob"] = [list(rating_ids or ())] * len(items)
+        return body
+
+    async def _native(self, items: list[_Item]) -> list[Generation]:
+        request = items[0].request
+        rating_ids = None
+        if request.mode == "score":
+            rating_ids = await self.rating_ids(request.compiled)
+        body = self.native_body(items, rating_ids)
+
+        def parse(payload: Any) -> list[Generation]:
+            answers = payload if len(items) > 1 else [payload]
+            if not isinstance(answers, list) or len(answers) != len(items):
+                raise BadReply(f"expected {len(items)} answers")
+            return [self._native_answer(request, body, a, rating_ids) for a in answers]
+
+        return await self._call("/generate", body, parse)
+
+    def _native_answer(
+        self, request: Request, body: dict[str, Any], answer: Any, rating_ids: Any
+    ) -> Generation:
+        try:
+            text = str(answer["text"])
+            meta = answer["meta_info"]
+            finish = (meta.get("finish_reason") or {}).get("type")
+        except (KeyError, TypeError, AttributeError) as err:
+            raise BadReply(f"answer without text or meta_info ({err})") from None
+        if request.mode == "score":
+            try:
+                step = meta["output_token_ids_logprobs"][0]
+                found = {int(entry[1]): entry[0] for entry in step}
+                safe, unsafe = (found[rating_ids[0]], found[rating_ids[1]])
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise BadReply("score answer without output_token_ids_logprobs") from None
+            return _two_way(safe, unsafe, self.model_name)
+        if finish == "length":
+            return self._truncated(text, body["sampling_params"]["max_new_tokens"])
+        return Generation(text=text, model=self.model_name)
+
+    async def rating_ids(self, compiled: CompiledPolicy) -> tuple[int, int]:
+        """The first token ids of "Safe" and "Unsafe" where the model writes the rating,
+        from the server's tokenizer (`/tokenize`), once per policy."""
+        assert self._tokenize_lock is not None
+        async with self._tokenize_lock:  # one lookup, however many requests wait for it
+            if compiled.hash not in self._rating_ids:
+                self._rating_ids[compiled.hash] = await self._lookup_rating_ids(compiled)
+        return self._rating_ids[compiled.hash]
+
+    async def _lookup_rating_ids(self, compiled: CompiledPolicy) -> tuple[int, int]:
+        firsts = []
+        for rating in ("Safe", "Unsafe"):
+            body = {"prompt": compiled.continuation(rating), "add_special_tokens": False}
+
+            def parse(payload: Any) -> int:
+                try:
+                    return int(payload["tokens"][0])
+                except (KeyError, IndexError, TypeError, ValueError):
+                    raise BadReply("/tokenize reply without tokens") from None
+
+            firsts.append(await self._call("/tokenize", body, parse))
+        if firsts[0] == firsts[1]:
+            raise Failed(
+                "the server's tokenizer starts 'Safe' and 'Unsafe' with the same token; "
+                "score mode cannot tell them apart",
+                retryable=False,
+            )
+        return (firsts[0], firsts[1])
+
+    def _truncated(self, text: str, budget: int) -> Generation:
+        return Generation(
+            text=text,
+            error=f"the answer was cut at the token budget ({budget} tokens); raise max_new_tokens",
+            model=self.model_name,
+        )
+
+    # -- HTTP with retries -----------------------------------------------------------------
+    async def _call(self, path: str, body: Any, parse: Callable[[Any], T]) -> T:
+        """POST `body` to `path` on a picked endpoint until `parse` accepts the reply, with
+        retries, backoff and the per-request deadline. Raises Failed."""
+        import aiohttp
+
+        opts = self.options
+        assert self._semaphore is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + opts.deadline
+        payload = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        attempt = 0
+        while True:
+            attempt += 1
+            delay: float | None = None
+            remaining = deadline - loop.time()
+            async with self._semaphore:
+                endpoint = self.pool.pick()
+                endpoint.in_flight += 1
+                self.requests_sent += 1
+                try:
+                    timeout = aiohttp.ClientTimeout(
+                        total=min(opts.timeout, max(remaining, 0.001)),
+                        sock_connect=opts.connect_timeout,
+                    )
+                    async with self._session.post(
+                        endpoint.url + path, data=payload, headers=headers, timeout=timeout
+                    ) as reply:
+                        status = reply.status
+                        raw = await reply.read()
+                        retry_after = reply.headers.get("Retry-After")
+                except aiohttp.ClientConnectorError as err:
+                    self.pool.refused(endpoint)
+                    problem = f"cannot connect to {endpoint.url}: {_describe(err)}"
+                    status = 0
+                except (aiohttp.ClientError, TimeoutError) as err:
+                    problem = f"{endpoint.url}{path}: {_describe(err)}"
+                    status = 0
+                finally:
+                    endpoint.in_flight -= 1
+            if status == 200:
+                try:
+                    result = parse(json.loads(raw))
+                except (ValueError, BadReply) as err:  # json's errors are ValueErrors
+                    problem = f"{endpoint.url}{path}: unusable reply ({_short(err)})"
+                else:
+                    self.pool.answered(endpoint)
+                    endpoint.served += 1
+                    return result
+            elif status:
+                problem = f"{endpoint.url}{path}: HTTP {status}{_server_message(raw)}"
+                if status in (401, 403):
+                    raise Failed(
+                        f"{problem}: the server refused the credentials (API key from "
+                        f"${opts.api_key_env})",
+                        retryable=False,
+                    )
+                if status not in RETRY_STATUSES:
+                    raise Failed(problem, retryable=False)
+                if status == 429 and retry_after:
+                    delay = _retry_after(retry_after)
+            elapsed = loop.time() - started
+            if attempt > opts.retries:
+                raise Failed(
+                    f"{problem} (gave up after {attempt} attempts in {elapsed:.1f}s)",
+                    retryable=True,
+                )
+            if delay is None:
+                cap = min(opts.backoff_max, opts.backoff * 2 ** (attempt - 1))
+                delay = cap / 2 + random.uniform(0, cap / 2)
+            if loop.time() + delay >= deadline:
+                raise Failed(
+                    f"{problem} (deadline of {opts.deadline:g}s reached after {attempt} attempts)",
+                    retryable=True,
+                )
+            await asyncio.sleep(delay)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def data_url(image_bytes: bytes, mime: str | None = None) -> str:
+    """A base64 data URL; the MIME type is sniffed from the bytes unless given."""
+    if mime is None:
+        mime = "image/png"
+        if image_bytes[:3] == b"\xff\xd8\xff":
+            mime = "image/jpeg"
+        elif image_bytes[:4] == b"RIFF" and image_bytes[8:12] == b"WEBP":
+            mime = "image/webp"
+    return f"data:{mime};base64,{base64.b64encode(image_bytes).decode('ascii')}"
+
+
+def _two_way(safe: Any, unsafe: Any, model: str) -> Generation:
+    """P(Unsafe) from the two ratings' logprobs, renormalised over the two."""
+    try:
+        ls, lu = float(safe), float(unsafe)
+    except (TypeError, ValueError):
+        return Generation(error="the server gave no logprob for a rating token", model=model)
+    top = max(ls, lu)
+    if top == -math.inf or math.isnan(top):
+        return Generation(error="both ratings have probability 0 at the rating step", model=model)
+    es, eu = math.exp(ls - top), math.exp(lu - top)
+    return Generation(p_unsafe=eu / (es + eu), model=model)
+
+
+def _retry_after(value: str) -> float | None:
+    """Retry-After in seconds: a number, or an HTTP date."""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_message(raw: bytes) -> str:
+    """The error message in an error reply's body, shortened, or nothing."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        text = raw.decode("utf-8", "replace").strip()
+        return f": {_short(text)}" if text else ""
+    message: Any = body
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("error") or body.get("detail") or ""
+        if isinstance(message, dict):
+            message = message.get("message", "")
+    return f": {_short(str(message))}" if message else ""
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe(err: BaseException) -> str:
+    """A connection problem in a few words (no URL, no headers: those are said elsewhere)."""
+    name = type(err).__name__
+    if isinstance(err, TimeoutError) or "Timeout" in name:
+        return "timed out"
+    os_error = getattr(err, "os_error", None)
+    if isinstance(os_error, OSError):
+        if name == "ClientConnectorDNSError":
+            return f"unknown host ({os_error.strerror or os_error})".lower()
+        if os_error.errno and os_error.errno > 0:
+            return os.strerror(os_error.errno).lower()
+    if name == "ServerDisconnectedError":
+        return "the server closed the connection without an answer"
+    text = str(err)
+    return f"{name}: {_short(text)}" if text else name
+
+
+def _tail(path: Path | None, lines: int = 5) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:]) or "(empty log)"
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@hookimpl
+def register_backends(register):  # type: ignore[no-untyped-def]
+    register(SGLangBackend)
