@@ -1,13 +1,17 @@
-"""docs/backends.md documents every option of the transformers backend, and nothing stale."""
+"""docs/backends.md and docs/sglang.md document every option of their backends, and nothing
+stale."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from policy_engine.backends.sglang import TEMPLATES, SGLangOptions
 from policy_engine.backends.transformers import DEFAULT_MODEL, TransformersOptions
 
-DOC = (Path(__file__).resolve().parents[1] / "docs" / "backends.md").read_text(encoding="utf-8")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOC = (DOCS / "backends.md").read_text(encoding="utf-8")
+SGLANG_DOC = (DOCS / "sglang.md").read_text(encoding="utf-8")
 
 
 def documented_options() -> set[str]:
@@ -28,3 +32,30 @@ def test_documented_defaults_match_the_code() -> None:
     row = re.search(r"^\| `temperature`, `top_p`, `top_k` \| ([^|]+) \|", DOC, re.M)
     assert row is not None
     assert row.group(1).strip() == f"{defaults.temperature}, {defaults.top_p}, {defaults.top_k}"
+
+
+def sglang_rows() -> dict[str, str]:
+    """Option name -> its documented default, from docs/sglang.md's options table."""
+    section = SGLANG_DOC[SGLANG_DOC.index("## Options") : SGLANG_DOC.index("## Testing")]
+    rows: dict[str, str] = {}
+    for names, default in re.findall(r"^\| (`[^|]+`) \| ([^|]+) \|", section, re.M):
+        found = re.findall(r"`([a-z_]+)`", names)
+        values = [v.strip() for v in default.split(",")]
+        if len(values) != len(found):  # one default for several names (e.g. "launch", …)
+            values = [default.strip()] * len(found)
+        rows.update(zip(found, values, strict=True))
+    return rows
+
+
+def test_every_sglang_option_is_documented_with_its_default() -> None:
+    rows = sglang_rows()
+    assert set(rows) == set(SGLangOptions.model_fields)
+    defaults = SGLangOptions().model_dump()
+    for name, value in defaults.items():
+        if isinstance(value, bool):
+            assert rows[name] == str(value).lower(), name
+        elif isinstance(value, int | float | str) and name != "launch_command":
+            expected = f"{value:g}" if isinstance(value, float) else str(value)
+            assert rows[name] == expected, name
+    for name in TEMPLATES:
+        assert f"`{name}`" in SGLANG_DOC
