@@ -511,7 +511,10 @@ class SGLangBackend(Backend):
         opts = self.options
         if opts.transport == "openai":
             if not self.model_name:
-                info = await self._get("/v1/models")
+                info = await self._get(
+                    "/v1/models",
+                    "is it an OpenAI-compatible server? Or pass the model name: -o model=NAME",
+                )
                 try:
                     self.model_name = str(info["data"][0]["id"])
                 except (KeyError, IndexError, TypeError):
@@ -521,18 +524,24 @@ class SGLangBackend(Backend):
             return
         model_path = self.model_name
         if not model_path:
-            info = await self._get("/get_model_info")
+            info = await self._get(
+                "/get_model_info",
+                "the native transport needs an SGLang server; for others use --transport "
+                "openai (or pass the model path: -o model=PATH)",
+            )
             model_path = str(info.get("model_path") or "") if isinstance(info, dict) else ""
             self.model_name = model_path or "sglang"
         self.template = template_for(opts.chat_template, model_path)
 
-    async def _get(self, path: str) -> Any:
+    async def _get(self, path: str, hint: str) -> Any:
+        """GET a JSON document from the first healthy endpoint; failing says `hint`."""
         endpoint = self.pool.pick()
         try:
             async with self._session.get(endpoint.url + path) as reply:
                 if reply.status != 200:
+                    said = _server_message(await reply.read())
                     raise BackendUnavailableError(
-                        f"{endpoint.url}{path}: HTTP {reply.status}; pass -o model=NAME"
+                        f"{endpoint.url}{path}: HTTP {reply.status}{said}; {hint}"
                     )
                 return await reply.json(content_type=None)
         except BackendUnavailableError:

@@ -581,3 +581,44 @@ def test_another_policy_travels_whole_and_is_post_processed(
         assert compiled.prompt in body["text"]
         if decision.verdict.rating == "Unsafe":  # the policy's rules act on what came back
             assert decision.actions, decision.trace
+
+
+def test_native_score_mode_in_list_batches(server: FakeSGLang, images: list[Path]) -> None:
+    with engine(server.url, "native", "score") as e:
+        single = [d.verdict.p_unsafe for d in e.assess_many(images)]
+    server.clear()
+    with engine(server.url, "native", "score", list_batch=3) as e:
+        batched = [d.verdict.p_unsafe for d in e.assess_many(images)]
+    assert server.counts["/generate"] == 2
+    assert all(len(b["token_ids_logprob"]) == 3 for b in posted(server, "/generate"))
+    assert batched == pytest.approx(single, rel=1e-12)
+
+
+def test_a_server_without_the_transports_api_is_told_apart() -> None:
+    """A server that is healthy but lacks /get_model_info (not SGLang) or /v1/models."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = self.path == "/health"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with pytest.raises(BackendUnavailableError, match="native transport needs an SGLang"):
+            engine(url, "native").load()
+        with pytest.raises(BackendUnavailableError, match="OpenAI-compatible server"):
+            engine(url, "openai").load()
+        with engine(url, "openai", model="given") as e:
+            e.load()  # a named model needs no listing
+            assert e.backend.loaded
+    finally:
+        httpd.shutdown()
