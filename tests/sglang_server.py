@@ -1044,23 +1044,34 @@ def _text_of(content: Any, where: str, image_token: str) -> str:
     if isinstance(content, str):
         text = content
     elif isinstance(content, list) and content:
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise _Invalid(
-                    f"{where}[{j}] must be a text part (only one image is allowed, "
-                    "first in the first user message)"
-                )
-            texts.append(_text_part(part, f"{where}[{j}]"))
-        text = "\n".join(texts)
+        return _text_parts(content, where, 0, image_token)
     else:
         raise _Invalid(f"{where} must be a string or a non-empty list of parts")
+    _no_image_token(text, where, image_token)
+    return text
+
+
+def _text_parts(content: list[Any], where: str, start: int, image_token: str) -> str:
+    """The text parts of `content[start:]`, joined; any other part is an error."""
+    texts = []
+    for j, part in enumerate(content[start:], start=start):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise _Invalid(
+                f"{where}[{j}] must be a text part (only one image is allowed, "
+                "first in the first user message)"
+            )
+        texts.append(_text_part(part, f"{where}[{j}]"))
+    text = "\n".join(texts)
+    _no_image_token(text, where, image_token)
+    return text
+
+
+def _no_image_token(text: str, where: str, image_token: str) -> None:
     if image_token in text:
         raise _Invalid(
             f"{where} contains the image token {image_token!r}: the chat template inserts it "
             "for the image_url part"
         )
-    return text
 
 
 def _text_part(part: dict[str, Any], where: str) -> str:
@@ -1219,21 +1230,7 @@ def _first_user_content(content: Any, where: str, image_token: str) -> tuple[byt
     if not url.startswith("data:image/"):
         raise _Invalid(f"{where}[0].image_url.url must be a data:image/...;base64, URL")
     image = _decode_image(url, f"{where}[0].image_url.url")
-    texts = []
-    for j, part in enumerate(content[1:], start=1):
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise _Invalid(
-                f"{where}[{j}] must be a text part (one image only, first in the first user "
-                "message)"
-            )
-        texts.append(_text_part(part, f"{where}[{j}]"))
-    text = "\n".join(texts)
-    if image_token in text:
-        raise _Invalid(
-            f"{where} contains the image token {image_token!r}: the chat template inserts it "
-            "for the image_url part"
-        )
-    return image, text
+    return image, _text_parts(content, where, 1, image_token)
 
 
 # --------------------------------------------------------------------------------------------
