@@ -889,16 +889,18 @@ class SGLangBackend(Backend):
         opts = self.options
         assert self._semaphore is not None
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + opts.deadline
+        started = deadline = 0.0
         payload = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         attempt = 0
         while True:
             attempt += 1
             delay: float | None = None
-            remaining = deadline - loop.time()
             async with self._semaphore:
+                if attempt == 1:  # the deadline counts from the first attempt, not the queue
+                    started = loop.time()
+                    deadline = started + opts.deadline
+                remaining = deadline - loop.time()
                 endpoint = self.pool.pick()
                 endpoint.in_flight += 1
                 self.requests_sent += 1
