@@ -616,8 +616,7 @@ class SGLangBackend(Backend):
             return []
         io = self._require_io()
         items = [_Item(r, i) for i, r in enumerate(requests)]
-        futures = [io.submit(self._run_group(group)) for group in self._encoded_groups(items)]
-        for future in futures:
+        for future in self._submit_groups(io, items):
             future.result()
         return [item.result or Generation(error="no answer") for item in items]
 
@@ -626,16 +625,18 @@ class SGLangBackend(Backend):
             return []
         io = self._require_io()
         items = [_Item(r, i) for i, r in enumerate(requests)]
-        groups = await asyncio.to_thread(lambda: list(self._encoded_groups(items)))
-        await asyncio.gather(
-            *(asyncio.wrap_future(io.submit(self._run_group(group))) for group in groups)
-        )
+        futures = await asyncio.to_thread(self._submit_groups, io, items)
+        await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
         return [item.result or Generation(error="no answer") for item in items]
 
     def _require_io(self) -> IOThread:
         if self._io is None:
             raise BackendError("the sglang backend was used before load()")
         return self._io
+
+    def _submit_groups(self, io: IOThread, items: list[_Item]) -> list[Future[None]]:
+        """Encode the images here and start each group's request as soon as it is ready."""
+        return [io.submit(self._run_group(group)) for group in self._encoded_groups(items)]
 
     def _encoded_groups(self, items: list[_Item]) -> Iterator[list[_Item]]:
         """Encode images one by one and yield the groups that travel together (one item, or a
