@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-FORBIDDEN = ("torch", "transformers", "textual", "torchvision", "llguidance", "sglang")
+FORBIDDEN = ("torch", "transformers", "textual", "torchvision", "llguidance", "sglang", "aiohttp")
 
 PROBE = """
 import json, sys
@@ -44,7 +44,8 @@ BODIES = {
     "backends": (
         "from policy_engine.host import get_host\n"
         "get_host().backends()\n"
-        "get_host().backend('transformers')(model='tiny-random', greedy=True)"
+        "get_host().backend('transformers')(model='tiny-random', greedy=True)\n"
+        "get_host().backend('sglang')(url='http://127.0.0.1:1', transport='native')"
     ),
     "control": "import importlib.util\nimportlib.util.find_spec('torch')",
 }
