@@ -20,11 +20,12 @@ Two transports, both constrained to the compiled policy's JSON Schema:
   `/tokenize`): SGLang computes returned logprobs after temperature and the grammar mask, so no
   grammar, top-p or top-k is sent there.
 
-All HTTP runs on one event loop in a background thread owned by the backend, so the sync and the
-async engine APIs share one connection pool and one bound on requests in flight
-(`concurrency`, default 64). Every request retries connect errors, timeouts, 429 (honouring
-Retry-After), 5xx and malformed replies with exponential backoff and jitter, within a
-per-request `deadline`; one that finally fails becomes an error verdict for its item only.
+All HTTP runs on one event loop in a background thread owned by the backend
+(`http_client.HttpClient`), so the sync and the async engine APIs share one connection pool and
+one bound on requests in flight (`concurrency`, default 64). Every request retries connect
+errors, timeouts, 429 (honouring Retry-After), 5xx and malformed replies with exponential backoff
+and jitter, within a per-request `deadline`; one that finally fails becomes an error verdict for
+its item only.
 Several `url`s are balanced by least-in-flight (or round-robin); an endpoint that refuses
 connections is rested for a while. `load()` checks every endpoint's `/health`.
 
@@ -39,21 +40,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import email.utils
 import importlib.util
 import json
 import math
 import os
-import random
 import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,9 +67,11 @@ from policy_engine.errors import (
     PolicyEngineError,
 )
 
+from .chat_templates import TEMPLATES, ChatTemplate, JinjaTemplate, guess_template, template_for
+from .http_client import BadReply, Failed, HttpClient, Settings, normalize_url
+
 INSTALL_HINT = "pip install 'policy-engine[sglang]'"
 DEFAULT_LAUNCH_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV"
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 T = TypeVar("T")
 
 
@@ -152,237 +151,6 @@ class SGLangOptions(BaseModel):
         return [normalize_url(url) for url in value]
 
 
-def normalize_url(url: str) -> str:
-    """'http://host:30000/v1/' -> 'http://host:30000'; a bad URL is a ValueError."""
-    url = url.strip()
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(f"{url!r} is not an http(s) URL")
-    path = parsed.path.rstrip("/")
-    path = path.removesuffix("/v1")
-    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
-
-
-# -- chat templates (native transport) -------------------------------------------------------
-@dataclass(frozen=True)
-class ChatTemplate:
-    """A single-turn chat template as SGLang names them: system, user (image then text), and
-    the assistant's opening. `render` gives the text `/generate` expects."""
-
-    name: str
-    system: str
-    system_affixes: tuple[str, str]
-    user_affixes: tuple[str, str]
-    assistant_prefix: str
-    image_token: str
-
-    def render(self, prompt: str) -> str:
-        head = (
-            f"{self.system_affixes[0]}{self.system}{self.system_affixes[1]}" if self.system else ""
-        )
-        user = f"{self.user_affixes[0]}{self.image_token}{prompt}{self.user_affixes[1]}"
-        return head + user + self.assistant_prefix
-
-
-_CHATML = ("<|im_start|>system\n", "<|im_end|>\n")
-TEMPLATES: dict[str, ChatTemplate] = {
-    t.name: t
-    for t in (
-        ChatTemplate(  # LlavaGuard v1.2 (OneVision, Qwen2) and the 34B (Yi) checkpoints
-            "chatml-llava",
-            "You are a helpful assistant.",
-            _CHATML,
-            ("<|im_start|>user\n", "<|im_end|>\n"),
-            "<|im_start|>assistant\n",
-            "<image>\n",
-        ),
-        ChatTemplate(  # LlavaGuard 7B and 13B (LLaVA 1.5, Vicuna)
-            "vicuna_v1.1",
-            "A chat between a curious user and an artificial intelligence assistant. "
-            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-            ("", " "),
-            ("USER:", " "),
-            "ASSISTANT:",
-            " <image>\n",
-        ),
-        ChatTemplate(  # QwenGuard (Qwen2.5-VL)
-            "qwen2-vl",
-            "You are a helpful assistant.",
-            _CHATML,
-            ("<|im_start|>user\n", "<|im_end|>\n"),
-            "<|im_start|>assistant\n",
-            "<|vision_start|><|image_pad|><|vision_end|>",
-        ),
-    )
-}
-
-
-class JinjaTemplate:
-    """An HF chat template (a Jinja file, or the one a checkpoint directory ships)."""
-
-    def __init__(self, path: Path) -> None:
-        self.name = str(path)
-        self.source = _jinja_source(path)
-        try:
-            import jinja2
-            import jinja2.sandbox
-        except ImportError:
-            raise BackendUnavailableError(
-                f"a Jinja chat template needs jinja2: {INSTALL_HINT}"
-            ) from None
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        try:
-            self.template = env.from_string(self.source)
-        except jinja2.TemplateError as err:
-            raise BackendUnavailableError(f"chat template {path}: {err}") from None
-
-    def render(self, prompt: str) -> str:
-        content = [{"type": "image"}, {"type": "text", "text": prompt}]
-        return str(
-            self.template.render(
-                messages=[{"role": "user", "content": content}],
-                add_generation_prompt=True,
-                bos_token="",
-                eos_token="",
-            )
-        )
-
-
-def _jinja_source(path: Path) -> str:
-    if path.is_dir():
-        for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
-            candidate = path / name
-            if candidate.is_file():
-                if name.endswith(".jinja"):
-                    return candidate.read_text(encoding="utf-8")
-                template = json.loads(candidate.read_text(encoding="utf-8")).get("chat_template")
-                if isinstance(template, str):
-                    return template
-        raise BackendUnavailableError(f"chat template: {path} holds no chat template")
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise BackendUnavailableError(f"chat template {path}: {err.strerror}") from None
-
-
-def template_for(name: str, model_path: str | None) -> ChatTemplate | JinjaTemplate:
-    """The chat template the native transport renders: a name, a path, or guessed ('auto')."""
-    if name in TEMPLATES:
-        return TEMPLATES[name]
-    if name != "auto":
-        path = Path(name).expanduser()
-        if path.exists():
-            return JinjaTemplate(path)
-        raise BackendUnavailableError(
-            f"unknown chat template {name!r}; templates: {', '.join(TEMPLATES)}, "
-            "or a Jinja file or checkpoint directory"
-        )
-    guessed = guess_template(model_path or "")
-    if guessed is None:
-        raise BackendUnavailableError(
-            f"cannot tell the chat template of model {model_path!r}; pass "
-            f"-o chat_template=NAME ({', '.join(TEMPLATES)}) or a Jinja file"
-        )
-    return TEMPLATES[guessed]
-
-
-def guess_template(model_path: str) -> str | None:
-    """The SGLang template name for a checkpoint path, from its name alone."""
-    name = model_path.lower()
-    if "qwen" in name and ("vl" in name or "guard" in name):
-        return "qwen2-vl"
-    if any(k in name for k in ("-ov", "onevision", "v1.2", "34b", "v1.6")):
-        return "chatml-llava"
-    if any(k in name for k in ("llavaguard-7b", "llavaguard-13b", "llava-v1.5", "llava-1.5")):
-        return "vicuna_v1.1"
-    if "vicuna" in name:
-        return "vicuna_v1.1"
-    return None
-
-
-# -- endpoints -------------------------------------------------------------------------------
-@dataclass
-class Endpoint:
-    url: str
-    in_flight: int = 0
-    down_until: float = 0.0
-    failures: int = 0
-    served: int = 0
-
-
-class EndpointPool:
-    """Picks the endpoint for the next attempt: least requests in flight (ties in turn) or
-    round-robin, skipping endpoints that are resting after refused connections."""
-
-    def __init__(self, urls: Sequence[str], balance: str) -> None:
-        self.endpoints = [Endpoint(url) for url in urls]
-        self.balance = balance
-        self._turn = 0
-
-    def pick(self) -> Endpoint:
-        now = time.monotonic()
-        up = [e for e in self.endpoints if e.down_until <= now]
-        if not up:  # all resting: the one back soonest
-            return min(self.endpoints, key=lambda e: e.down_until)
-        self._turn += 1
-        n = len(self.endpoints)
-        order = {id(e): (i - self._turn) % n for i, e in enumerate(self.endpoints)}
-        if self.balance == "round-robin":
-            return min(up, key=lambda e: order[id(e)])
-        return min(up, key=lambda e: (e.in_flight, order[id(e)]))
-
-    @staticmethod
-    def refused(endpoint: Endpoint) -> None:
-        endpoint.failures += 1
-        endpoint.down_until = time.monotonic() + min(30.0, 0.5 * 2 ** (endpoint.failures - 1))
-
-    @staticmethod
-    def answered(endpoint: Endpoint) -> None:
-        endpoint.failures = 0
-        endpoint.down_until = 0.0
-
-
-# -- the I/O thread --------------------------------------------------------------------------
-class IOThread:
-    """An event loop in a daemon thread: the backend's HTTP runs here, whoever calls."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="policy-engine-sglang", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.submit(coro).result()
-
-    def stop(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
-class Failed(Exception):
-    """A request that will not succeed: becomes this item's error."""
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retryable = retryable
-
-
-class BadReply(Exception):
-    """A reply whose content cannot be used (malformed JSON, wrong shape): worth a retry."""
-
-
 @dataclass
 class _Item:
     request: Request
@@ -419,13 +187,9 @@ class SGLangBackend(Backend):
         self.capabilities = replace(self.capabilities, max_batch_size=self.options.concurrency)
         self.urls = self.options.url or [f"http://127.0.0.1:{self.options.launch_port}"]
         self.model_name = self.options.model or ""
-        self.pool = EndpointPool(self.urls, self.options.balance)
         self.template: ChatTemplate | JinjaTemplate | None = None
         self.process: subprocess.Popen[bytes] | None = None
-        self.requests_sent = 0  # HTTP attempts, for tests and benchmarks
-        self._io: IOThread | None = None
-        self._session: Any = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self.http: HttpClient | None = None
         self._tokenize_lock: asyncio.Lock | None = None
         self._rating_ids: dict[str, tuple[int, int]] = {}
         self._texts: dict[tuple[str, str], str] = {}
@@ -439,79 +203,46 @@ class SGLangBackend(Backend):
             raise BackendUnavailableError(
                 f"the sglang backend needs aiohttp: {INSTALL_HINT}"
             ) from None
-        self._io = IOThread()
+        opts = self.options
+        settings = Settings(
+            concurrency=opts.concurrency,
+            timeout=opts.timeout,
+            connect_timeout=opts.connect_timeout,
+            deadline=opts.deadline,
+            retries=opts.retries,
+            backoff=opts.backoff,
+            backoff_max=opts.backoff_max,
+            balance=opts.balance,
+            api_key_env=opts.api_key_env,
+            server="SGLang server",
+        )
+        self.http = HttpClient(self.urls, settings)
         try:
-            self._io.run(self._open())
-            if self.options.launch:
-                self._launch()
-            self._io.run(self._check_health())
-            self._io.run(self._discover())
+            self.http.open()
+            self._tokenize_lock = self.http.run(_new_lock())
+            if opts.launch:
+                self._launch(self.http)
+            self.http.run(self.http.check_health())
+            self.http.run(self._discover(self.http))
         except BaseException:
             self.close()
             raise
 
-    async def _open(self) -> None:
-        import aiohttp
-
-        opts = self.options
-        connector = aiohttp.TCPConnector(limit=opts.concurrency, limit_per_host=0)
-        timeout = aiohttp.ClientTimeout(total=opts.timeout, sock_connect=opts.connect_timeout)
-        headers = {"User-Agent": "policy-engine"}
-        key = os.environ.get(opts.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=headers, raise_for_status=False
-        )
-        self._semaphore = asyncio.Semaphore(opts.concurrency)
-        self._tokenize_lock = asyncio.Lock()
-
     def close(self) -> None:
-        io, self._io = self._io, None
-        if io is not None:
-            if self._session is not None:
-                with contextlib.suppress(RuntimeError):  # the loop is already gone
-                    io.run(self._session.close())
-                self._session = None
-            io.stop()
+        if self.http is not None:
+            self.http.close()
+            self.http = None
         if self.process is not None:
             _terminate(self.process)
             self.process = None
         self.loaded = False
 
-    async def _check_health(self) -> None:
-        import aiohttp
-
-        async def probe(endpoint: Endpoint) -> str | None:
-            try:
-                timeout = aiohttp.ClientTimeout(total=self.options.connect_timeout + 5)
-                async with self._session.get(endpoint.url + "/health", timeout=timeout) as reply:
-                    await reply.read()
-                    if reply.status == 200:
-                        return None
-                    return f"HTTP {reply.status}"
-            except (aiohttp.ClientError, TimeoutError) as err:
-                return _describe(err)
-
-        problems = await asyncio.gather(*(probe(e) for e in self.pool.endpoints))
-        down = [(e, p) for e, p in zip(self.pool.endpoints, problems, strict=True) if p]
-        if len(down) == len(self.pool.endpoints):
-            detail = "; ".join(f"{e.url}: {p}" for e, p in down)
-            raise BackendUnavailableError(f"no SGLang server answers /health ({detail})")
-        for endpoint, problem in down:
-            print(
-                f"policy-engine: warning: {endpoint.url} is not healthy ({problem}); "
-                "using the others",
-                file=sys.stderr,
-            )
-            self.pool.refused(endpoint)
-
-    async def _discover(self) -> None:
+    async def _discover(self, http: HttpClient) -> None:
         """The served model's name (openai) and chat template (native)."""
         opts = self.options
         if opts.transport == "openai":
             if not self.model_name:
-                info = await self._get(
+                info = await http.get_json(
                     "/v1/models",
                     "is it an OpenAI-compatible server? Or pass the model name: -o model=NAME",
                 )
@@ -524,7 +255,7 @@ class SGLangBackend(Backend):
             return
         model_path = self.model_name
         if not model_path:
-            info = await self._get(
+            info = await http.get_json(
                 "/get_model_info",
                 "the native transport needs an SGLang server; for others use --transport "
                 "openai (or pass the model path: -o model=PATH)",
@@ -532,22 +263,6 @@ class SGLangBackend(Backend):
             model_path = str(info.get("model_path") or "") if isinstance(info, dict) else ""
             self.model_name = model_path or "sglang"
         self.template = template_for(opts.chat_template, model_path)
-
-    async def _get(self, path: str, hint: str) -> Any:
-        """GET a JSON document from the first healthy endpoint; failing says `hint`."""
-        endpoint = self.pool.pick()
-        try:
-            async with self._session.get(endpoint.url + path) as reply:
-                if reply.status != 200:
-                    said = _server_message(await reply.read())
-                    raise BackendUnavailableError(
-                        f"{endpoint.url}{path}: HTTP {reply.status}{said}; {hint}"
-                    )
-                return await reply.json(content_type=None)
-        except BackendUnavailableError:
-            raise
-        except Exception as err:
-            raise BackendUnavailableError(f"{endpoint.url}{path}: {_describe(err)}") from None
 
     # -- launch ----------------------------------------------------------------------------
     def launch_command(self) -> list[str]:
@@ -570,7 +285,7 @@ class SGLangBackend(Backend):
             command += ["--chat-template", template]
         return command
 
-    def _launch(self) -> None:
+    def _launch(self, http: HttpClient) -> None:
         command = self.launch_command()
         handle, name = tempfile.mkstemp(prefix="policy-engine-sglang-", suffix=".log")
         self._log_path = Path(name)
@@ -586,10 +301,9 @@ class SGLangBackend(Backend):
             raise BackendUnavailableError(f"cannot start {command[0]}: {err.strerror}") from None
         finally:
             os.close(handle)
-        assert self._io is not None
-        self._io.run(self._await_launch())
+        http.run(self._await_launch(http))
 
-    async def _await_launch(self) -> None:
+    async def _await_launch(self, http: HttpClient) -> None:
         assert self.process is not None
         deadline = time.monotonic() + self.options.launch_timeout
         url = self.urls[0] + "/health"
@@ -599,12 +313,8 @@ class SGLangBackend(Backend):
                     f"the launched server exited with status {self.process.returncode}: "
                     f"{_tail(self._log_path)}"
                 )
-            try:
-                async with self._session.get(url) as reply:
-                    if reply.status == 200:
-                        return
-            except Exception:  # not up yet
-                pass
+            if await http.healthy(http.pool.endpoints[0]) is None:
+                return
             await asyncio.sleep(0.5)
         raise BackendUnavailableError(
             f"the launched server did not answer {url} within {self.options.launch_timeout:g}s"
@@ -614,29 +324,29 @@ class SGLangBackend(Backend):
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         if not requests:
             return []
-        io = self._require_io()
+        http = self._require_http()
         items = [_Item(r, i) for i, r in enumerate(requests)]
-        for future in self._submit_groups(io, items):
+        for future in self._submit_groups(http, items):
             future.result()
         return [item.result or Generation(error="no answer") for item in items]
 
     async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
         if not requests:
             return []
-        io = self._require_io()
+        http = self._require_http()
         items = [_Item(r, i) for i, r in enumerate(requests)]
-        futures = await asyncio.to_thread(self._submit_groups, io, items)
+        futures = await asyncio.to_thread(self._submit_groups, http, items)
         await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
         return [item.result or Generation(error="no answer") for item in items]
 
-    def _require_io(self) -> IOThread:
-        if self._io is None:
+    def _require_http(self) -> HttpClient:
+        if self.http is None:
             raise BackendError("the sglang backend was used before load()")
-        return self._io
+        return self.http
 
-    def _submit_groups(self, io: IOThread, items: list[_Item]) -> list[Future[None]]:
+    def _submit_groups(self, http: HttpClient, items: list[_Item]) -> list[Future[None]]:
         """Encode the images here and start each group's request as soon as it is ready."""
-        return [io.submit(self._run_group(group)) for group in self._encoded_groups(items)]
+        return [http.submit(self._run_group(group)) for group in self._encoded_groups(items)]
 
     def _encoded_groups(self, items: list[_Item]) -> Iterator[list[_Item]]:
         """Encode images one by one and yield the groups that travel together (one item, or a
@@ -749,7 +459,7 @@ class SGLangBackend(Backend):
                 return self._truncated(text, body["max_tokens"])
             return Generation(text=str(text), model=self.model_name)
 
-        return await self._call("/v1/chat/completions", body, parse)
+        return await self._post("/v1/chat/completions", body, parse)
 
     def _openai_score(self, compiled: CompiledPolicy, pairs: list[tuple[str, float]]) -> Generation:
         """P(Unsafe) from the first answer token's top logprobs: the mass of tokens that start
@@ -822,7 +532,7 @@ class SGLangBackend(Backend):
                 raise BadReply(f"expected {len(items)} answers")
             return [self._native_answer(request, body, a, rating_ids) for a in answers]
 
-        return await self._call("/generate", body, parse)
+        return await self._post("/generate", body, parse)
 
     def _native_answer(
         self, request: Request, body: dict[str, Any], answer: Any, rating_ids: Any
@@ -865,7 +575,7 @@ class SGLangBackend(Backend):
                 except (KeyError, IndexError, TypeError, ValueError):
                     raise BadReply("/tokenize reply without tokens") from None
 
-            firsts.append(await self._call("/tokenize", body, parse))
+            firsts.append(await self._post("/tokenize", body, parse))
         if firsts[0] == firsts[1]:
             raise Failed(
                 "the server's tokenizer starts 'Safe' and 'Unsafe' with the same token; "
@@ -882,85 +592,8 @@ class SGLangBackend(Backend):
         )
 
     # -- HTTP with retries -----------------------------------------------------------------
-    async def _call(self, path: str, body: Any, parse: Callable[[Any], T]) -> T:
-        """POST `body` to `path` on a picked endpoint until `parse` accepts the reply, with
-        retries, backoff and the per-request deadline. Raises Failed."""
-        import aiohttp
-
-        opts = self.options
-        assert self._semaphore is not None
-        loop = asyncio.get_running_loop()
-        started = deadline = 0.0
-        payload = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        attempt = 0
-        while True:
-            attempt += 1
-            delay: float | None = None
-            async with self._semaphore:
-                if attempt == 1:  # the deadline counts from the first attempt, not the queue
-                    started = loop.time()
-                    deadline = started + opts.deadline
-                remaining = deadline - loop.time()
-                endpoint = self.pool.pick()
-                endpoint.in_flight += 1
-                self.requests_sent += 1
-                try:
-                    timeout = aiohttp.ClientTimeout(
-                        total=min(opts.timeout, max(remaining, 0.001)),
-                        sock_connect=opts.connect_timeout,
-                    )
-                    async with self._session.post(
-                        endpoint.url + path, data=payload, headers=headers, timeout=timeout
-                    ) as reply:
-                        status = reply.status
-                        raw = await reply.read()
-                        retry_after = reply.headers.get("Retry-After")
-                except aiohttp.ClientConnectorError as err:
-                    self.pool.refused(endpoint)
-                    problem = f"cannot connect to {endpoint.url}: {_describe(err)}"
-                    status = 0
-                except (aiohttp.ClientError, TimeoutError) as err:
-                    problem = f"{endpoint.url}{path}: {_describe(err)}"
-                    status = 0
-                finally:
-                    endpoint.in_flight -= 1
-            if status == 200:
-                try:
-                    result = parse(json.loads(raw))
-                except (ValueError, BadReply) as err:  # json's errors are ValueErrors
-                    problem = f"{endpoint.url}{path}: unusable reply ({_short(err)})"
-                else:
-                    self.pool.answered(endpoint)
-                    endpoint.served += 1
-                    return result
-            elif status:
-                problem = f"{endpoint.url}{path}: HTTP {status}{_server_message(raw)}"
-                if status in (401, 403):
-                    raise Failed(
-                        f"{problem}: the server refused the credentials (API key from "
-                        f"${opts.api_key_env})",
-                        retryable=False,
-                    )
-                if status not in RETRY_STATUSES:
-                    raise Failed(problem, retryable=False)
-                if status == 429 and retry_after:
-                    delay = _retry_after(retry_after)
-            elapsed = loop.time() - started
-            if attempt > opts.retries:
-                raise Failed(
-                    f"{problem} (gave up after {attempt} attempts in {elapsed:.1f}s)",
-                    retryable=True,
-                )
-            if delay is None:
-                cap = min(opts.backoff_max, opts.backoff * 2 ** (attempt - 1))
-                delay = cap / 2 + random.uniform(0, cap / 2)
-            if loop.time() + delay >= deadline:
-                raise Failed(
-                    f"{problem} (deadline of {opts.deadline:g}s reached after {attempt} attempts)",
-                    retryable=True,
-                )
-            await asyncio.sleep(delay)
+    async def _post(self, path: str, body: Any, parse: Callable[[Any], T]) -> T:
+        return await self._require_http().post(path, body, parse)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -988,56 +621,6 @@ def _two_way(safe: Any, unsafe: Any, model: str) -> Generation:
     return Generation(p_unsafe=eu / (es + eu), model=model)
 
 
-def _retry_after(value: str) -> float | None:
-    """Retry-After in seconds: a number, or an HTTP date."""
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _server_message(raw: bytes) -> str:
-    """The error message in an error reply's body, shortened, or nothing."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        text = raw.decode("utf-8", "replace").strip()
-        return f": {_short(text)}" if text else ""
-    message: Any = body
-    if isinstance(body, dict):
-        message = body.get("message") or body.get("error") or body.get("detail") or ""
-        if isinstance(message, dict):
-            message = message.get("message", "")
-    return f": {_short(str(message))}" if message else ""
-
-
-def _short(value: object, limit: int = 200) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _describe(err: BaseException) -> str:
-    """A connection problem in a few words (no URL, no headers: those are said elsewhere)."""
-    name = type(err).__name__
-    if isinstance(err, TimeoutError) or "Timeout" in name:
-        return "timed out"
-    os_error = getattr(err, "os_error", None)
-    if isinstance(os_error, OSError):
-        if name == "ClientConnectorDNSError":
-            return f"unknown host ({os_error.strerror or os_error})".lower()
-        if os_error.errno and os_error.errno > 0:
-            return os.strerror(os_error.errno).lower()
-    if name == "ServerDisconnectedError":
-        return "the server closed the connection without an answer"
-    text = str(err)
-    return f"{name}: {_short(text)}" if text else name
-
-
 def _tail(path: Path | None, lines: int = 5) -> str:
     if path is None or not path.exists():
         return "(no log)"
@@ -1054,6 +637,11 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+async def _new_lock() -> asyncio.Lock:
+    """A lock made on the loop that will use it."""
+    return asyncio.Lock()
 
 
 @hookimpl

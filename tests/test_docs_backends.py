@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from policy_engine.backends.sglang import TEMPLATES, SGLangOptions
+from policy_engine.backends.chat_templates import TEMPLATES
+from policy_engine.backends.sglang import SGLangOptions
 from policy_engine.backends.transformers import DEFAULT_MODEL, TransformersOptions
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -22,15 +22,14 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from policy_engine.backends.sglang import (
+from policy_engine.backends.chat_templates import (
     TEMPLATES,
     JinjaTemplate,
-    SGLangBackend,
-    data_url,
     guess_template,
-    normalize_url,
     template_for,
 )
+from policy_engine.backends.http_client import normalize_url
+from policy_engine.backends.sglang import SGLangBackend, data_url
 from sglang_server import FakeSGLang, Fault, toy_ids
 from support import run_cli
 
