@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import click
@@ -197,65 +197,141 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     return result
 
 
+def engine_options(command: Any) -> Any:
+    """The options that choose a policy, a backend and how to run it: shared by every command
+    that judges images (assess, audit, eval, test)."""
+    options = [
+        click.option(
+            "--policy", "-p", "policy", default="llavaguard", show_default=True, help=POLICY_HELP
+        ),
+        click.option(
+            "--backend",
+            "-b",
+            "backend",
+            default="transformers",
+            show_default=True,
+            help="A backend name (`backends`).",
+        ),
+        click.option(
+            "--model",
+            "-m",
+            default=None,
+            help="Model: hub id, local checkpoint directory, or tiny-random (random weights, "
+            "offline).",
+        ),
+        click.option(
+            "--url",
+            "urls",
+            multiple=True,
+            metavar="URL",
+            help="Server URL for HTTP backends (repeatable: several servers are balanced).",
+        ),
+        click.option(
+            "--transport",
+            type=click.Choice(["openai", "native"]),
+            default=None,
+            help="HTTP backends: openai (/v1/chat/completions) or native (SGLang /generate).",
+        ),
+        click.option(
+            "--launch",
+            is_flag=True,
+            default=False,
+            help="sglang: start an SGLang server for --model first (needs sglang and a GPU).",
+        ),
+        click.option(
+            "--mode",
+            type=click.Choice(["full", "verdict", "score"]),
+            default="full",
+            show_default=True,
+            help="full: rating, category, rationale; verdict: no rationale; score: P(unsafe) only.",
+        ),
+        click.option(
+            "--option",
+            "-o",
+            "options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="A backend option (repeatable); values are YAML scalars.",
+        ),
+        click.option(
+            "--meta",
+            "meta",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Request metadata for post-processors (repeatable), e.g. audience=minors.",
+        ),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=None, help="Images per call."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@dataclass
+class EngineChoice:
+    """What `engine_options` collected, turned into an Engine by `build`."""
+
+    policy: str
+    backend: str
+    model: str | None
+    urls: tuple[str, ...]
+    transport: str | None
+    launch: bool
+    mode: str
+    options: tuple[str, ...]
+    meta: tuple[str, ...]
+    batch_size: int | None
+
+    @classmethod
+    def pop(cls, params: dict[str, Any]) -> EngineChoice:
+        """Take this choice's values out of a command's keyword arguments."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{name: params.pop(name) for name in names})
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return _parse_pairs(self.meta, "--meta")
+
+    def backend_options(self) -> dict[str, Any]:
+        options = _parse_pairs(self.options, "--option")
+        if self.model is not None:
+            options["model"] = self.model
+        if self.urls:
+            options["url"] = list(self.urls)
+        if self.transport is not None:
+            options["transport"] = self.transport
+        if self.launch:
+            options["launch"] = True
+        return options
+
+    def build(self, *, concurrency: int | None = None, policy: Any = None) -> Any:
+        """The Engine (not loaded). `concurrency` goes to the backend when it has such an
+        option (HTTP backends: requests in flight), else to the engine."""
+        from .engine import Engine
+
+        options = self.backend_options()
+        engine_concurrency = 1
+        if concurrency is not None:
+            backend_cls = get_host().backend(self.backend)
+            if "concurrency" in backend_cls.Options.model_fields:
+                options.setdefault("concurrency", concurrency)
+            else:
+                engine_concurrency = concurrency
+        return Engine(
+            policy if policy is not None else self.policy,
+            self.backend,
+            mode=self.mode,  # type: ignore[arg-type]
+            backend_options=options,
+            batch_size=self.batch_size,
+            concurrency=engine_concurrency,
+        )
+
+
 @cli.command()
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-@click.option("--policy", "-p", "policy", default="llavaguard", show_default=True, help=POLICY_HELP)
-@click.option(
-    "--backend",
-    "-b",
-    "backend",
-    default="transformers",
-    show_default=True,
-    help="A backend name (`backends`).",
-)
-@click.option(
-    "--model",
-    "-m",
-    default=None,
-    help="Model: hub id, local checkpoint directory, or tiny-random (random weights, offline).",
-)
-@click.option(
-    "--url",
-    "urls",
-    multiple=True,
-    metavar="URL",
-    help="Server URL for HTTP backends (repeatable: several servers are balanced).",
-)
-@click.option(
-    "--transport",
-    type=click.Choice(["openai", "native"]),
-    default=None,
-    help="HTTP backends: openai (/v1/chat/completions) or native (SGLang /generate).",
-)
-@click.option(
-    "--launch",
-    is_flag=True,
-    default=False,
-    help="sglang: start an SGLang server for --model first (needs sglang and a GPU).",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["full", "verdict", "score"]),
-    default="full",
-    show_default=True,
-    help="full: rating, category, rationale; verdict: no rationale; score: P(unsafe) only.",
-)
-@click.option(
-    "--option",
-    "-o",
-    "options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A backend option (repeatable); values are YAML scalars.",
-)
-@click.option(
-    "--meta",
-    "meta",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Request metadata for post-processors (repeatable), e.g. audience=minors.",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per call.")
+@engine_options
 @click.option(
     "--format",
     "fmt",
@@ -269,41 +345,11 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     default=None,
     help="A progress line on stderr (default: when stderr is a terminal, for several images).",
 )
-def assess(
-    images: tuple[str, ...],
-    policy: str,
-    backend: str,
-    model: str | None,
-    urls: tuple[str, ...],
-    transport: str | None,
-    launch: bool,
-    mode: str,
-    options: tuple[str, ...],
-    meta: tuple[str, ...],
-    batch_size: int | None,
-    fmt: str,
-    progress: bool | None,
-) -> None:
+def assess(images: tuple[str, ...], fmt: str, progress: bool | None, **params: Any) -> None:
     """Judge each IMAGE (path or data: URL) against a policy; print one Decision per line."""
-    from .engine import Engine
-
-    backend_options = _parse_pairs(options, "--option")
-    if model is not None:
-        backend_options["model"] = model
-    if urls:
-        backend_options["url"] = list(urls)
-    if transport is not None:
-        backend_options["transport"] = transport
-    if launch:
-        backend_options["launch"] = True
-    metadata = _parse_pairs(meta, "--meta")
-    engine = Engine(
-        policy,
-        backend,
-        mode=mode,  # type: ignore[arg-type]
-        backend_options=backend_options,
-        batch_size=batch_size,
-    )
+    choice = EngineChoice.pop(params)
+    metadata = choice.metadata
+    engine = choice.build()
     failed = 0
     show = progress if progress is not None else sys.stderr.isatty() and len(images) > 1
     started = time.monotonic()
@@ -341,6 +387,16 @@ def _echo_row(decision: Any) -> None:
         click.echo(f"  -> {action.name} {extra}".rstrip())
     if v.rationale:
         click.echo(f"  {v.rationale}")
+
+
+def _add_builtin_commands() -> None:
+    from .audit.commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_builtin_commands()
 
 
 def build_cli() -> click.Group:
