@@ -12,7 +12,16 @@ import sys
 
 import pytest
 
-FORBIDDEN = ("torch", "transformers", "textual", "torchvision", "llguidance", "sglang", "aiohttp")
+FORBIDDEN = (
+    "torch",
+    "transformers",
+    "textual",
+    "torchvision",
+    "llguidance",
+    "sglang",
+    "aiohttp",
+    "pyarrow",
+)
 
 PROBE = """
 import json, sys

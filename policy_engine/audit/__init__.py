@@ -1,0 +1,1 @@
+"""Dataset audits, their results, reports and evaluations (see docs/audit.md)."""

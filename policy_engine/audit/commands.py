@@ -1,0 +1,159 @@
+"""CLI commands for dataset audits: `audit`, `merge`, `export` (see docs/audit.md).
+
+Registered on the CLI group by `policy_engine.cli`; heavy work is imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..cli import EngineChoice, engine_options
+from ..errors import PolicyEngineError
+from .report import report_command
+
+
+@click.command()
+@click.argument("source", metavar="SOURCE")
+@engine_options
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The results file (SQLite); run the same command again to continue.",
+)
+@click.option("--shard", default="1/1", show_default=True, help="Shard I/N of the source.")
+@click.option("--retry-errors", is_flag=True, help="Re-run only the items whose row is an error.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests in flight (HTTP backends) or batches in flight.",
+)
+@click.option("--image-column", default=None, help="Datasets: the column holding images.")
+@click.option("--id-column", default=None, help="Datasets: the column holding ids.")
+@click.option(
+    "--durable",
+    is_flag=True,
+    help="fsync every commit: survives power loss too, at some speed (see docs/audit.md).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="A progress line on stderr (default: when stderr is a terminal).",
+)
+def audit(
+    source: str,
+    out: Path,
+    shard: str,
+    retry_errors: bool,
+    concurrency: int | None,
+    image_column: str | None,
+    id_column: str | None,
+    durable: bool,
+    progress: bool | None,
+    **params: Any,
+) -> None:
+    """Judge every image of SOURCE into a resumable results file.
+
+    SOURCE is a folder (recursive), a glob, a .txt list of paths, a .jsonl or .csv manifest
+    (`id`, `path`, other columns become metadata), or a Hugging Face dataset (save_to_disk
+    folder or parquet files). Kill it at any moment and run the same command again: it
+    continues, and every input ends up exactly once in the results.
+    """
+    from .runner import Progress, run_audit
+    from .sources import Shard, Source
+    from .store import ResultStore
+
+    choice = EngineChoice.pop(params)
+    the_shard = Shard.parse(shard)
+    the_source = Source.open(source, image_column=image_column, id_column=id_column)
+    engine = choice.build(concurrency=concurrency)
+    show = progress if progress is not None else sys.stderr.isatty()
+    with ResultStore(out, create=True, durable=durable) as store, engine:
+        engine.load()
+        stats = run_audit(
+            engine,
+            the_source,
+            store,
+            shard=the_shard,
+            retry_errors=retry_errors,
+            metadata=choice.metadata,
+            progress=Progress() if show else None,
+        )
+        total, errors = store.count(), store.count(errors_only=True)
+    summary = {"results": str(out), "total": total, "errors": errors, "run": stats.to_dict()}
+    click.echo(json.dumps(summary, ensure_ascii=False))
+    if stats.interrupted:
+        click.echo(
+            f"interrupted after {stats.assessed:,} images; run the same command to continue",
+            err=True,
+        )
+        sys.exit(130)
+    if errors:
+        click.echo(
+            f"{errors:,} of {total:,} rows are errors: `policy-engine report {out}` shows why, "
+            "`--retry-errors` re-runs them",
+            err=True,
+        )
+
+
+@click.command()
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--source",
+    "source",
+    default=None,
+    help="Also check that every input of SOURCE is in the merged results exactly once.",
+)
+@click.option("--image-column", default=None)
+@click.option("--id-column", default=None)
+def merge(
+    shards: tuple[Path, ...],
+    out: Path,
+    source: str | None,
+    image_column: str | None,
+    id_column: str | None,
+) -> None:
+    """Combine the results files of an audit's shards (--shard I/N) into one, checking that
+    the shards belong together, that none is missing or unfinished, and that no input is in
+    two of them."""
+    from .merge import merge_shards
+    from .sources import Source
+
+    the_source = None
+    if source is not None:
+        the_source = Source.open(source, image_column=image_column, id_column=id_column)
+    report = merge_shards(list(shards), out, source=the_source)
+    click.echo(json.dumps(report, ensure_ascii=False))
+
+
+@click.command(name="export")
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "parquet"]),
+    default=None,
+    help="Default: from TARGET's extension.",
+)
+@click.option("--errors-only", is_flag=True, help="Only the error rows.")
+def export_command(results: Path, target: Path, fmt: str | None, errors_only: bool) -> None:
+    """Write an audit's results as JSONL (one Decision row per line) or Parquet."""
+    from .export import export
+
+    fmt = fmt or ("parquet" if target.suffix.lower() == ".parquet" else "jsonl")
+    if fmt == "jsonl" and target.suffix.lower() not in (".jsonl", ".ndjson", ".json", ""):
+        raise PolicyEngineError(f"{target}: say --format (jsonl or parquet)")
+    count = export(results, target, fmt, errors_only=errors_only)
+    click.echo(json.dumps({"rows": count, "target": str(target), "format": fmt}))
+
+
+COMMANDS = (audit, merge, export_command, report_command)

@@ -1,0 +1,270 @@
+"""The audit loop: a source's items (one shard of them) through an Engine into a ResultStore.
+
+Resumable by construction: before an item is handed to the engine, the store is asked whether
+its id already has a row; rows are committed in small transactions as decisions come back, in
+input order. Killing the process loses at most the uncommitted rows, which the next run redoes.
+The source is streamed in chunks and ids are looked up chunk by chunk, so memory stays flat
+whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from ..engine import Engine
+from .sources import Shard, Source, SourceItem
+from .store import ResultRow, ResultStore, StoreError
+
+CHUNK = 256
+WHOLE = Shard()
+
+
+@dataclass
+class AuditStats:
+    """What one run did (not the whole results file: see `policy-engine report`)."""
+
+    assessed: int = 0
+    skipped: int = 0  # already in the results file
+    errors: int = 0
+    ratings: Counter[str] = field(default_factory=Counter)
+    categories: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+    total: int | None = None  # items this run will assess, once counted
+    interrupted: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "assessed": self.assessed,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "ratings": dict(self.ratings),
+            "categories": dict(self.categories),
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.assessed / max(self.seconds, 1e-9), 2),
+            "interrupted": self.interrupted,
+        }
+
+
+def audit_meta(engine: Engine, source: Source, shard: Shard) -> dict[str, str]:
+    """What identifies an audit: resuming with a different one is refused."""
+    policy = engine.policy
+    return {
+        "policy_id": policy.id,
+        "policy_version": policy.version,
+        "policy_hash": engine.compiled.hash,
+        "policy": json.dumps(
+            {
+                "id": policy.id,
+                "version": policy.version,
+                "hash": engine.compiled.hash,
+                "categories": [
+                    {"id": c.id, "name": c.name, "severity": c.severity} for c in policy.categories
+                ],
+                "none": {"id": policy.none_category.id, "name": policy.none_category.name},
+            }
+        ),
+        "backend": engine.backend.name,
+        "model": str(getattr(engine.backend.options, "model", None) or ""),
+        "backend_options": engine.backend.options.model_dump_json(),
+        "mode": engine.mode,
+        "source": _source_key(source),
+        "shard": str(shard),
+    }
+
+
+IDENTITY = ("policy_hash", "backend", "model", "mode", "source", "shard")
+
+
+def check_resumable(store: ResultStore, meta: dict[str, str]) -> None:
+    """A results file that holds rows of another audit (policy, backend, mode, source or
+    shard) is not continued: mixing them would make every count meaningless."""
+    existing = store.meta
+    if "policy_hash" not in existing:
+        return
+    for key in IDENTITY:
+        if existing.get(key, "") != meta[key]:
+            raise StoreError(
+                f"{store.path} holds an audit with another {key.replace('_', ' ')} "
+                f"({existing.get(key) or 'none'!r}, now {meta[key] or 'none'!r}); "
+                "use another --out"
+            )
+    if existing.get("backend_options") != meta["backend_options"]:
+        print(
+            "policy-engine: note: continuing with other backend options than the earlier run "
+            f"(was {existing.get('backend_options')})",
+            file=sys.stderr,
+        )
+
+
+def run_audit(
+    engine: Engine,
+    source: Source,
+    store: ResultStore,
+    *,
+    shard: Shard = WHOLE,
+    retry_errors: bool = False,
+    metadata: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    commit_every: int = 64,
+    commit_seconds: float = 1.0,
+) -> AuditStats:
+    """Assess every item of `source` in `shard` that `store` lacks (with `retry_errors`:
+    only those whose row is an error), committing rows as they come. Ctrl-C stops after
+    committing what is done (stats.interrupted)."""
+    meta = audit_meta(engine, source, shard)
+    check_resumable(store, meta)
+    store.set_meta({**meta, "started": store.meta.get("started", str(time.time()))})
+    stats = AuditStats()
+    if progress is not None:
+        progress.start(stats, _counter(source, shard, store, retry_errors, stats))
+    pending: deque[SourceItem] = deque()
+
+    def todo() -> Iterator[tuple[Any, dict[str, Any]]]:
+        for chunk in _chunks(item for item in source.items() if shard.holds(item.id)):
+            status = store.status([item.id for item in chunk])
+            for item in chunk:
+                state = status.get(item.id)
+                if (state is False) if retry_errors else (state is None):
+                    pending.append(item)
+                    yield item.image, {**(metadata or {}), **item.metadata}
+                else:
+                    stats.skipped += 1
+
+    rows: list[ResultRow] = []
+    last_commit = time.monotonic()
+    try:
+        for decision in engine.assess_many(todo()):
+            item = pending.popleft()
+            seconds = decision.verdict.timings.get("generate")
+            rows.append(ResultRow.from_decision(item.id, item.seq, decision, seconds, item.source))
+            stats.assessed += 1
+            verdict = decision.verdict
+            if verdict.ok:
+                stats.ratings[verdict.rating or "?"] += 1
+                if verdict.rating == "Unsafe" and verdict.category_id:
+                    stats.categories[verdict.category_id] += 1
+            else:
+                stats.errors += 1
+            now = time.monotonic()
+            if len(rows) >= commit_every or now - last_commit >= commit_seconds:
+                store.write(rows)
+                rows, last_commit = [], now
+            if progress is not None:
+                progress.update()
+    except KeyboardInterrupt:
+        stats.interrupted = True
+    finally:
+        if rows:
+            store.write(rows)
+        if progress is not None:
+            progress.finish()
+    if not stats.interrupted and not retry_errors:
+        store.set_meta({"finished": str(time.time()), "total": str(store.count())})
+    return stats
+
+
+def _chunks(items: Iterator[SourceItem]) -> Iterator[list[SourceItem]]:
+    chunk: list[SourceItem] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _source_key(source: Source) -> str:
+    spec = source.spec
+    return os.path.abspath(os.path.expanduser(spec)) if os.path.exists(spec) else spec
+
+
+def _counter(
+    source: Source, shard: Shard, store: ResultStore, retry_errors: bool, stats: AuditStats
+) -> threading.Thread:
+    """Counts, in the background, how many items this run has to do (for the ETA)."""
+
+    def count() -> None:
+        try:
+            if retry_errors:
+                with ResultStore(store.path) as reader:
+                    stats.total = reader.count(errors_only=True)
+                return
+            in_shard = sum(1 for item_id in source.ids() if shard.holds(item_id))
+            with ResultStore(store.path) as reader:
+                done_before = reader.count() - stats.assessed
+            stats.total = max(0, in_shard - done_before)
+        except Exception:  # an ETA is a nicety; the audit itself reports real errors
+            stats.total = None
+
+    return threading.Thread(target=count, name="policy-engine-count", daemon=True)
+
+
+class Progress:
+    """One line on stderr: done/total, rate, ETA, running counts per rating and category."""
+
+    def __init__(self, stream: TextIO | None = None, interval: float = 0.25) -> None:
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.stats: AuditStats | None = None
+        self._last = 0.0
+        self._width = 0
+
+    def start(self, stats: AuditStats, counter: threading.Thread) -> None:
+        self.stats = stats
+        counter.start()
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.stats is None or (not force and now - self._last < self.interval):
+            return
+        self._last = now
+        line = self.line()
+        pad = max(0, self._width - len(line))
+        self._width = len(line)
+        self.stream.write("\r" + line + " " * pad)
+        self.stream.flush()
+
+    def line(self) -> str:
+        stats = self.stats
+        assert stats is not None
+        rate = stats.assessed / max(stats.seconds, 1e-9)
+        if stats.total:
+            share = min(stats.assessed / stats.total, 1.0)
+            left = max(stats.total - stats.assessed, 0) / rate if rate > 0 else None
+            head = f"[{stats.assessed:,}/{stats.total:,} {share:6.1%}]"
+            eta = f" ETA {_clock(left)}" if left is not None else ""
+        else:
+            head, eta = f"[{stats.assessed:,}]", ""
+        counts = " ".join(f"{k} {v:,}" for k, v in sorted(stats.ratings.items()))
+        cats = " ".join(f"{k}:{v:,}" for k, v in stats.categories.most_common(6))
+        errors = f" errors {stats.errors:,}" if stats.errors else ""
+        skipped = f" (skipped {stats.skipped:,} done)" if stats.skipped else ""
+        parts = [f"{head} {rate:,.1f} img/s{eta}{skipped}", f"{counts}{errors}".strip(), cats]
+        return " | ".join(p for p in parts if p)
+
+    def finish(self) -> None:
+        if self.stats is not None:
+            self.update(force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
