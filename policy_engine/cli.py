@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import yaml
@@ -197,13 +198,13 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     return result
 
 
-def engine_options(command: Any) -> Any:
-    """The options that choose a policy, a backend and how to run it: shared by every command
-    that judges images (assess, audit, eval, test)."""
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def engine_options(*, policy: bool = True) -> Callable[[F], F]:
+    """A decorator adding the options that choose a policy (unless the command takes it as an
+    argument), a backend and how to run it: shared by every command that judges images."""
     options = [
-        click.option(
-            "--policy", "-p", "policy", default="llavaguard", show_default=True, help=POLICY_HELP
-        ),
         click.option(
             "--backend",
             "-b",
@@ -264,9 +265,25 @@ def engine_options(command: Any) -> Any:
             "--batch-size", type=click.IntRange(min=1), default=None, help="Images per call."
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    if policy:
+        options.insert(
+            0,
+            click.option(
+                "--policy",
+                "-p",
+                "policy",
+                default="llavaguard",
+                show_default=True,
+                help=POLICY_HELP,
+            ),
+        )
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 @dataclass
@@ -285,8 +302,11 @@ class EngineChoice:
     batch_size: int | None
 
     @classmethod
-    def pop(cls, params: dict[str, Any]) -> EngineChoice:
-        """Take this choice's values out of a command's keyword arguments."""
+    def pop(cls, params: dict[str, Any], policy: str | None = None) -> EngineChoice:
+        """Take this choice's values out of a command's keyword arguments (`policy` when the
+        command takes it as an argument)."""
+        if policy is not None:
+            params["policy"] = policy
         names = [f.name for f in fields(cls)]
         return cls(**{name: params.pop(name) for name in names})
 
@@ -331,7 +351,7 @@ class EngineChoice:
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-@engine_options
+@engine_options()
 @click.option(
     "--format",
     "fmt",

@@ -89,7 +89,7 @@ def _without(schema: dict[str, Any], key: str) -> dict[str, Any]:
 def policy_hash(policy: Policy) -> str:
     """sha256 over the resolved policy's canonical JSON and the compiler version."""
     canonical = json.dumps(
-        {"compiler": COMPILER_VERSION, "policy": policy.model_dump(mode="json")},
+        {"compiler": COMPILER_VERSION, "policy": policy.model_dump(mode="json", exclude={"tests"})},
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),

@@ -125,6 +125,7 @@ def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) 
             [_problem_at(via, display, "extends", f"extends more than {MAX_EXTENDS_DEPTH} deep")]
         )
     data = _read(display, path)
+    _anchor_test_images(data, path.parent)
     parent_ref = data.get("extends")
     if parent_ref is None:
         _reject_patch_keys(data, display)
@@ -158,6 +159,18 @@ def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) 
             ) from None
         raise
     return _overlay(parent, data, display)
+
+
+def _anchor_test_images(data: Located, folder: Path) -> None:
+    """Test cases name images relative to the file that declares them; make those paths
+    absolute here, so inherited tests still find their images."""
+    tests = data.get("tests")
+    if not isinstance(tests, LocatedList):
+        return
+    for entry in tests:
+        image = entry.get("image") if isinstance(entry, Located) else None
+        if isinstance(image, str) and image and not image.startswith("data:"):
+            entry["image"] = str(folder / Path(image).expanduser())
 
 
 def _entry_error(entry: Located, index: int, key: str, file: str, message: str) -> PolicyError:

@@ -136,6 +136,33 @@ class FailurePolicy(_Strict):
     priority: str | None = None
 
 
+class PolicyTest(_Strict):
+    """A test case the policy carries: an image and what the policy should decide for it.
+
+    `policy-engine test POLICY` runs them; a relative image path is relative to the file that
+    declares the test. Test cases are not part of the policy's meaning: they do not change its
+    hash."""
+
+    name: str | None = Field(default=None, description="What the case is about.")
+    image: str = Field(
+        min_length=1, description="An image path (relative to this file) or a data: URL."
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Request metadata, as post-processors see it."
+    )
+    rating: Literal["Safe", "Unsafe"] | None = Field(default=None, description="Expected rating.")
+    category: str | None = Field(default=None, description="Expected category id.")
+    actions: list[str] | None = Field(
+        default=None, description="Expected action names, exactly (in any order); [] for none."
+    )
+
+    @model_validator(mode="after")
+    def _expects_something(self) -> PolicyTest:
+        if self.rating is None and self.category is None and self.actions is None:
+            raise ValueError("a test needs an expectation: rating, category or actions")
+        return self
+
+
 class Policy(_Strict):
     """A resolved, validated policy. Build one with `policy_engine.load_policy`."""
 
@@ -164,6 +191,9 @@ class Policy(_Strict):
         description="What a post-processor that raises does to the Decision.",
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form metadata.")
+    tests: list[PolicyTest] = Field(
+        default_factory=list, description="Test cases for `policy-engine test`."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
@@ -185,6 +215,13 @@ class Policy(_Strict):
                 raise _located(
                     f"exceptions.{key}",
                     f"unknown category {key!r}; categories: {', '.join(sorted(seen))}",
+                )
+        known = seen | {self.none_category.id}
+        for index, test in enumerate(self.tests):
+            if test.category is not None and test.category not in known:
+                raise _located(
+                    f"tests.{index}.category",
+                    f"unknown category {test.category!r}; categories: {', '.join(sorted(known))}",
                 )
         return self
 
@@ -248,3 +285,4 @@ class PolicyFile(_Strict):
     postprocess: list[PostprocessStep] | None = None
     postprocess_failure: FailurePolicy | None = None
     metadata: dict[str, Any] | None = None
+    tests: list[PolicyTest] | None = None

@@ -19,7 +19,7 @@ from .report import report_command
 
 @click.command()
 @click.argument("source", metavar="SOURCE")
-@engine_options
+@engine_options()
 @click.option(
     "--out",
     "out",
@@ -156,4 +156,39 @@ def export_command(results: Path, target: Path, fmt: str | None, errors_only: bo
     click.echo(json.dumps({"rows": count, "target": str(target), "format": fmt}))
 
 
-COMMANDS = (audit, merge, export_command, report_command)
+@click.command(name="test")
+@click.argument("policy", metavar="POLICY")
+@engine_options(policy=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per case on stdout.")
+def test_command(policy: str, as_json: bool, **params: Any) -> None:
+    """Run the test cases POLICY carries (its `tests:`) and exit 1 if any fails.
+
+    Each case judges its image with the chosen backend and compares the rating, category and
+    actions it expects; so a policy's post-processing can be checked in CI, e.g. with
+    `--backend static` fixing the verdict and the cases checking the actions.
+    """
+    from .policy_tests import run_policy_tests
+
+    choice = EngineChoice.pop(params, policy=policy)
+    engine = choice.build()
+    if not engine.policy.tests:
+        raise PolicyEngineError(f"{policy}: the policy has no tests (add a `tests:` list)")
+    with engine:
+        engine.load()
+        results = run_policy_tests(engine)
+    failed = [r for r in results if not r.passed]
+    for result in results:
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+            continue
+        mark = "PASS" if result.passed else "FAIL"
+        click.echo(f"{mark}  {result.index + 1}. {result.title}")
+        for failure in result.failures:
+            click.echo(f"      {failure}")
+    summary = f"{len(results) - len(failed)} of {len(results)} cases passed"
+    click.echo(summary if not failed else f"error: {summary}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+COMMANDS = (audit, merge, export_command, report_command, test_command)
