@@ -159,6 +159,9 @@ def test_hugging_face_datasets_on_disk_and_parquet(tmp_path: Path) -> None:
     table = hf_table(2).append_column("id", pa.array(["k1", "k2"]))
     pq.write_table(table, tmp_path / "ided.parquet")
     assert [i.id for i in Source.open(str(tmp_path / "ided.parquet")).items()] == ["k1", "k2"]
+    for spec in ("ds", "dd", "pq", "ided.parquet"):  # ids() reads no image, and agrees
+        source = Source.open(str(tmp_path / spec))
+        assert list(source.ids()) == [item.id for item in source.items()]
     with pytest.raises(SourceError, match="no column 'pixels'"):
         list(Source.open(str(tmp_path / "ided.parquet"), image_column="pixels").items())
 

@@ -276,6 +276,27 @@ class DatasetSource(Source):
                     yield SourceItem(item_id, seq, image, where, metadata)
                     seq += 1
 
+    def ids(self) -> Iterator[str]:
+        """The ids without reading any image: row counts, or the id column alone."""
+        rows_in_part: dict[str, int] = {}
+        for part, file, fmt in self._files():
+            for batch in _record_batches(file, fmt, columns=self._id_columns(file, fmt)):
+                data = batch.to_pydict() if batch.num_columns else {}
+                for row in range(batch.num_rows):
+                    index = rows_in_part.get(part, 0)
+                    rows_in_part[part] = index + 1
+                    yield self._id(data, row, part, index)
+
+    def _id_columns(self, file: Path, fmt: str) -> list[str] | None:
+        """The columns `ids()` needs: the id column if any (None: all, for Arrow streams)."""
+        if fmt != "parquet":
+            return None
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(file).schema_arrow.names
+        column = self.id_column or ("id" if "id" in names else None)
+        return [column] if column else []
+
     def _id(self, data: dict[str, list[Any]], row: int, part: str, index: int) -> str:
         column = self.id_column or ("id" if "id" in data else None)
         if column is not None:
@@ -356,7 +377,7 @@ def _manifest_item(record: dict[str, Any], seq: int, base: Path, where: str) -> 
     return SourceItem(item_id, seq, image, _printable(image), metadata)
 
 
-def _record_batches(file: Path, fmt: str) -> Iterator[Any]:
+def _record_batches(file: Path, fmt: str, columns: list[str] | None = None) -> Iterator[Any]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -366,7 +387,13 @@ def _record_batches(file: Path, fmt: str) -> Iterator[Any]:
         ) from None
     try:
         if fmt == "parquet":
-            yield from pq.ParquetFile(file).iter_batches(batch_size=256)
+            parquet = pq.ParquetFile(file)
+            if columns == []:  # only the row count matters
+                for group in range(parquet.num_row_groups):
+                    rows = parquet.metadata.row_group(group).num_rows
+                    yield pa.RecordBatch.from_pydict({"_": [None] * rows}).select([])
+                return
+            yield from parquet.iter_batches(batch_size=256, columns=columns)
             return
         with pa.memory_map(str(file)) as stream:
             try:
