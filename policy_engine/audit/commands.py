@@ -14,6 +14,7 @@ import click
 
 from ..cli import EngineChoice, engine_options
 from ..errors import PolicyEngineError
+from .evaluate import eval_command
 from .report import report_command
 
 
@@ -191,4 +192,4 @@ def test_command(policy: str, as_json: bool, **params: Any) -> None:
         sys.exit(1)
 
 
-COMMANDS = (audit, merge, export_command, report_command, test_command)
+COMMANDS = (audit, merge, export_command, report_command, eval_command, test_command)
