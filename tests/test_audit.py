@@ -412,3 +412,21 @@ def test_the_progress_line_shows_rate_eta_and_counts() -> None:
     assert "Safe 40 Unsafe 8 errors 2" in line and "O2:5 O4:3" in line
     progress.finish()
     assert stream.getvalue().endswith(line + "\n")
+
+
+def test_an_audit_through_an_sglang_server_absorbs_its_faults(tmp_path: Path) -> None:
+    from sglang_server import FakeSGLang, Fault
+
+    make_folder(tmp_path / "imgs", 150)
+    with FakeSGLang(service_time=0.01) as server:
+        server.inject(Fault("503", path="/generate"), Fault("drop", path="/generate"), times=3)
+        options = {"url": server.url, "transport": "native", "backoff": 0.01, "backoff_max": 0.05}
+        engine = Engine("llavaguard", "sglang", mode="verdict", backend_options=options)
+        with ResultStore(tmp_path / "r.db", create=True) as store, engine:
+            stats = run_audit(engine, Source.open(str(tmp_path / "imgs")), store)
+        faulted = [r.fault for r in server.received if r.fault]
+        assert sorted(faulted) == ["503"] * 3 + ["drop"] * 3
+        assert server.counts["/generate"] == 150 + 6  # each fault cost one retry, no more
+    assert stats.assessed == 150 and stats.errors == 0
+    rows = rows_of(tmp_path / "r.db")
+    assert len(rows) == 150 and all(ok for _, ok in rows)
