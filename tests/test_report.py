@@ -18,15 +18,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from policy_engine import compile_policy, load_policy
-from policy_engine.audit.report import (
-    ERROR_EXAMPLES,
-    Summary,
-    render_text,
-    report_command,
-    summarize,
-    write_html,
-)
+from policy_engine.audit.report import report_command, write_html
+from policy_engine.audit.report_text import render_text
 from policy_engine.audit.store import ResultRow, ResultStore
+from policy_engine.audit.summary import ERROR_EXAMPLES, Summary, summarize
 
 SCRIPT = "<script>alert(1)</script>"
 JPEG_PREFIX = "data:image/jpeg;base64,"

@@ -1,0 +1,96 @@
+"""The report of an audit as text for a terminal: `render_text` of a `Summary`."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .summary import Summary, percent, utc_time
+
+__all__ = ["render_text"]
+
+
+def render_text(summary: Summary) -> str:
+    """A readable summary for a terminal."""
+    lines = [f"Audit report: {_t(summary.file)}"]
+    policy = summary.policy_id or "(unknown policy)"
+    if summary.policy_version:
+        policy += f" v{summary.policy_version}"
+    if summary.policy_hash:
+        policy += f" ({summary.policy_hash})"
+    meta = summary.meta
+    header = [
+        ("policy", policy),
+        ("backend", _join(meta.get("backend"), meta.get("mode") and f"mode {meta['mode']}")),
+        ("source", _join(meta.get("source"), meta.get("shard") and f"shard {meta['shard']}")),
+        ("started", utc_time(summary.started)),
+        ("finished", utc_time(summary.finished)),
+    ]
+    if summary.throughput:
+        t = summary.throughput
+        basis = "audit start to finish" if t.basis == "meta" else "first to last row written"
+        header.append(("throughput", f"{t.images_per_second:.2f} images/s ({basis})"))
+    if summary.generation_seconds is not None:
+        header.append(("model time", f"{summary.generation_seconds:.1f} s"))
+    lines += [f"  {key:<11}{_t(value)}" for key, value in header if value]
+    lines.append("")
+    if not summary.rows:
+        lines.append("no results yet")
+        return "\n".join(lines) + "\n"
+
+    done = f"{summary.rows}"
+    if summary.expected is not None:
+        done += f" of {summary.expected}"
+    lines += [
+        "Totals",
+        f"  {'rows':<11}{done}",
+        f"  {'ok':<11}{summary.ok}",
+        f"  {'errors':<11}{summary.errors}",
+        f"  {'flagged':<11}{summary.flagged} ({percent(summary.flagged, summary.rows)})",
+        "",
+    ]
+    lines += _text_counts("Ratings", summary.ratings, summary.rows)
+    if summary.categories:
+        lines.append("Categories (rows, flagged)")
+        width = max(len(_t(cid)) for cid in summary.categories)
+        for cid, stats in summary.categories.items():
+            name = f"  {_t(stats.name)}" if stats.name else ""
+            lines.append(f"  {_t(cid):<{width}}  {stats.rows:>7} {stats.flagged:>7}{name}")
+        lines.append("")
+    lines += _text_counts("Severities", summary.severities, summary.rows)
+    lines += _text_counts("Actions (rows carrying each)", summary.actions, summary.rows)
+    if summary.error_groups:
+        lines.append("Errors")
+        for kind, group in summary.error_groups.items():
+            lines.append(f"  {_t(kind)}: {group.count}")
+            lines += [f"    {_t(e['id'])}: {_t(e['message'])}" for e in group.examples]
+        lines.append("")
+    if summary.p_unsafe.count:
+        hist = summary.p_unsafe
+        lines.append(f"p_unsafe (n={hist.count}, mean {hist.mean:.3f})")
+        peak = max(hist.counts)
+        for i, count in enumerate(hist.counts):
+            bar = "#" * round(30 * count / peak) if peak else ""
+            low, high = hist.edges[i], hist.edges[i + 1]
+            lines.append(f"  {low:.1f}-{high:.1f} {count:>7} {bar}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _text_counts(title: str, counts: Counter[str], rows: int) -> list[str]:
+    if not counts:
+        return []
+    width = max(len(_t(k)) for k in counts)
+    out = [title]
+    for key, count in counts.most_common():
+        out.append(f"  {_t(key):<{width}}  {count:>7}  {percent(count, rows)}")
+    return [*out, ""]
+
+
+def _t(value: object) -> str:
+    """Data made safe for one line of a terminal: no line breaks, no control sequences."""
+    text = " ".join(str(value).splitlines())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _join(*parts: str | None) -> str:
+    return ", ".join(p for p in parts if p)
