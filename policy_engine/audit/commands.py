@@ -67,7 +67,7 @@ def audit(
     folder or parquet files). Kill it at any moment and run the same command again: it
     continues, and every input ends up exactly once in the results.
     """
-    from .runner import Progress, run_audit
+    from .runner import Progress, audit_meta, check_resumable, run_audit
     from .sources import Shard, Source
     from .store import ResultStore
 
@@ -77,6 +77,7 @@ def audit(
     engine = choice.build(concurrency=concurrency)
     show = progress if progress is not None else sys.stderr.isatty()
     with ResultStore(out, create=True, durable=durable) as store, engine:
+        check_resumable(store, audit_meta(engine, the_source, the_shard))  # before loading
         engine.load()
         stats = run_audit(
             engine,
