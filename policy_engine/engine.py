@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .compiler import CompiledPolicy, compile_policy
 from .components import MODES, Backend, Generation, Mode, PostProcessor, Request
@@ -116,7 +116,7 @@ class Engine:
         that has none of its own.
         """
         self.load()
-        batches = _batches(images, self.batch_size)
+        batches = batched(images, self.batch_size)
 
         def prepare_next() -> list[Request | Decision] | None:
             batch = next(batches, None)
@@ -155,7 +155,7 @@ class Engine:
         """Async twin of assess_many: up to `concurrency` batches in flight, order preserved."""
         await asyncio.to_thread(self.load)
         pending: deque[asyncio.Task[list[Decision]]] = deque()
-        for batch in _batches(images, self.batch_size):
+        for batch in batched(images, self.batch_size):
             pending.append(asyncio.create_task(self._arun_batch(batch, metadata)))
             if len(pending) >= self.depth:
                 for decision in await pending.popleft():
@@ -331,8 +331,12 @@ def _failed(requests: Sequence[Request], err: BackendError) -> list[Generation]:
     return [Generation(error=err.message, retryable=err.retryable) for _ in requests]
 
 
-def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    batch: list[Item] = []
+T = TypeVar("T")
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last may be shorter), lazily."""
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) >= size:

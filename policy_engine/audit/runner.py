@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ..engine import Engine
+from ..engine import Engine, batched
 from .sources import Shard, Source, SourceItem
 from .store import ResultRow, ResultStore, StoreError
 
@@ -132,7 +132,7 @@ def run_audit(
     pending: deque[SourceItem] = deque()
 
     def todo() -> Iterator[tuple[Any, dict[str, Any]]]:
-        for chunk in _chunks(item for item in source.items() if shard.holds(item.id)):
+        for chunk in batched((item for item in source.items() if shard.holds(item.id)), CHUNK):
             status = store.status([item.id for item in chunk])
             for item in chunk:
                 state = status.get(item.id)
@@ -173,17 +173,6 @@ def run_audit(
     if not stats.interrupted and not retry_errors:
         store.set_meta({"finished": str(time.time()), "total": str(store.count())})
     return stats
-
-
-def _chunks(items: Iterator[SourceItem]) -> Iterator[list[SourceItem]]:
-    chunk: list[SourceItem] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _source_key(source: Source) -> str:
