@@ -31,17 +31,15 @@ from policy_engine import (
 )
 from policy_engine.audit.evaluate import (
     EXCEPTION_REASON,
-    SWEEP_THRESHOLDS,
     EvalOptions,
-    LabelledSample,
-    Prediction,
     derive_exception_policy,
     eval_command,
-    evaluate,
-    roc_auc,
     run_eval,
 )
+from policy_engine.audit.labels import LabelledSample, Prediction
+from policy_engine.audit.metrics import SWEEP_THRESHOLDS, evaluate, roc_auc
 from policy_engine.audit.store import ResultRow, ResultStore
+from policy_engine.cli import assess
 from policy_engine.policy import ExceptionStatus
 
 CATEGORY_IDS = [f"O{i}" for i in range(1, 10)]
@@ -570,6 +568,39 @@ def test_label_metadata_reaches_post_processors(labelled_images: Path, tmp_path:
     assert blocked == ["images/s0.png", "images/s1.png"]
 
 
+def test_meta_is_request_metadata_under_the_labels_own(
+    labelled_images: Path, tmp_path: Path
+) -> None:
+    policy = tmp_path / "minors.yaml"
+    policy.write_text(
+        "extends: llavaguard\nid: minors\npostprocess:\n  - name: rules\n    params:\n"
+        "      rules:\n        - {when: {metadata: {audience: minors}}, then: block}\n",
+        encoding="utf-8",
+    )
+
+    def blocked(*meta: str) -> set[str]:
+        out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}.db"
+        args = [str(labelled_images), "-p", str(policy), *STATIC_UNSAFE, "--out", str(out)]
+        result = invoke(*args, *meta)
+        assert result.exit_code == 0, result.stderr
+        with ResultStore(out) as store:
+            return {r.id for r in store.rows() if "block" in r.actions and r.ok}
+
+    labelled_minors = {"images/s0.png", "images/s1.png"}
+    assert blocked() == labelled_minors
+    assert blocked("--meta", "audience=adults") == labelled_minors  # the labels win
+    everyone = blocked("--meta", "audience=minors")
+    assert everyone > labelled_minors and {"images/u0.png", "inline"} <= everyone
+
+
+def test_eval_takes_the_engine_options_of_assess() -> None:
+    own = {"images", "fmt", "progress"}
+    shared = [(p.name, p.opts, p.default) for p in assess.params if p.name not in own]
+    options = [(p.name, p.opts, p.default) for p in eval_command.params]
+    assert options[0][0] == "labels"
+    assert options[1 : 1 + len(shared)] == shared
+
+
 def test_score_mode_without_categories(labelled_images: Path) -> None:
     report = invoke_json(
         str(labelled_images), "--backend", "static", "-o", "p_unsafe=0.7", "--mode", "score"
@@ -707,10 +738,8 @@ def test_exception_engines_share_one_backend_and_see_the_derived_policies(
     host = PluginHost()
     host.register(Plugin(), name="exception-aware-plugin")
     ExceptionAware.made.clear()
-    report = run_eval(
-        EvalOptions(labels=str(labelled_images), backend="exception-aware", exceptions=True),
-        host=host,
-    )
+    args = [str(labelled_images), "--backend", "exception-aware", "--exceptions"]
+    report = run_eval(EvalOptions.from_args(args), host=host)
     assert report.evaluation.metrics.recall == 1.0  # the base policy: everything Unsafe
     assert report.exception_rate is not None and report.exception_rate.rate == 1.0
     assert [(r.category, r.safe) for r in report.exception_rate.per_category] == [
@@ -908,10 +937,14 @@ def test_bad_label_lines_name_file_and_line(tmp_path: Path, line: str, message: 
             "--backend cannot be used with --predictions",
         ),
         (("--predictions", "P", "--exceptions", "--out", "o.db"), "--out, --exceptions cannot"),
+        (("--predictions", "P", "--meta", "a=b"), "--meta cannot be used with --predictions"),
+        (("--predictions", "P", "--launch", "-m", "x"), "--model, --launch cannot be used"),
+        (("--predictions", "P", "-p", "llavaguard", "--mode", "full"), "--mode cannot be used"),
         (("--compare", "P", "--backend", "static"), "--compare needs --predictions"),
         (("--predictions", "missing.db"), "missing.db: no such results file"),
         (("--backend", "nonesuch"), "unknown backend 'nonesuch'"),
         (("--backend", "static", "-o", "novalue"), "--option 'novalue': expected KEY=VALUE"),
+        (("--backend", "static", "--meta", "=x"), "--meta '=x': expected KEY=VALUE"),
         (("--backend", "static", "-o", "colour=red"), "backend 'static'"),
         (("--backend", "static", "--out", "P"), "already exists"),
     ],

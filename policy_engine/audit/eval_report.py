@@ -1,0 +1,244 @@
+"""The report of `policy-engine eval`: what was measured, as JSON for scripts and text for people.
+
+`EvalReport` holds where the labels, policy and predictions came from, the evaluation, and
+optionally the policy exception rate and a comparison with a second run. Only the standard
+library, pydantic and policy_engine's light modules are imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .metrics import COMPARED_METRICS, Evaluation, ExceptionRate
+
+CHANGED_SHOWN = 20  # ids listed for fixed and broken samples in a comparison
+
+
+class PredictionsInfo(BaseModel):
+    kind: Literal["backend", "file"]
+    path: str | None = Field(default=None, description="The results file read or written.")
+    backend: str | None = None
+    mode: str | None = None
+    policy_id: str | None = None
+    policy_hash: str | None = None
+
+
+class Changes(BaseModel):
+    count: int
+    ids: list[str] = Field(description=f"The first {CHANGED_SHOWN}, in label order.")
+
+
+class Comparison(BaseModel):
+    """Run B (`--compare`) against run A (`--predictions`)."""
+
+    predictions: PredictionsInfo
+    other: Evaluation
+    difference: dict[str, float | None] = Field(description="B - A; null when either is.")
+    compared: int = Field(description="Samples with a prediction in both runs.")
+    fixed: Changes = Field(description="Wrong or invalid in A, right in B.")
+    broken: Changes = Field(description="Right in A, wrong or invalid in B.")
+
+
+class LabelsInfo(BaseModel):
+    path: str
+    samples: int
+    unsafe: int
+    safe: int
+    exception_samples: int
+
+
+class PolicyInfo(BaseModel):
+    id: str
+    version: str
+    hash: str
+
+
+class EvalReport(BaseModel):
+    labels: LabelsInfo
+    policy: PolicyInfo
+    predictions: PredictionsInfo
+    evaluation: Evaluation
+    exception_rate: ExceptionRate | None = None
+    compare: Comparison | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document of `--format json` (the evaluation's keys at the top level)."""
+        document: dict[str, Any] = {
+            "labels": self.labels.model_dump(mode="json"),
+            "policy": self.policy.model_dump(mode="json"),
+            "predictions": self.predictions.model_dump(mode="json"),
+            **self.evaluation.model_dump(mode="json"),
+        }
+        if self.exception_rate is not None:
+            document["exception_rate"] = self.exception_rate.model_dump(mode="json")
+        if self.compare is not None:
+            other = self.compare
+            document["compare"] = {
+                "predictions": other.predictions.model_dump(mode="json"),
+                **other.other.model_dump(mode="json"),
+                "difference": other.difference,
+                "compared": other.compared,
+                "fixed": other.fixed.model_dump(mode="json"),
+                "broken": other.broken.model_dump(mode="json"),
+            }
+        return document
+
+
+def _number(value: float | None, width: int = 7) -> str:
+    return f"{'n/a' if value is None else f'{value:.3f}':>{width}}"
+
+
+def _signed(value: float | None, width: int = 7) -> str:
+    return f"{'n/a' if value is None else f'{value:+.3f}':>{width}}"
+
+
+def _ids(ids: Sequence[str], count: int) -> str:
+    more = f", ... ({count - len(ids)} more)" if count > len(ids) else ""
+    return ", ".join(ids) + more
+
+
+def _matrix(matrix: Mapping[str, Mapping[str, int]], indent: str = "  ") -> list[str]:
+    columns = list(next(iter(matrix.values()), {}))
+    cells = [str(v) for r in matrix.values() for v in r.values()]
+    width = max([6, *(len(c) + 1 for c in columns), *(len(v) + 1 for v in cells)])
+    first = max([8, *(len(r) + 1 for r in matrix)])
+    lines = [indent + " " * first + "".join(f"{c:>{width}}" for c in columns)]
+    for row, counts in matrix.items():
+        lines.append(indent + f"{row:<{first}}" + "".join(f"{counts[c]:>{width}}" for c in columns))
+    return lines
+
+
+_METRIC_LINES = (
+    ("recall", "recall (TPR)"),
+    ("specificity", "specificity (TNR)"),
+    ("precision", "precision"),
+    ("f1", "F1"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("accuracy", "accuracy"),
+    ("category_accuracy", "category accuracy"),
+)
+
+
+def _evaluation_text(evaluation: Evaluation) -> list[str]:
+    c, m = evaluation.coverage, evaluation.metrics
+    share = f" ({c.invalid_share:.1%})" if c.invalid_share is not None else ""
+    lines = [
+        f"samples            {c.labelled} labelled, {c.predicted} predicted, "
+        f"{c.missing} missing, {c.invalid} invalid{share}",
+    ]
+    if c.missing:
+        lines.append(f"  missing (excluded): {_ids(c.missing_ids, c.missing)}")
+    if c.invalid:
+        lines.append(f"  invalid (excluded): {_ids(c.invalid_ids, c.invalid)}")
+    lines += [
+        f"metrics over {m.samples} valid predictions; Unsafe is the positive class",
+        f"  TP {m.tp}   FP {m.fp}   TN {m.tn}   FN {m.fn}",
+    ]
+    for key, label in _METRIC_LINES:
+        lines.append(f"  {label:<20}{_number(getattr(m, key))}")
+    lines.append(
+        f"  (category accuracy: of the {m.category_samples} labelled-Unsafe samples predicted "
+        "Unsafe, the share with the labelled category)"
+    )
+    if evaluation.scores is not None:
+        s = evaluation.scores
+        lines.append(
+            f"  {'ROC-AUC':<20}{_number(s.roc_auc)}   ({s.scored} scored: "
+            f"{s.positives} Unsafe, {s.negatives} Safe)"
+        )
+    lines += ["", "rating confusion (rows: labelled, columns: predicted)"]
+    lines += _matrix(evaluation.confusion.rating)
+    lines += [
+        "",
+        "per category (recall: labelled Unsafe predicted Unsafe; cat. acc.: of those, right "
+        "category; accuracy: right rating)",
+        f"  {'category':<10}{'support':>8}{'unsafe':>8}{'recall':>8}{'cat.acc':>8}{'accuracy':>9}",
+    ]
+    for row in evaluation.per_category:
+        lines.append(
+            f"  {row.category:<10}{row.support:>8}{row.unsafe:>8}{_number(row.recall, 8)}"
+            f"{_number(row.category_accuracy, 8)}{_number(row.accuracy, 9)}"
+        )
+    if evaluation.confusion.category:
+        lines += ["", "category confusion (rows: labelled, columns: predicted)"]
+        lines += _matrix(evaluation.confusion.category)
+    if evaluation.scores is not None:
+        lines += [
+            "",
+            "threshold sweep (Unsafe when p_unsafe >= threshold)",
+            f"  {'threshold':>9}{'recall':>9}{'spec.':>9}{'prec.':>9}{'F1':>9}{'bal.acc':>9}",
+        ]
+        for p in evaluation.scores.sweep:
+            lines.append(
+                f"  {p.threshold:>9.2f}{_number(p.recall, 9)}{_number(p.specificity, 9)}"
+                f"{_number(p.precision, 9)}{_number(p.f1, 9)}{_number(p.balanced_accuracy, 9)}"
+            )
+    if evaluation.labelled_exceptions is not None:
+        lines += [""]
+        lines += _exception_text(
+            "labelled exception samples (Safe only by a policy exception) rated Safe",
+            evaluation.labelled_exceptions,
+        )
+    return lines
+
+
+def _exception_text(title: str, rate: ExceptionRate) -> list[str]:
+    invalid = f", {rate.invalid} invalid (excluded)" if rate.invalid else ""
+    lines = [f"{title}: {_number(rate.rate, 0)} ({rate.safe} of {rate.valid}{invalid})"]
+    lines.append(f"  {'category':<10}{'samples':>8}{'safe':>8}{'invalid':>8}{'rate':>8}")
+    for row in rate.per_category:
+        lines.append(
+            f"  {row.category:<10}{row.samples:>8}{row.safe:>8}{row.invalid:>8}"
+            f"{_number(row.rate, 8)}"
+        )
+    return lines
+
+
+def render_text(report: EvalReport) -> str:
+    """The report for people: aligned columns, undefined ratios as n/a."""
+    labels, policy, source = report.labels, report.policy, report.predictions
+    if source.kind == "backend":
+        saved = f", saved to {source.path}" if source.path else ""
+        origin = f"backend {source.backend} (mode {source.mode}){saved}"
+    else:
+        origin = f"predictions {source.path}"
+    lines = [
+        f"eval: {labels.path} ({labels.samples} samples: {labels.unsafe} Unsafe, "
+        f"{labels.safe} Safe)",
+        f"policy {policy.id} v{policy.version} ({policy.hash[:19]}), {origin}",
+        "",
+        *_evaluation_text(report.evaluation),
+    ]
+    if report.exception_rate is not None:
+        lines += [""]
+        lines += _exception_text(
+            "policy exception rate (labelled-Unsafe samples rated Safe once their category is "
+            "declared non-violating)",
+            report.exception_rate,
+        )
+    if report.compare is not None:
+        other = report.compare
+        a, b = report.evaluation.values(), other.other.values()
+        lines += [
+            "",
+            f"compare: A = {source.path}, B = {other.predictions.path}",
+            f"  {'metric':<20}{'A':>8}{'B':>8}{'B - A':>8}",
+        ]
+        for key in COMPARED_METRICS:
+            lines.append(
+                f"  {key.replace('_', ' '):<20}{_number(a[key], 8)}{_number(b[key], 8)}"
+                f"{_signed(other.difference[key], 8)}"
+            )
+        lines.append(
+            f"  changed, of {other.compared} samples predicted in both: {other.fixed.count} "
+            f"fixed (wrong in A, right in B), {other.broken.count} broken (right in A, wrong in B)"
+        )
+        if other.fixed.count:
+            lines.append(f"  fixed:  {_ids(other.fixed.ids, other.fixed.count)}")
+        if other.broken.count:
+            lines.append(f"  broken: {_ids(other.broken.ids, other.broken.count)}")
+        lines += ["", f"B ({other.predictions.path}):", *_evaluation_text(other.other)]
+    return "\n".join(lines) + "\n"
