@@ -6,6 +6,7 @@ policy, unknown name, bad option). Plugins add commands through `register_comman
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -25,8 +26,30 @@ from .policy import PolicyFile
 POLICY_HELP = "A shipped policy name (see `policy-engine policies`) or a path to a YAML file."
 
 
+# Built-in commands that live in their own packages, imported when used (or listed by --help):
+# `import policy_engine.cli` stays light, and those modules may import this one.
+LAZY_COMMANDS = {
+    "audit": ("policy_engine.audit.commands", "audit"),
+    "eval": ("policy_engine.audit.evaluate", "eval_command"),
+    "export": ("policy_engine.audit.commands", "export_command"),
+    "merge": ("policy_engine.audit.commands", "merge"),
+    "report": ("policy_engine.audit.report", "report_command"),
+    "test": ("policy_engine.audit.commands", "test_command"),
+}
+
+
 class _Group(click.Group):
     """Turns the engine's errors into clean messages and exit codes: never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None and name in LAZY_COMMANDS:
+            module, attribute = LAZY_COMMANDS[name]
+            command = getattr(importlib.import_module(module), attribute)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -407,16 +430,6 @@ def _echo_row(decision: Any) -> None:
         click.echo(f"  -> {action.name} {extra}".rstrip())
     if v.rationale:
         click.echo(f"  {v.rationale}")
-
-
-def _add_builtin_commands() -> None:
-    from .audit.commands import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_add_builtin_commands()
 
 
 def build_cli() -> click.Group:

@@ -14,8 +14,6 @@ import click
 
 from ..cli import EngineChoice, engine_options
 from ..errors import PolicyEngineError
-from .evaluate import eval_command
-from .report import report_command
 
 
 @click.command()
@@ -191,6 +189,3 @@ def test_command(policy: str, as_json: bool, **params: Any) -> None:
     click.echo(summary if not failed else f"error: {summary}", err=True)
     if failed:
         sys.exit(1)
-
-
-COMMANDS = (audit, merge, export_command, report_command, eval_command, test_command)
