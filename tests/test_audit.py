@@ -430,3 +430,16 @@ def test_an_audit_through_an_sglang_server_absorbs_its_faults(tmp_path: Path) ->
     assert stats.assessed == 150 and stats.errors == 0
     rows = rows_of(tmp_path / "r.db")
     assert len(rows) == 150 and all(ok for _, ok in rows)
+
+
+def test_inputs_sharing_an_id_are_counted_and_said(tmp_path: Path) -> None:
+    make_folder(tmp_path, 3)
+    lines = [{"id": "same", "path": "00001.png"}, {"id": "same", "path": "00002.png"}]
+    lines += [{"id": f"n{n}", "path": "00001.png"} for n in range(300)]  # past one chunk
+    lines.append({"id": "n5", "path": "00002.png"})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    result = run_cli("audit", str(tmp_path / "m.jsonl"), *STATIC, "--out", str(tmp_path / "r.db"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["total"] == 301 and summary["run"]["duplicates"] == 2
+    assert "note: 2 inputs share their id with another input" in result.stderr

@@ -95,6 +95,12 @@ def audit(
             err=True,
         )
         sys.exit(130)
+    if stats.duplicates:
+        click.echo(
+            f"note: {stats.duplicates:,} inputs share their id with another input; the results "
+            "hold one row per id (give manifests unique ids)",
+            err=True,
+        )
     if errors:
         click.echo(
             f"{errors:,} of {total:,} rows are errors: `policy-engine report {out}` shows why, "

@@ -33,6 +33,8 @@ class AuditStats:
 
     assessed: int = 0
     skipped: int = 0  # already in the results file
+    seen: int = 0  # inputs of this shard read from the source
+    duplicates: int = 0  # inputs whose id another input already has (one row per id)
     errors: int = 0
     ratings: Counter[str] = field(default_factory=Counter)
     categories: Counter[str] = field(default_factory=Counter)
@@ -49,6 +51,7 @@ class AuditStats:
             "assessed": self.assessed,
             "skipped": self.skipped,
             "errors": self.errors,
+            "duplicates": self.duplicates,
             "ratings": dict(self.ratings),
             "categories": dict(self.categories),
             "seconds": round(self.seconds, 3),
@@ -134,6 +137,7 @@ def run_audit(
     def todo() -> Iterator[tuple[Any, dict[str, Any]]]:
         for chunk in batched((item for item in source.items() if shard.holds(item.id)), CHUNK):
             status = store.status([item.id for item in chunk])
+            stats.seen += len(chunk)
             for item in chunk:
                 state = status.get(item.id)
                 if (state is False) if retry_errors else (state is None):
@@ -171,7 +175,9 @@ def run_audit(
         if progress is not None:
             progress.finish()
     if not stats.interrupted and not retry_errors:
-        store.set_meta({"finished": str(time.time()), "total": str(store.count())})
+        total = store.count()
+        stats.duplicates = max(0, stats.seen - total)
+        store.set_meta({"finished": str(time.time()), "total": str(total)})
     return stats
 
 
