@@ -34,6 +34,7 @@ LAZY_COMMANDS = {
     "export": ("policy_engine.audit.commands", "export_command"),
     "merge": ("policy_engine.audit.commands", "merge"),
     "report": ("policy_engine.audit.report", "report_command"),
+    "serve": ("policy_engine.serve.command", "serve_command"),
     "test": ("policy_engine.audit.commands", "test_command"),
 }
 

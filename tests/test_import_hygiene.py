@@ -21,6 +21,13 @@ FORBIDDEN = (
     "sglang",
     "aiohttp",
     "pyarrow",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "multipart",
+    "python_multipart",
+    "openai",
+    "schemathesis",
 )
 
 PROBE = """

@@ -1,0 +1,276 @@
+"""`policy-engine serve`: the HTTP service (docs/serve.md).
+
+Imported by the CLI at start-up, so this module imports only click and the CLI's own helpers;
+FastAPI, uvicorn and the engine are imported inside the command.
+
+Start-up order: refuse a non-loopback address without API keys; load and compile the policies
+and build the backend (not loaded); bind the socket; then serve, loading the backend in the
+background (`/readyz` says when it is done). Every failure up to here is one line on stderr.
+SIGTERM or SIGINT stop accepting connections, let in-flight requests finish (at most
+`--shutdown-timeout` seconds), close the backend and exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..cli import POLICY_HELP, EngineChoice, engine_options
+from ..errors import BackendUnavailableError, PolicyEngineError
+from .settings import DEFAULT_API_KEY_ENV, ServeSettings, api_keys_from_env, is_loopback
+
+if TYPE_CHECKING:
+    from .accesslog import EventLog
+    from .pool import EnginePool
+
+INSTALL_HINT = "pip install 'policy-engine[serve]'"
+LOG_CONFIG: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "policy_engine.serve.accesslog.JsonFormatter"}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "loggers": {
+        "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        "uvicorn.error": {"level": "INFO"},
+        "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+    },
+}
+
+
+@click.command(name="serve")
+@click.option(
+    "--policy",
+    "-p",
+    "policies",
+    multiple=True,
+    metavar="POLICY",
+    help=f"{POLICY_HELP} Repeatable; the first is the default. [default: llavaguard]",
+)
+@engine_options(policy=False)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but loopback requires API keys.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port (0: a free one, shown in the 'listening' log line).",
+)
+@click.option(
+    "--api-key-env",
+    default=DEFAULT_API_KEY_ENV,
+    show_default=True,
+    metavar="NAME",
+    help="Environment variable holding the accepted API keys, comma-separated. With keys set, "
+    "every endpoint but /healthz and /readyz needs 'Authorization: Bearer KEY'.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Requests being assessed at once.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Requests admitted to wait for a slot; beyond: 429 with Retry-After.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    help="Seconds per request, queueing included; beyond: 504.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=20.0,
+    show_default=True,
+    help="Request body size limit in MiB; beyond: 413.",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Width x height limit per image, checked before decoding; beyond: 422. "
+    "[default: the engine's, 64000000]",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to let in-flight requests finish on SIGTERM/SIGINT.",
+)
+def serve_command(
+    policies: tuple[str, ...],
+    host: str,
+    port: int,
+    api_key_env: str,
+    max_concurrency: int,
+    max_queue: int,
+    timeout: float,
+    max_body_mb: float,
+    max_pixels: int | None,
+    shutdown_timeout: float,
+    **params: Any,
+) -> None:
+    """Serve policies over HTTP: OpenAI-compatible /v1/moderations and the native /v1/assess.
+
+    One backend (--backend and its options) serves every --policy; clients choose the policy by
+    its id. Logs are JSON lines on stderr. See docs/serve.md.
+    """
+    keys = api_keys_from_env(api_key_env)
+    if not keys and not is_loopback(host):
+        raise PolicyEngineError(
+            f"refusing to serve on {host} without API keys: set {api_key_env}=KEY[,KEY...] "
+            "or listen on a loopback address (--host 127.0.0.1)"
+        )
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise BackendUnavailableError(
+            f"the HTTP service needs FastAPI and uvicorn: {INSTALL_HINT}"
+        ) from None
+    from .accesslog import EventLog
+
+    choice = EngineChoice.pop(params, policy=(policies or ("llavaguard",))[0])
+    settings = ServeSettings(
+        host=host,
+        port=port,
+        api_keys=keys,
+        api_key_env=api_key_env,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        timeout=timeout,
+        max_body_bytes=max(1, int(max_body_mb * 1024 * 1024)),
+        shutdown_timeout=shutdown_timeout,
+        default_metadata=choice.metadata,
+    )
+    pool = _build_pool(choice, policies or ("llavaguard",), settings, max_pixels)
+    sock = _bind(host, port)
+    log = EventLog()
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    log.emit(
+        "listening",
+        url=f"http://{shown}:{bound[1]}",
+        policies=list(pool.policies),
+        backend=pool.backend.name,
+        auth=settings.auth,
+    )
+    _run(settings, pool, sock, log)
+
+
+def _build_pool(
+    choice: EngineChoice,
+    policies: tuple[str, ...],
+    settings: ServeSettings,
+    max_pixels: int | None,
+) -> EnginePool:
+    from ..host import get_host
+    from ..images import DEFAULT_MAX_PIXELS
+    from .pool import EnginePool
+
+    options = choice.backend_options()
+    backend_cls = get_host().backend(choice.backend)
+    if "concurrency" in backend_cls.Options.model_fields:
+        options.setdefault("concurrency", settings.max_concurrency)
+    return EnginePool(
+        list(policies),
+        choice.backend,
+        backend_options=options,
+        mode=choice.mode,  # type: ignore[arg-type]
+        batch_size=choice.batch_size,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, so that errors are ours to word and port 0 can be reported."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise PolicyEngineError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise PolicyEngineError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def _run(settings: ServeSettings, pool: EnginePool, sock: socket.socket, log: EventLog) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn's, minus re-raising the signal once drained: a clean drain exits 0.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    server: Server | None = None
+
+    def stop_on_load_error(message: str) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, pool, log=log, on_load_error=stop_on_load_error)
+    config = uvicorn.Config(
+        app,
+        http="h11",
+        ws="none",
+        loop="asyncio",
+        lifespan="on",
+        access_log=False,
+        log_config=LOG_CONFIG,
+        server_header=False,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+    )
+    server = Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if pool.failure is not None:
+        if isinstance(pool.failure, PolicyEngineError):
+            raise pool.failure
+        raise BackendUnavailableError(f"the backend could not be loaded: {pool.error}")

@@ -1,0 +1,148 @@
+"""OpenAI's moderation API on top of Decisions.
+
+Input: a list of parts (`text` and `image_url`) is one input and gets one result, as in
+OpenAI's multimodal moderation; each image part is judged, text parts are not (the service
+judges images), and input made only of text is refused with 400. Images must be data URLs: the
+service never fetches a remote URL (no server-side request forgery).
+
+Result, for a policy with categories O1..On (the category keys are the policy's ids):
+
+- `flagged`: some image was rated Unsafe.
+- `categories[c]`: c is the category of an Unsafe verdict (or one of its `categories`).
+- `category_scores[c]`: with category scores from the backend, P(Unsafe) x score(c) (the joint
+  probability, as the `thresholds` post-processor uses it) or score(c) when P(Unsafe) is
+  missing; otherwise P(Unsafe) for the verdict's category (1.0 for an Unsafe verdict without a
+  score) and 0.0 for the others. Several images: the maximum.
+- `category_applied_input_types[c]`: ["image"] for flagged categories, [] otherwise.
+- `policy_engine`: the deciding image's rating, category, P(Unsafe) and actions (the most
+  likely Unsafe image, else the first), every image's, and the policy's id, version and hash.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+
+from ..compiler import CompiledPolicy
+from ..verdict import Decision, Verdict
+from .errors import ApiError
+from .models import (
+    ImageJudgement,
+    ImagePart,
+    ModerationExtension,
+    ModerationRequest,
+    ModerationResponse,
+    ModerationResult,
+)
+
+TEXT_ONLY = (
+    "this service judges images: send `input` as a list of parts with at least one "
+    '{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}; text is not judged'
+)
+REMOTE_URL = (
+    "image_url.url must be a data URL (data:image/png;base64,...): the service never fetches "
+    "remote URLs"
+)
+
+
+def image_urls(request: ModerationRequest) -> list[str]:
+    """The data URLs to judge, in input order; ApiError 400 for text-only input or a URL that is
+    not a data URL."""
+    parts = request.input
+    if isinstance(parts, str):
+        raise ApiError(400, "image_required", TEXT_ONLY, param="input")
+    urls: list[str] = []
+    for index, part in enumerate(parts):
+        if not isinstance(part, ImagePart):
+            continue
+        url = part.image_url.url
+        if url[:5].lower() != "data:":
+            raise ApiError(
+                400, "invalid_image_url", REMOTE_URL, param=f"input.{index}.image_url.url"
+            )
+        urls.append(url)
+    if not urls:
+        raise ApiError(400, "image_required", TEXT_ONLY, param="input")
+    return urls
+
+
+def _unit(value: float) -> float:
+    """A score as a finite number in [0, 1]."""
+    return 0.0 if not math.isfinite(value) else min(1.0, max(0.0, value))
+
+
+def flagged_categories(verdict: Verdict, ids: Sequence[str]) -> set[str]:
+    if verdict.rating != "Unsafe":
+        return set()
+    found = {verdict.category_id, *(verdict.categories or [])}
+    return {c for c in ids if c in found}
+
+
+def category_scores(verdict: Verdict, ids: Sequence[str]) -> dict[str, float]:
+    p_unsafe = verdict.p_unsafe
+    if verdict.category_scores:
+        scale = p_unsafe if p_unsafe is not None else 1.0
+        return {c: _unit(verdict.category_scores.get(c, 0.0) * scale) for c in ids}
+    flagged = flagged_categories(verdict, ids)
+    if verdict.category_id is not None and verdict.category_id in ids and p_unsafe is not None:
+        flagged.add(verdict.category_id)  # a Safe verdict may still name the closest category
+    value = p_unsafe if p_unsafe is not None else 1.0
+    return {c: _unit(value) if c in flagged else 0.0 for c in ids}
+
+
+def _judgement(decision: Decision) -> ImageJudgement:
+    verdict = decision.verdict
+    assert verdict.rating is not None, "error verdicts are answered before results are built"
+    return ImageJudgement(
+        rating=verdict.rating,
+        category_id=verdict.category_id,
+        category_name=verdict.category_name,
+        p_unsafe=verdict.p_unsafe,
+        actions=list(decision.actions),
+    )
+
+
+def _weight(decision: Decision) -> tuple[bool, float]:
+    verdict = decision.verdict
+    unsafe = verdict.rating == "Unsafe"
+    score = verdict.p_unsafe if verdict.p_unsafe is not None else (1.0 if unsafe else 0.0)
+    return unsafe, score
+
+
+def moderation_result(compiled: CompiledPolicy, decisions: Sequence[Decision]) -> ModerationResult:
+    """One result for the images of one input (every Decision has a rating)."""
+    policy = compiled.policy
+    ids = [c.id for c in policy.categories]
+    flagged: set[str] = set()
+    scores = dict.fromkeys(ids, 0.0)
+    for decision in decisions:
+        flagged |= flagged_categories(decision.verdict, ids)
+        for c, value in category_scores(decision.verdict, ids).items():
+            scores[c] = max(scores[c], value)
+    judgements = [_judgement(d) for d in decisions]
+    deciding = max(range(len(decisions)), key=lambda i: (*_weight(decisions[i]), -i))
+    extension = ModerationExtension(
+        **judgements[deciding].model_dump(),
+        policy_id=policy.id,
+        policy_version=policy.version,
+        policy_hash=compiled.hash,
+        images=judgements,
+    )
+    return ModerationResult(
+        flagged=any(d.verdict.rating == "Unsafe" for d in decisions),
+        categories={c: c in flagged for c in ids},
+        category_scores=scores,
+        category_applied_input_types={c: ["image"] if c in flagged else [] for c in ids},
+        policy_engine=extension,
+    )
+
+
+def moderation_response(
+    compiled: CompiledPolicy, decisions: Sequence[Decision]
+) -> ModerationResponse:
+    return ModerationResponse(
+        id=f"modr-{uuid.uuid4().hex}",
+        model=compiled.policy.id,
+        results=[moderation_result(compiled, decisions)],
+    )

@@ -1,0 +1,128 @@
+"""The policies a service judges against, and the one backend they all share.
+
+One backend instance serves every policy: `Engine(policy, backend, mode=...)` per (policy, mode),
+created on first use and kept. The pool loads the backend once (`load`, which the app's lifespan
+runs in a worker thread while the service already answers `/healthz`) and closes it once
+(`close`); engines never load or close it themselves.
+
+Only the engine's own modules are imported here: no web framework.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..components import MODES, Backend, Mode
+from ..engine import Engine
+from ..errors import PolicyEngineError
+from ..host import PluginHost, get_host
+from ..images import DEFAULT_MAX_PIXELS
+from ..loader import load_policy
+from ..policy import Policy
+
+
+class ModeUnavailableError(PolicyEngineError):
+    """A mode the pool's backend cannot run (score mode without token scores)."""
+
+
+class EnginePool:
+    """Policies by id (the first is the default), one shared backend, engines per mode.
+
+    Construction loads and compiles every policy and builds the engine of each policy in the
+    default `mode`, so a bad policy, post-processor parameters or a mode the backend cannot run
+    fail here (PolicyEngineError), before the service binds a port. Nothing heavy happens until
+    `load()`.
+    """
+
+    def __init__(
+        self,
+        policies: Sequence[Policy | str | Path],
+        backend: Backend | str,
+        *,
+        backend_options: dict[str, Any] | None = None,
+        mode: Mode = "full",
+        batch_size: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        host: PluginHost | None = None,
+    ) -> None:
+        self.host = host or get_host()
+        if mode not in MODES:
+            raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        if isinstance(backend, str):
+            backend = self.host.backend(backend)(**(backend_options or {}))
+        elif backend_options:
+            raise PolicyEngineError("backend_options only apply when the backend is given by name")
+        self.backend: Backend = backend
+        self.mode: Mode = mode
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.policies: dict[str, Policy] = {}
+        for ref in policies:
+            policy = ref if isinstance(ref, Policy) else load_policy(ref, host=self.host)
+            if policy.id in self.policies:
+                raise PolicyEngineError(
+                    f"two policies have the id {policy.id!r}: the service names policies by id"
+                )
+            self.policies[policy.id] = policy
+        if not self.policies:
+            raise PolicyEngineError("the service needs at least one policy (--policy)")
+        self.default = next(iter(self.policies))
+        self._engines: dict[tuple[str, Mode], Engine] = {}
+        self._lock = threading.Lock()
+        self.ready = False
+        self.error: str | None = None
+        self.failure: BaseException | None = None
+        for policy_id in self.policies:
+            self.engine(policy_id, mode)
+
+    @property
+    def modes(self) -> tuple[Mode, ...]:
+        """The modes this backend can run."""
+        return tuple(m for m in MODES if m != "score" or self.backend.capabilities.scores)
+
+    def engine(self, policy_id: str, mode: Mode | None = None) -> Engine:
+        """The engine of a loaded policy in `mode` (default: the pool's). KeyError for an
+        unknown policy id; ModeUnavailableError for a mode the backend cannot run."""
+        mode = mode or self.mode
+        policy = self.policies[policy_id]
+        if mode not in self.modes:
+            raise ModeUnavailableError(
+                f"backend {self.backend.name!r} cannot run mode {mode!r}; "
+                f"modes: {', '.join(self.modes)}"
+            )
+        key = (policy_id, mode)
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = Engine(
+                    policy,
+                    self.backend,
+                    mode=mode,
+                    batch_size=self.batch_size,
+                    max_pixels=self.max_pixels,
+                    host=self.host,
+                )
+                self._engines[key] = engine
+            return engine
+
+    def load(self) -> None:
+        """Load the backend (weights, connections), once. Blocking: run it in a thread.
+        On failure `error` holds the message and the exception propagates."""
+        try:
+            if not self.backend.loaded:
+                self.backend.load()
+                self.backend.loaded = True
+        except PolicyEngineError as err:
+            self.error, self.failure = err.message, err
+            raise
+        except Exception as err:  # a backend bug must still leave a readable state
+            self.error, self.failure = f"{type(err).__name__}: {err}", err
+            raise
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        self.backend.close()
