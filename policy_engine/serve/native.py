@@ -141,7 +141,9 @@ async def _read_form(request: Request, max_part_size: int) -> Item:
 
 
 async def _text(found: list[UploadFile | str], key: str) -> str | None:
-    """A field's text; a part sent as a file (e.g. metadata as application/json) is read."""
+    """A field's text; a part sent as a file (e.g. metadata as application/json) is read.
+    An absent field is None; an empty one stays "" and is refused like the JSON body refuses
+    it (a templated `-F policy=$P` with $P unset must not fall back to the default policy)."""
     if not found:
         return None
     value = found[0]
@@ -152,7 +154,7 @@ async def _text(found: list[UploadFile | str], key: str) -> str | None:
             raise ApiError(
                 422, "invalid_request", f"{key}: must be UTF-8 text", param=key
             ) from None
-    return value or None
+    return value
 
 
 def _mode(value: str | None) -> ModeName | None:
