@@ -128,6 +128,11 @@ class SGLangOptions(BaseModel):
     top_logprobs: int = Field(
         default=20, ge=2, le=20, description="openai score mode: top logprobs to read."
     )
+    score_answers: bool = Field(
+        default=False,
+        description="full/verdict: also ask P(Unsafe) (one 1-token request per image, sent "
+        "alongside; SGLang reuses the cached prompt) for rules and thresholds that use it.",
+    )
     launch: bool = Field(
         default=False, description="Start `python -m sglang.launch_server` (needs sglang, a GPU)."
     )
@@ -369,20 +374,31 @@ class SGLangBackend(Backend):
 
     async def _run_group(self, group: list[_Item]) -> None:
         started = time.perf_counter()
+        scoring = self.options.score_answers and group[0].request.mode != "score"
+        score_group = [_Item(replace(i.request, mode="score"), i.index, i.image_url) for i in group]
+        answers, scores = await asyncio.gather(
+            self._answers(group),
+            self._answers(score_group) if scoring else asyncio.sleep(0, result=None),
+        )
+        seconds = time.perf_counter() - started
+        for at, (item, result) in enumerate(zip(group, answers, strict=True)):
+            result.timings.setdefault("http", seconds)
+            if scores is not None and result.error is None and scores[at].error is None:
+                result.p_unsafe = scores[at].p_unsafe  # a failed score leaves the answer as it is
+            item.result = result
+
+    async def _answers(self, group: list[_Item]) -> list[Generation]:
+        """The group's answers (one per item); a request that finally failed is each item's
+        error."""
         try:
             if self.options.transport == "openai":
-                results = [await self._openai(group[0])]
-            else:
-                results = await self._native(group)
+                return [await self._openai(group[0])]
+            return await self._native(group)
         except Failed as err:
-            results = [
+            return [
                 Generation(error=err.message, retryable=err.retryable, model=self.model_name)
                 for _ in group
             ]
-        seconds = time.perf_counter() - started
-        for item, result in zip(group, results, strict=True):
-            result.timings.setdefault("http", seconds)
-            item.result = result
 
     def budget(self, request: Request) -> int:
         return (

@@ -621,3 +621,22 @@ def test_a_server_without_the_transports_api_is_told_apart() -> None:
             assert e.backend.loaded
     finally:
         httpd.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_score_answers_adds_p_unsafe_to_full_answers(
+    server: FakeSGLang, transport: str, images: list[Path]
+) -> None:
+    with engine(server.url, transport, "score") as e:
+        expected = [d.verdict.p_unsafe for d in e.assess_many(images)]
+    path = "/v1/chat/completions" if transport == "openai" else "/generate"
+    server.clear()
+    with engine(server.url, transport, "full", score_answers=True) as e:
+        decisions = list(e.assess_many(images))
+    assert server.counts[path] == 2 * len(images)  # the answer and its score, per image
+    assert all(d.verdict.ok and d.verdict.rationale for d in decisions)
+    assert [d.verdict.p_unsafe for d in decisions] == pytest.approx(expected, rel=1e-12)
+    server.clear()
+    with engine(server.url, transport, "full") as e:  # off by default: no extra request
+        assert all(d.verdict.p_unsafe is None for d in e.assess_many(images[:2]))
+    assert server.counts[path] == 2
