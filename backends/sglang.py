@@ -66,6 +66,7 @@ from policy_engine.errors import (
     ImageError,
     PolicyEngineError,
 )
+from policy_engine.images import LoadedImage
 
 from .chat_templates import TEMPLATES, ChatTemplate, JinjaTemplate, guess_template, template_for
 from .http_client import BadReply, Failed, HttpClient, Settings, normalize_url
@@ -124,6 +125,12 @@ class SGLangOptions(BaseModel):
     )
     image_format: Literal["PNG", "JPEG", "WEBP"] = Field(
         default="PNG", description="How images travel (PNG: lossless)."
+    )
+    max_side: int | None = Field(
+        default=None,
+        ge=16,
+        description="Shrink images whose longer side exceeds this before sending (aspect kept): "
+        "less bandwidth for photos the server's processor would shrink anyway.",
     )
     top_logprobs: int = Field(
         default=20, ge=2, le=20, description="openai score mode: top logprobs to read."
@@ -361,7 +368,7 @@ class SGLangBackend(Backend):
         open_groups: dict[tuple[str, str], list[_Item]] = {}
         for item in items:
             try:
-                item.image_url = data_url(item.request.image.to_bytes(self.options.image_format))
+                item.image_url = data_url(self._encode(item.request.image))
             except (ImageError, ValueError) as err:
                 item.result = Generation(error=str(err), model=self.model_name)
                 continue
@@ -371,6 +378,17 @@ class SGLangBackend(Backend):
             if len(group) >= size:
                 yield open_groups.pop(key)
         yield from open_groups.values()
+
+    def _encode(self, image: LoadedImage) -> bytes:
+        """The image as it travels: shrunk to `max_side` when larger, then encoded."""
+        limit = self.options.max_side
+        if limit is not None and max(image.image.size) > limit:
+            from PIL import Image
+
+            smaller = image.image.copy()
+            smaller.thumbnail((limit, limit), Image.Resampling.LANCZOS)
+            image = replace(image, image=smaller)
+        return image.to_bytes(self.options.image_format)
 
     async def _run_group(self, group: list[_Item]) -> None:
         started = time.perf_counter()

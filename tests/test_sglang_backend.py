@@ -640,3 +640,20 @@ def test_score_answers_adds_p_unsafe_to_full_answers(
     with engine(server.url, transport, "full") as e:  # off by default: no extra request
         assert all(d.verdict.p_unsafe is None for d in e.assess_many(images[:2]))
     assert server.counts[path] == 2
+
+
+def test_max_side_shrinks_large_images_before_sending(
+    server: FakeSGLang, images: list[Path]
+) -> None:
+    with engine(server.url, "native", "verdict", max_side=64) as e:
+        decisions = list(e.assess_many(images))
+    assert all(d.verdict.ok for d in decisions)
+    expected = []
+    for path in images:
+        image = load_image(path).image.copy()
+        image.thumbnail((64, 64))  # the longer side to 64, aspect kept; smaller ones untouched
+        expected.append(image.size)
+    sent = [decode_data_url(b["image_data"]).size for b in posted(server, "/generate")]
+    assert sorted(sent) == sorted(expected)
+    assert any(max(load_image(p).image.size) > 64 for p in images)  # something was shrunk
+    assert all(max(size) <= 64 for size in sent)
