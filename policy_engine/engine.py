@@ -56,12 +56,7 @@ class Engine:
         else:
             self.policy = load_policy(policy, host=self.host)
         self.compiled: CompiledPolicy = compile_policy(self.policy, host=self.host)
-        if isinstance(backend, str):
-            backend_cls = self.host.backend(backend)
-            backend = backend_cls(**(backend_options or {}))
-        elif backend_options:
-            raise PolicyEngineError("backend_options only apply when the backend is given by name")
-        self.backend = backend
+        self.backend = backend = make_backend(backend, backend_options, self.host)
         caps = backend.capabilities
         if mode == "score" and not caps.scores:
             raise PolicyEngineError(
@@ -332,6 +327,18 @@ def _failed(requests: Sequence[Request], err: BackendError) -> list[Generation]:
 
 
 T = TypeVar("T")
+
+
+def make_backend(
+    backend: Backend | str, options: dict[str, Any] | None, host: PluginHost
+) -> Backend:
+    """A backend by registered name with its options validated (not loaded), or the given
+    instance as it is; options only apply to a name."""
+    if isinstance(backend, str):
+        return host.backend(backend)(**(options or {}))
+    if options:
+        raise PolicyEngineError("backend_options only apply when the backend is given by name")
+    return backend
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

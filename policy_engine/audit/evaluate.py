@@ -281,7 +281,7 @@ def _file_info(path: str, meta: Mapping[str, str]) -> PredictionsInfo:
 
 
 def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
-    from ..engine import Engine
+    from ..engine import Engine, make_backend
 
     choice = opts.engine
     if choice.mode not in get_args(Mode):
@@ -305,7 +305,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
     }
     # One backend instance (weights loaded once) shared by the engine of every policy: hence
     # not EngineChoice.build, whose Engine makes a backend of its own.
-    backend: Backend = host.backend(choice.backend)(**backend_options)
+    backend: Backend = make_backend(choice.backend, backend_options, host)
     show = opts.progress if opts.progress is not None else sys.stderr.isatty()
     progress = Progress(len(samples) + len(exception_samples), show)
     store: ResultStore | None = None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..components import MODES, Backend, Mode
-from ..engine import Engine
+from ..engine import Engine, make_backend
 from ..errors import PolicyEngineError
 from ..host import PluginHost, get_host
 from ..images import DEFAULT_MAX_PIXELS
@@ -51,11 +51,7 @@ class EnginePool:
         self.host = host or get_host()
         if mode not in MODES:
             raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
-        if isinstance(backend, str):
-            backend = self.host.backend(backend)(**(backend_options or {}))
-        elif backend_options:
-            raise PolicyEngineError("backend_options only apply when the backend is given by name")
-        self.backend: Backend = backend
+        self.backend: Backend = make_backend(backend, backend_options, self.host)
         self.mode: Mode = mode
         self.batch_size = batch_size
         self.max_pixels = max_pixels
