@@ -39,7 +39,6 @@ as a subprocess on a machine where it is installed.
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib.util
 import json
 import math
@@ -368,7 +367,7 @@ class SGLangBackend(Backend):
         open_groups: dict[tuple[str, str], list[_Item]] = {}
         for item in items:
             try:
-                item.image_url = data_url(self._encode(item.request.image))
+                item.image_url = self._image_url(item.request.image)
             except (ImageError, ValueError) as err:
                 item.result = Generation(error=str(err), model=self.model_name)
                 continue
@@ -379,8 +378,8 @@ class SGLangBackend(Backend):
                 yield open_groups.pop(key)
         yield from open_groups.values()
 
-    def _encode(self, image: LoadedImage) -> bytes:
-        """The image as it travels: shrunk to `max_side` when larger, then encoded."""
+    def _image_url(self, image: LoadedImage) -> str:
+        """The image as it travels: shrunk to `max_side` when larger, as a data URL."""
         limit = self.options.max_side
         if limit is not None and max(image.image.size) > limit:
             from PIL import Image
@@ -388,7 +387,7 @@ class SGLangBackend(Backend):
             smaller = image.image.copy()
             smaller.thumbnail((limit, limit), Image.Resampling.LANCZOS)
             image = replace(image, image=smaller)
-        return image.to_bytes(self.options.image_format)
+        return image.to_data_url(self.options.image_format)
 
     async def _run_group(self, group: list[_Item]) -> None:
         started = time.perf_counter()
@@ -631,17 +630,6 @@ class SGLangBackend(Backend):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def data_url(image_bytes: bytes, mime: str | None = None) -> str:
-    """A base64 data URL; the MIME type is sniffed from the bytes unless given."""
-    if mime is None:
-        mime = "image/png"
-        if image_bytes[:3] == b"\xff\xd8\xff":
-            mime = "image/jpeg"
-        elif image_bytes[:4] == b"RIFF" and image_bytes[8:12] == b"WEBP":
-            mime = "image/webp"
-    return f"data:{mime};base64,{base64.b64encode(image_bytes).decode('ascii')}"
-
-
 def _two_way(safe: Any, unsafe: Any, model: str) -> Generation:
     """P(Unsafe) from the two ratings' logprobs, renormalised over the two."""
     try:

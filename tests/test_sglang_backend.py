@@ -29,7 +29,7 @@ from policy_engine.backends.chat_templates import (
     template_for,
 )
 from policy_engine.backends.http_client import normalize_url
-from policy_engine.backends.sglang import SGLangBackend, data_url
+from policy_engine.backends.sglang import SGLangBackend
 from sglang_server import FakeSGLang, Fault, toy_ids
 from support import run_cli
 
@@ -115,7 +115,7 @@ def by_image(bodies: list[dict[str, Any]], paths: list[Path]) -> list[dict[str, 
     """The request bodies in the order of `paths`, one each."""
     found = {sent_image(body): body for body in bodies}
     assert len(found) == len(bodies) == len(paths)
-    return [found[data_url(load_image(path).to_bytes("PNG"))] for path in paths]
+    return [found[load_image(path).to_data_url("PNG")] for path in paths]
 
 
 # -- every transport and mode ----------------------------------------------------------------
