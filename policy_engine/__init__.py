@@ -29,7 +29,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .host import PluginHost, get_host
-from .loader import load_policy, shipped_policies
+from .loader import load_policy, load_policy_text, shipped_policies
 from .policy import Category, Policy
 from .verdict import Action, Decision, TraceEntry, Verdict, parse_verdict
 
@@ -79,6 +79,7 @@ __all__ = [
     "get_host",
     "hookimpl",
     "load_policy",
+    "load_policy_text",
     "parse_verdict",
     "policy_hash",
     "shipped_policies",

@@ -66,7 +66,9 @@ def _resolve(ref: str, base: Path | None) -> tuple[str, Path]:
     return f"<shipped>/{ref}.yaml", Path(shipped[ref])
 
 
-def _read(display: str, path: Path) -> Located:
+def _read(display: str, path: Path, text: str | None = None) -> Located:
+    if text is not None:
+        return _parse(display, text.encode("utf-8"))
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -77,6 +79,10 @@ def _read(display: str, path: Path) -> Located:
         ) from None
     except OSError as err:
         raise PolicyError([Problem(display, 0, 0, "", f"cannot read: {err.strerror}")]) from None
+    return _parse(display, raw)
+
+
+def _parse(display: str, raw: bytes) -> Located:
     data = load_located(decode_policy_bytes(raw, display), display)
     if not isinstance(data, Located):
         kind = _KIND_NAMES.get(type(data), type(data).__name__)
@@ -113,8 +119,11 @@ def _short(path: str) -> str:
     return relative if len(relative) < len(path) else path
 
 
-def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) -> Located:
-    """Load a file and everything it extends, merged (child over parent)."""
+def _load_chain(
+    ref: str, base: Path | None, seen: list[str], via: Mark | None, text: str | None = None
+) -> Located:
+    """Load a file (or `text` standing for it) and everything it extends, merged (child over
+    parent)."""
     display, path = _resolve(ref, base)
     identity = str(path.resolve())
     if identity in seen:
@@ -124,7 +133,7 @@ def _load_chain(ref: str, base: Path | None, seen: list[str], via: Mark | None) 
         raise PolicyError(
             [_problem_at(via, display, "extends", f"extends more than {MAX_EXTENDS_DEPTH} deep")]
         )
-    data = _read(display, path)
+    data = _read(display, path, text)
     _anchor_test_images(data, path.parent)
     parent_ref = data.get("extends")
     if parent_ref is None:
@@ -372,10 +381,24 @@ def _validation_problems(
 
 def load_policy(ref: str | Path, *, host: PluginHost | None = None) -> Policy:
     """Load, resolve and validate a policy by shipped name or path. Raises PolicyError."""
-    host = host or get_host()
     ref = str(ref)
-    display = _resolve(ref, None)[0]
-    data = _load_chain(ref, None, [], None)
+    return _validated(_resolve(ref, None)[0], _load_chain(ref, None, [], None), host)
+
+
+def load_policy_text(
+    text: str, path: str | Path = "policy.yaml", *, host: PluginHost | None = None
+) -> Policy:
+    """Load a policy from YAML `text`, as if it were the file at `path` (an editor's unsaved
+    buffer): problems name `path`, and a relative `extends` or test image is found beside it.
+    The file itself is not read. Raises PolicyError."""
+    ref = str(path)
+    if not is_path_like(ref):
+        ref = f"./{ref}"
+    return _validated(str(path), _load_chain(ref, None, [], None, text), host)
+
+
+def _validated(display: str, data: Located, host: PluginHost | None) -> Policy:
+    host = host or get_host()
     try:
         policy = Policy.model_validate(dict(data))
     except ValidationError as err:

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from policy_engine.cli import cli
 from policy_engine.errors import PolicyError, UnknownNameError
-from policy_engine.loader import load_policy, shipped_policies
+from policy_engine.loader import load_policy, load_policy_text, shipped_policies
 from policy_engine.policy import ExceptionStatus, Policy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -404,3 +404,37 @@ def test_good_policies_pass_cli_check(name: str) -> None:
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     assert '"ok": true' in result.stdout
+
+
+# -- load_policy_text: an editor's unsaved buffer ------------------------------------------
+
+
+def test_text_loads_like_the_file_it_stands_for(tmp_path: Path) -> None:
+    source = SHIPPED_DIR / "children-platform.yaml"
+    text = source.read_text()
+    assert load_policy_text(text, source) == load_policy(source)
+
+
+def test_text_is_used_instead_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("extends: llavaguard\nid: on-disk\n")
+    policy = load_policy_text("extends: llavaguard\nid: in-buffer\n", path)
+    assert policy.id == "in-buffer"
+
+
+def test_text_finds_a_relative_parent_beside_its_path(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text((SHIPPED_DIR / "llavaguard.yaml").read_text())
+    child = "extends: ./base.yaml\nid: child\nexceptions:\n  O2: {status: non-violating}\n"
+    policy = load_policy_text(child, tmp_path / "child.yaml")
+    assert policy.exceptions["O2"].status == "non-violating"
+    with pytest.raises(PolicyError, match="parent './base.yaml' not found"):
+        load_policy_text(child, tmp_path / "elsewhere" / "child.yaml")
+
+
+def test_text_problems_name_the_path_and_the_buffer_line(tmp_path: Path) -> None:
+    text = "extends: llavaguard\nid: x\ncategories:\n  - id: O2\n    severity: huge\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, tmp_path / "draft.yaml")
+    [problem] = caught.value.problems
+    assert (problem.file, problem.line) == (str(tmp_path / "draft.yaml"), 5)
+    assert "'huge' is not a severity level" in problem.message
