@@ -40,6 +40,7 @@ BUILTINS = {
     "builtin-severity",
     "builtin-sglang",
     "builtin-sinks",
+    "builtin-tui",
     "builtin-static",
     "builtin-thresholds",
     "builtin-transformers",

@@ -28,6 +28,9 @@ FORBIDDEN = (
     "python_multipart",
     "openai",
     "schemathesis",
+    "ruamel",
+    "tree_sitter",
+    "tree_sitter_yaml",
 )
 
 PROBE = """
@@ -49,6 +52,13 @@ BODIES = {
     "help": (
         "from policy_engine.cli import main\n"
         "sys.argv = ['policy-engine', '--help']\n"
+        "import contextlib, io\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        main()\n    except SystemExit:\n        pass"
+    ),
+    "tui-help": (
+        "from policy_engine.cli import main\n"
+        "sys.argv = ['policy-engine', 'tui', '--help']\n"
         "import contextlib, io\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n        main()\n    except SystemExit:\n        pass"
@@ -75,7 +85,7 @@ def attempts(body: str) -> list[str]:
     return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("case", ["import", "help", "compile", "backends"])
+@pytest.mark.parametrize("case", ["import", "help", "tui-help", "compile", "backends"])
 def test_no_heavy_imports(case: str) -> None:
     assert attempts(BODIES[case]) == []
 

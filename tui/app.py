@@ -1,0 +1,432 @@
+"""The policy editor app: one App, its bindings and the flows between the panes.
+
+`create_app()` builds it for the `tui` command and for the tests alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.timer import Timer
+from textual.widgets import Footer, Header, Static, TabbedContent, TabPane, TextArea
+
+from policy_engine import PluginHost, PolicyEngineError, get_host, shipped_policies
+
+from .categories import CategoriesPane, Edit
+from .dialogs import AddCategoryScreen, ConfirmScreen, HelpScreen, NewPolicyScreen, OpenScreen
+from .document import Analysis, PolicyDocument
+from .picker import BackendCache
+from .previews import DiffView, ProblemsPanel, PromptView, SchemaView
+from .trying import TestPanel, TryPanel
+
+ANALYSE_AFTER = 0.3  # seconds of quiet typing in the YAML before the views follow
+
+TABS = {
+    "f2": ("categories", "Categories"),
+    "f3": ("yaml", "YAML"),
+    "f4": ("prompt", "Prompt"),
+    "f5": ("schema", "Schema"),
+    "f6": ("diff", "Diff"),
+    "f7": ("try", "Try"),
+    "f8": ("tests", "Tests"),
+}
+
+
+class PolicyApp(App[None]):
+    """Edit a policy file and see, as you type, what the model will be asked."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "policy-engine"
+    # below 110 columns the category list sits above its editor instead of beside it
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+    BINDINGS = [
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+o", "open", "Open"),
+        Binding("ctrl+n", "new", "New"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("f9", "problems", "Problems", show=False),
+        *[
+            # priority: the editors bind some function keys (TextArea: f6, f7)
+            Binding(key, f"show_tab('{tab}')", label, show=False, priority=True)
+            for key, (tab, label) in TABS.items()
+        ],
+    ]
+
+    def __init__(
+        self,
+        document: PolicyDocument | None = None,
+        *,
+        folder: Path | None = None,
+        start_new: tuple[Path | None, str | None] | None = None,
+        host: PluginHost | None = None,
+    ) -> None:
+        super().__init__()
+        self.host = host or get_host()
+        self.document = document
+        self.folder = folder or Path.cwd()
+        self.start_new = start_new
+        self.cache = BackendCache(self.host)
+        self._analyse_timer: Timer | None = None
+        self._inherited: set[str] = set()
+
+    # -- layout ------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with TabbedContent(id="tabs"):
+            with TabPane("Categories", id="categories"):
+                yield CategoriesPane(id="categories-pane")
+            with TabPane("YAML", id="yaml"):
+                yield TextArea.code_editor("", id="yaml-editor", soft_wrap=False)
+            with TabPane("Prompt", id="prompt"):
+                yield PromptView(id="prompt-view")
+            with TabPane("Schema", id="schema"):
+                yield SchemaView(id="schema-view")
+            with TabPane("Diff", id="diff"):
+                yield DiffView(id="diff-view")
+            with TabPane("Try", id="try"):
+                yield TryPanel(self.cache, id="try-panel")
+            with TabPane("Tests", id="tests"):
+                yield TestPanel(self.cache, self._choice, id="test-panel")
+        yield ProblemsPanel(id="problems")
+        yield Static("", id="status")
+        yield Footer()
+
+    def _choice(self):  # type: ignore[no-untyped-def]
+        return self.query_one(TryPanel).choice()
+
+    def on_mount(self) -> None:
+        editor = self.query_one("#yaml-editor", TextArea)
+        if "yaml" in editor.available_languages:  # tree-sitter-yaml installed
+            editor.language = "yaml"
+        if self.document is not None:
+            self._load(self.document)
+        else:
+            path, base = self.start_new or (None, None)
+            self.call_after_refresh(self._ask_new, path, base)
+
+    # -- documents ---------------------------------------------------------------------------
+    def _load(self, document: PolicyDocument) -> None:
+        self.document = document
+        editor = self.query_one("#yaml-editor", TextArea)
+        with self.prevent(TextArea.Changed):
+            editor.load_text(document.text)
+        self._refresh()
+        self.query_one("#category-table").focus()
+
+    def _ask_new(self, path: Path | None = None, base: str | None = None) -> None:
+        def created(result: tuple[str, str, Path] | None) -> None:
+            if result is None:
+                if self.document is None:
+                    self.exit()
+                return
+            base, how, path = result
+            if how == "open":
+                self.action_open()
+                return
+            try:
+                self._load(PolicyDocument.new_from(base, path, how, host=self.host))
+            except PolicyEngineError as err:
+                self.notify(str(err), severity="error")
+                return
+            self.notify(f"New policy: saves to {path} (ctrl+s).")
+
+        self.push_screen(NewPolicyScreen(self.folder, path, base), created)
+
+    def _refresh(self) -> None:
+        """Bring every view up to date with the document's text."""
+        document = self.document
+        if document is None:
+            return
+        analysis = document.analysis
+        parent = document.extends()
+        self._inherited = document.inherited_ids()
+        self.query_one(CategoriesPane).show(analysis.policy, self._inherited, parent)
+        self.query_one(PromptView).update_from(analysis)
+        self.query_one(SchemaView).update_from(analysis)
+        self.query_one(DiffView).show(document.prompt_diff())
+        self.query_one(ProblemsPanel).show(analysis.problems, str(document.path))
+        self.query_one(TryPanel).set_policy(analysis.policy if analysis.ok else None)
+        self.query_one(TestPanel).set_policy(analysis.policy if analysis.ok else None)
+        self._show_status(analysis)
+
+    def _show_status(self, analysis: Analysis) -> None:
+        document = self.document
+        assert document is not None
+        self.sub_title = f"{document.path.name}{' ●' if document.dirty else ''}"
+        status = self.query_one("#status", Static)
+        if analysis.ok and analysis.policy is not None and analysis.compiled is not None:
+            policy = analysis.policy
+            exceptions = len(policy.exceptions)
+            status.update(
+                f"[green]✓ valid[/] · {policy.id} · {len(policy.categories)} categories · "
+                f"{exceptions} exception{'s' if exceptions != 1 else ''} · "
+                f"hash {analysis.compiled.hash[:12]}"
+            )
+        else:
+            count = len(analysis.problems)
+            status.update(
+                f"[red]✗ {count} problem{'s' if count != 1 else ''}[/]: the views show the last "
+                "valid version · F9 lists them"
+            )
+
+    # -- keeping text and views in sync -----------------------------------------------------
+    @on(TextArea.Changed, "#yaml-editor")
+    def _typed(self, event: TextArea.Changed) -> None:
+        if self.document is None:
+            return
+        self.document.text = event.text_area.text
+        self.sub_title = f"{self.document.path.name}{' ●' if self.document.dirty else ''}"
+        if self._analyse_timer is not None:
+            self._analyse_timer.stop()
+        self._analyse_timer = self.set_timer(ANALYSE_AFTER, self._refresh)
+
+    @on(CategoriesPane.Edit_)
+    def _edit(self, message: CategoriesPane.Edit_) -> None:
+        self.apply_edit(message.edit)
+
+    def apply_edit(self, edit: Edit) -> bool:
+        """Write a structured edit into the text; False (and a notice) when it cannot be."""
+        document = self.document
+        if document is None:
+            return False
+        try:
+            edit.apply(document)
+        except PolicyEngineError as err:
+            self.notify(f"Cannot {edit.what}: {err}", severity="error")
+            return False
+        self._set_editor_text(document.text)
+        self._refresh()
+        return True
+
+    def _set_editor_text(self, text: str) -> None:
+        """Replace only the part of the YAML editor that changed (keeps undo and the view)."""
+        editor = self.query_one("#yaml-editor", TextArea)
+        old = editor.text
+        if old == text:
+            return
+        start = 0
+        limit = min(len(old), len(text))
+        while start < limit and old[start] == text[start]:
+            start += 1
+        end_old, end_new = len(old), len(text)
+        while end_old > start and end_new > start and old[end_old - 1] == text[end_new - 1]:
+            end_old, end_new = end_old - 1, end_new - 1
+
+        def location(index: int) -> tuple[int, int]:
+            row = old.count("\n", 0, index)
+            return row, index - (old.rfind("\n", 0, index) + 1)
+
+        with self.prevent(TextArea.Changed):
+            editor.replace(text[start:end_new], location(start), location(end_old))
+
+    def flush(self) -> None:
+        """Apply edits still waiting for a pause in typing, and analyse typed YAML now."""
+        for edit in self.query_one(CategoriesPane).take_pending():
+            self.apply_edit(edit)
+        if self._analyse_timer is not None:
+            self._analyse_timer.stop()
+            self._analyse_timer = None
+            self._refresh()
+
+    # -- actions -------------------------------------------------------------------------------
+    def action_show_tab(self, tab: str) -> None:
+        if len(self.screen_stack) > 1:
+            return  # a dialog is open
+        self.query_one(TabbedContent).active = tab
+        target = {
+            "categories": "#category-table",
+            "yaml": "#yaml-editor",
+            "prompt": "#prompt-view",
+            "schema": "#schema-view",
+            "diff": "#diff-view",
+        }.get(tab)
+        if target is not None:
+            self.query_one(target).focus()
+        else:
+            self.query_one(f"#{tab}-panel").focus()
+
+    def action_problems(self) -> None:
+        panel = self.query_one(ProblemsPanel)
+        if panel.problems:
+            panel.focus()
+        else:
+            self.notify("No problems: the policy is valid.")
+
+    @on(ProblemsPanel.Jump)
+    def _jump(self, message: ProblemsPanel.Jump) -> None:
+        self.query_one(TabbedContent).active = "yaml"
+        editor = self.query_one("#yaml-editor", TextArea)
+        editor.focus()
+        editor.move_cursor((message.line - 1, max(message.column - 1, 0)), center=True)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_save(self) -> None:
+        self.flush()
+        document = self.document
+        if document is None:
+            return
+        analysis = document.analysis
+
+        def overwrite_checked() -> None:
+            if document.changed_on_disk():
+                self.push_screen(
+                    ConfirmScreen(
+                        f"{document.path} changed on disk since it was opened. Overwrite it?",
+                        {"y": "Overwrite"},
+                    ),
+                    lambda answer: self._save_if(answer == "y"),
+                )
+            else:
+                self._save()
+
+        if not analysis.ok:
+            count = len(analysis.problems)
+            self.push_screen(
+                ConfirmScreen(
+                    f"The policy has {count} problem{'s' if count != 1 else ''} and will not "
+                    "load until fixed. Save anyway?",
+                    {"y": "Save anyway"},
+                ),
+                lambda answer: overwrite_checked() if answer == "y" else None,
+            )
+        else:
+            overwrite_checked()
+
+    def _save_if(self, yes: bool) -> None:
+        if yes:
+            self._save()
+
+    def _save(self) -> bool:
+        document = self.document
+        if document is None:
+            return False
+        try:
+            document.save()
+        except PolicyEngineError as err:
+            self.notify(str(err), severity="error")
+            return False
+        self.notify(f"Saved {document.path}")
+        self._refresh()
+        return True
+
+    def _when_clean(self, then: object, doing: str) -> None:
+        """Run `then()` now, or after the user decided what happens to unsaved changes."""
+        self.flush()
+        document = self.document
+        if document is None or not document.dirty:
+            then()  # type: ignore[operator]
+            return
+
+        def answered(answer: str | None) -> None:
+            if answer == "s":
+                if self._save():
+                    then()  # type: ignore[operator]
+            elif answer == "d":
+                then()  # type: ignore[operator]
+
+        self.push_screen(
+            ConfirmScreen(
+                f"{document.path.name} has unsaved changes. Save them before {doing}?",
+                {"s": "Save", "d": "Discard"},
+            ),
+            answered,
+        )
+
+    async def action_quit(self) -> None:
+        self._when_clean(self._close_and_exit, "quitting")
+
+    def _close_and_exit(self) -> None:
+        self.cache.close()
+        self.exit()
+
+    def action_open(self) -> None:
+        def opened(path: Path | None) -> None:
+            if path is None:
+                if self.document is None:
+                    self._ask_new()
+                return
+            try:
+                self._load(PolicyDocument.open(path, host=self.host))
+            except PolicyEngineError as err:
+                self.notify(str(err), severity="error")
+
+        self._when_clean(lambda: self.push_screen(OpenScreen(self.folder), opened), "opening")
+
+    def action_new(self) -> None:
+        self._when_clean(self._ask_new, "starting a new policy")
+
+    @on(CategoriesPane.AddRequested)
+    def _add(self) -> None:
+        document = self.document
+        analysis = document.analysis if document is not None else None
+        if analysis is None or analysis.policy is None:
+            self.notify(
+                "Fix the problems first: the category list is out of date.", severity="error"
+            )
+            return
+        policy = analysis.policy
+        taken = {c.id for c in policy.categories}
+        number = len(policy.categories) + 1
+        while f"O{number}" in taken:
+            number += 1
+
+        def added(result: tuple[str, str, str] | None) -> None:
+            if result is None:
+                return
+            category_id, name, severity = result
+            if self.apply_edit(
+                Edit(f"add {category_id}", lambda d: d.add_category(category_id, name, severity))
+            ):
+                pane = self.query_one(CategoriesPane)
+                pane.selected = category_id
+                self._refresh()
+                self.query_one("#cat-should-not").focus()
+
+        self.push_screen(AddCategoryScreen(f"O{number}", list(policy.severity_levels)), added)
+
+    @on(CategoriesPane.RemoveRequested)
+    def _remove(self, message: CategoriesPane.RemoveRequested) -> None:
+        category_id = message.category_id
+        note = " (inherited: written as `remove: true`)" if category_id in self._inherited else ""
+
+        def answered(answer: str | None) -> None:
+            if answer == "y":
+                self.apply_edit(
+                    Edit(f"remove {category_id}", lambda d: d.remove_category(category_id))
+                )
+
+        self.push_screen(
+            ConfirmScreen(f"Remove category {category_id}{note}?", {"y": "Remove"}), answered
+        )
+
+
+def create_app(
+    policy: str | Path | None = None,
+    *,
+    folder: Path | None = None,
+    host: PluginHost | None = None,
+) -> PolicyApp:
+    """The app for a policy argument: a file to edit, a new file's path, a shipped policy's
+    name (edited as a copy beside you, never in place), or nothing (the New dialog asks)."""
+    folder = folder or Path.cwd()
+    if policy is None:
+        return PolicyApp(folder=folder, host=host)
+    ref = str(policy)
+    if ref in shipped_policies() and not Path(ref).exists():
+        target = folder / f"{ref}.yaml"
+        if target.exists():
+            return PolicyApp(PolicyDocument.open(target, host=host), folder=folder, host=host)
+        document = PolicyDocument.new_from(ref, target, "copy", host=host)
+        return PolicyApp(document, folder=folder, host=host)
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = folder / path
+    if not path.exists():
+        return PolicyApp(folder=path.parent, start_new=(path, None), host=host)
+    return PolicyApp(PolicyDocument.open(path, host=host), folder=path.parent, host=host)

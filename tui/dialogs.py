@@ -1,0 +1,300 @@
+"""Modal screens: confirm, help, new policy, open file, add category."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import (
+    Button,
+    DirectoryTree,
+    Input,
+    Label,
+    Markdown,
+    OptionList,
+    RadioButton,
+    RadioSet,
+    Select,
+    Static,
+)
+from textual.widgets.option_list import Option
+
+from policy_engine import shipped_policies
+
+HELP = """\
+# policy-engine: policy editor
+
+Everything is reachable from the keyboard; the mouse works too.
+
+| key | does |
+| --- | --- |
+| **F2** … **F8** | Categories, YAML, Prompt, Schema, Diff, Try, Tests tabs |
+| **F9** | jump to the problems list |
+| **ctrl+s** | save (asks first when the policy has problems) |
+| **ctrl+o** / **ctrl+n** | open a file / start a new policy from a shipped one |
+| **ctrl+q** | quit (asks when there are unsaved changes) |
+| **F1** | this help; **escape** closes it |
+
+## Categories (F2)
+Move in the list with the arrows; the right side edits the selected category.
+
+| key (in the list) | does |
+| --- | --- |
+| **enter** | edit the selected category (name, severity, exception, guidelines) |
+| **x** | cycle its exception: none, non-violating, sensitive |
+| **a** / **delete** | add / remove a category |
+| **ctrl+up** / **ctrl+down** | move it up / down |
+
+An **exception** declares a category *non-violating* (anything of it is allowed) or
+*sensitive* (nothing related is allowed, educational included); give the reason beside it.
+Guidelines are one per line. **tab** moves between fields; **escape** goes back to the list.
+
+In a policy that *extends* another, inherited categories are shown as such and your change
+is written as a small override; the parent file is never touched.
+
+## YAML (F3)
+The file itself, comments and all: post-processor rules, output options, tests. The other
+views follow what you type (after a short pause), and saving keeps your comments and layout.
+
+## Prompt, Schema, Diff (F4-F6)
+What the model will be asked, the JSON Schema its answer must satisfy, and how the prompt
+differs from the last saved version.
+
+## Problems (F9)
+Every validation error with its line; **enter** on one jumps to that line in the YAML.
+
+## Try (F7) and Tests (F8)
+Pick an image (**ctrl+b** browses), a backend and a mode, then **ctrl+r** runs it; **escape**
+cancels a run. Tests runs the `tests:` cases of the policy.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("f1", "dismiss", "Close", show=False),
+        Binding("q", "dismiss", "Close", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-body", classes="dialog"):
+            yield Markdown(HELP)
+
+    def action_dismiss(self, result: None = None) -> None:  # type: ignore[override]
+        self.dismiss(None)
+
+
+class ConfirmScreen(ModalScreen[str]):
+    """A question with one-key answers: `choices` maps a key to its label; escape cancels
+    (the result is "escape")."""
+
+    def __init__(self, question: str, choices: dict[str, str]) -> None:
+        super().__init__()
+        self.question = question
+        self.choices = choices
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog confirm"):
+            yield Static(self.question, classes="question")
+            with Horizontal(classes="buttons"):
+                for key, label in self.choices.items():
+                    yield Button(f"{label} [{key}]", id=f"choice-{key}")
+                yield Button("Cancel [esc]", id="choice-escape")
+
+    def on_mount(self) -> None:
+        self.query(Button).first().focus()
+
+    def on_key(self, event) -> None:  # type: ignore[no-untyped-def]
+        if event.key in self.choices or event.key == "escape":
+            event.stop()
+            self.dismiss(event.key)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss((event.button.id or "choice-escape").removeprefix("choice-"))
+
+
+class NewPolicyScreen(ModalScreen["tuple[str, str, Path] | None"]):
+    """Start a policy from a shipped one: a copy (comments and all) or a file that extends it."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, folder: Path, path: Path | None = None, base: str | None = None) -> None:
+        super().__init__()
+        self.folder = folder
+        self.path = path
+        self.base = base
+
+    def compose(self) -> ComposeResult:
+        shipped = list(shipped_policies())
+        with Vertical(classes="dialog", id="new-dialog"):
+            yield Label("New policy: start from a shipped policy", classes="title")
+            yield OptionList(*[Option(name, id=name) for name in shipped], id="new-base")
+            with RadioSet(id="new-how"):
+                yield RadioButton("extend it (small file, inherits updates)", value=True)
+                yield RadioButton("copy it (whole file, comments included)")
+            yield Label("Save as:")
+            yield Input(str(self.path or ""), placeholder="my-policy.yaml", id="new-path")
+            yield Static("", id="new-error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Create [enter]", variant="primary", id="new-create")
+                yield Button("Open a file… [ctrl+o]", id="new-open")
+                yield Button("Cancel [esc]", id="new-cancel")
+
+    def on_mount(self) -> None:
+        options = self.query_one("#new-base", OptionList)
+        names = list(shipped_policies())
+        options.highlighted = names.index(self.base) if self.base in names else 0
+        options.focus()
+
+    def _base(self) -> str | None:
+        options = self.query_one("#new-base", OptionList)
+        if options.highlighted is None:
+            return None
+        return options.get_option_at_index(options.highlighted).id
+
+    @on(OptionList.OptionHighlighted, "#new-base")
+    def _suggest_name(self, event: OptionList.OptionHighlighted) -> None:
+        field = self.query_one("#new-path", Input)
+        if self.path is None and (not field.value or field.value.startswith("my-")):
+            field.value = f"my-{event.option.id}.yaml"
+
+    @on(OptionList.OptionSelected, "#new-base")
+    def _chosen(self) -> None:
+        self.query_one("#new-how", RadioSet).focus()
+
+    @on(Input.Submitted, "#new-path")
+    @on(Button.Pressed, "#new-create")
+    def action_create(self) -> None:
+        base = self._base()
+        raw = self.query_one("#new-path", Input).value.strip()
+        error = self.query_one("#new-error", Static)
+        if base is None:
+            error.update("Pick a shipped policy to start from.")
+            return
+        if not raw:
+            error.update("Give the new file a name, e.g. my-policy.yaml.")
+            return
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = self.folder / path
+        if path.suffix not in (".yaml", ".yml"):
+            path = path.with_name(path.name + ".yaml")
+        if path.exists():
+            error.update(f"{raw} exists: open it with ctrl+o, or pick another name.")
+            return
+        if not path.parent.is_dir():
+            error.update(f"No folder {path.parent}.")
+            return
+        how = "extends" if self.query_one("#new-how", RadioSet).pressed_index == 0 else "copy"
+        self.dismiss((base, how, path))
+
+    @on(Button.Pressed, "#new-open")
+    def _open_instead(self) -> None:
+        self.dismiss(("", "open", self.folder))
+
+    @on(Button.Pressed, "#new-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class _YamlTree(DirectoryTree):
+    def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
+        return [
+            p
+            for p in paths
+            if not p.name.startswith(".") and (p.is_dir() or p.suffix in (".yaml", ".yml"))
+        ]
+
+
+class OpenScreen(ModalScreen["Path | None"]):
+    """Open a policy file: type a path or pick one in the tree."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="open-dialog"):
+            yield Label("Open a policy file (type a path, or pick one below)", classes="title")
+            yield Input(placeholder="path/to/policy.yaml", id="open-path")
+            yield _YamlTree(self.folder, id="open-tree")
+            yield Static("", id="open-error", classes="error")
+
+    def on_mount(self) -> None:
+        self.query_one("#open-path", Input).focus()
+
+    @on(Input.Submitted, "#open-path")
+    def _typed(self, event: Input.Submitted) -> None:
+        raw = event.value.strip()
+        if not raw:
+            self.query_one("#open-tree").focus()
+            return
+        path = Path(raw).expanduser()
+        self._pick(path if path.is_absolute() else self.folder / path)
+
+    @on(DirectoryTree.FileSelected)
+    def _selected(self, event: DirectoryTree.FileSelected) -> None:
+        self._pick(event.path)
+
+    def _pick(self, path: Path) -> None:
+        if not path.is_file():
+            self.query_one("#open-error", Static).update(f"No file {path}.")
+            return
+        self.dismiss(path)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class AddCategoryScreen(ModalScreen["tuple[str, str, str] | None"]):
+    """Ask for a new category's id, name and severity."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, suggested_id: str, severities: list[str]) -> None:
+        super().__init__()
+        self.suggested_id = suggested_id
+        self.severities = severities
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="add-dialog"):
+            yield Label("Add a category", classes="title")
+            yield Label("Id (shown to the model):")
+            yield Input(self.suggested_id, id="add-id")
+            yield Label("Name:")
+            yield Input(placeholder="e.g. Gambling", id="add-name")
+            yield Label("Severity:")
+            default = "medium" if "medium" in self.severities else self.severities[0]
+            yield Select(
+                [(s, s) for s in self.severities], value=default, allow_blank=False, id="add-sev"
+            )
+            yield Static("", id="add-error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Add [enter]", variant="primary", id="add-ok")
+                yield Button("Cancel [esc]", id="add-cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#add-name", Input).focus()
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#add-ok")
+    def _ok(self) -> None:
+        category_id = self.query_one("#add-id", Input).value.strip()
+        name = self.query_one("#add-name", Input).value.strip()
+        if not category_id or not name:
+            self.query_one("#add-error", Static).update("Both an id and a name are needed.")
+            return
+        severity = self.query_one("#add-sev", Select).value
+        self.dismiss((category_id, name, str(severity)))
+
+    @on(Button.Pressed, "#add-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)

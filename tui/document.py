@@ -1,0 +1,672 @@
+"""The document the TUI edits: a policy file's text, what it means, and structured edits.
+
+The text is the single source of truth. The structured views (categories, exceptions) read the
+resolved policy and write back through round-trip YAML (ruamel.yaml), so the author's comments,
+key order, quoting and layout survive wherever an edit did not touch them. In a file that
+`extends` another, an edit writes the smallest overlay: a category patch (`- id: O2` with the
+changed field), a `remove: true` entry, an exception (or `null` to drop an inherited one).
+
+This module does not import Textual: it is the part of the app the tests can reason about
+without a screen.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import io
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
+
+from policy_engine import (
+    CompiledPolicy,
+    PluginHost,
+    Policy,
+    PolicyEngineError,
+    PolicyError,
+    Problem,
+    compile_policy,
+    load_policy,
+    load_policy_text,
+    shipped_policies,
+)
+
+EXCEPTION_STATES = ("none", "non-violating", "sensitive")
+GUIDELINE_FIELDS = ("should_not", "can")
+_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
+
+
+class EditError(PolicyEngineError):
+    """A structured edit that cannot be written into this file (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What a text means: the policy and its compiled form, or the problems that stop it."""
+
+    text: str
+    policy: Policy | None = None
+    compiled: CompiledPolicy | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.policy is not None and not self.problems
+
+
+def analyse(text: str, path: Path, host: PluginHost | None = None) -> Analysis:
+    """Load and compile `text` as the file at `path`, collecting problems instead of raising."""
+    try:
+        policy = load_policy_text(text, path, host=host)
+        compiled = compile_policy(policy, host=host)
+    except PolicyError as err:
+        return Analysis(text, problems=list(err.problems))
+    except PolicyEngineError as err:
+        return Analysis(text, problems=[Problem(str(path), 0, 0, "", err.message)])
+    return Analysis(text, policy, compiled)
+
+
+def prompt_diff(saved: Analysis, current: Analysis) -> str:
+    """A unified diff of the compiled prompt: last saved version against the current text."""
+    if current.compiled is None:
+        return ""
+    before = saved.compiled.prompt if saved.compiled is not None else ""
+    after = current.compiled.prompt
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True),
+        after.splitlines(keepends=True),
+        fromfile="prompt (saved)",
+        tofile="prompt (edited)",
+        n=2,
+    )
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+# -- round-trip YAML -----------------------------------------------------------------------
+
+_LAYOUTS = [(2, 4, 2), (2, 2, 0), (4, 4, 0), (4, 6, 4), (2, 4, 0), (4, 4, 2), (4, 8, 4), (3, 3, 0)]
+
+
+def _yaml(mapping: int, sequence: int, offset: int) -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap a long guideline the author wrote on one line
+    yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
+    # `O4: null` (drop an inherited exception) reads better than a bare `O4:`
+    yaml.representer.add_representer(type(None), _represent_null)
+    return yaml
+
+
+def _represent_null(representer: Any, _: None) -> Any:
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
+
+
+def _dump(yaml: YAML, data: Any) -> str:
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()
+
+
+def _layout_for(text: str) -> tuple[int, int, int]:
+    """The indentation that reproduces `text` byte for byte (or comes closest)."""
+    best, best_score = _LAYOUTS[0], -1.0
+    for layout in _LAYOUTS:
+        yaml = _yaml(*layout)
+        try:
+            dumped = _dump(yaml, yaml.load(text))
+        except YAMLError:
+            return best
+        if dumped == text:
+            return layout
+        score = difflib.SequenceMatcher(None, dumped.splitlines(), text.splitlines()).ratio()
+        if score > best_score:
+            best, best_score = layout, score
+    return best
+
+
+def _patch_lines(source: str, before: str, after: str) -> str:
+    """Apply the line changes that turn `before` into `after` to `source`, where `before` is
+    `source` as the YAML dumper writes it. Lines the edit did not touch keep the author's
+    formatting even where the dumper would write them differently."""
+    src, old, new = (
+        source.splitlines(keepends=True),
+        before.splitlines(True),
+        after.splitlines(True),
+    )
+    to_src: dict[int, int] = {}
+    for block in difflib.SequenceMatcher(None, old, src, autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            to_src[block.a + k] = block.b + k
+    result: list[str] = []
+    cursor = 0
+    for tag, a1, a2, b1, b2 in difflib.SequenceMatcher(
+        None, old, new, autojunk=False
+    ).get_opcodes():
+        if tag == "equal":
+            continue
+        # the changed run of `old` lies between two lines that match the source
+        start = to_src.get(a1 - 1, -1) + 1 if a1 > 0 else 0
+        end = to_src.get(a2) if a2 < len(old) else len(src)
+        if end is None or (a1 > 0 and (a1 - 1) not in to_src) or start < cursor or end < start:
+            return after  # no safe anchor: fall back to the dumper's text
+        result += src[cursor:start]
+        result += new[b1:b2]
+        cursor = end
+    result += src[cursor:]
+    return "".join(result)
+
+
+# -- the document --------------------------------------------------------------------------
+
+
+class PolicyDocument:
+    """A policy file being edited: its text, the text last saved, and structured edits."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        text: str,
+        *,
+        saved_text: str | None = None,
+        host: PluginHost | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.text = text
+        self.saved_text = text if saved_text is None else saved_text
+        self.on_disk = saved_text is None  # False until a new document is first saved
+        self.initial_text = text  # a new document's prompt diff starts from what it copied
+        self.host = host
+        self._analysis: Analysis | None = None
+        self._saved_analysis: Analysis | None = None
+        self._parents: dict[str, Policy | None] = {}
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, host: PluginHost | None = None) -> PolicyDocument:
+        """Open a policy file; raises PolicyEngineError with one readable line."""
+        path = Path(path).expanduser()
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise PolicyEngineError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise PolicyEngineError(f"{path}: is a directory, not a policy file") from None
+        except OSError as err:
+            raise PolicyEngineError(f"{path}: cannot read: {err.strerror}") from None
+        try:
+            text = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            raise PolicyEngineError(f"{path}: not a UTF-8 text file") from None
+        return cls(path, text, host=host)
+
+    @classmethod
+    def new_from(
+        cls, base: str, path: str | Path, how: str = "copy", host: PluginHost | None = None
+    ) -> PolicyDocument:
+        """A new, unsaved document at `path` from a shipped policy: a verbatim copy (comments
+        and all) or a small file that `extends` it."""
+        shipped = shipped_policies()
+        if base not in shipped:
+            raise PolicyEngineError(f"unknown policy {base!r}; shipped: {', '.join(shipped)}")
+        path = Path(path).expanduser()
+        if how == "copy":
+            text = Path(shipped[base]).read_text(encoding="utf-8")
+        elif how == "extends":
+            new_id = _id_from(path.stem)
+            text = (
+                f"# {new_id}: based on the shipped policy {base!r}. Its categories, exceptions\n"
+                "# and post-processors apply unless this file overrides them.\n"
+                f"extends: {base}\n"
+                f"id: {new_id}\n"
+                'version: "1"\n'
+                f"description: Based on {base}.\n"
+            )
+        else:
+            raise PolicyEngineError(f"unknown way to start a policy {how!r}; use copy or extends")
+        return cls(path, text, saved_text="", host=host)
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return self.text != self.saved_text or not self.on_disk
+
+    @property
+    def analysis(self) -> Analysis:
+        if self._analysis is None or self._analysis.text != self.text:
+            self._analysis = analyse(self.text, self.path, self.host)
+        return self._analysis
+
+    @property
+    def saved_analysis(self) -> Analysis:
+        """The last saved text's meaning (for a new document: the text it started from)."""
+        text = self.saved_text if self.on_disk else self.initial_text
+        if self._saved_analysis is None or self._saved_analysis.text != text:
+            self._saved_analysis = analyse(text, self.path, self.host)
+        return self._saved_analysis
+
+    def prompt_diff(self) -> str:
+        return prompt_diff(self.saved_analysis, self.analysis)
+
+    def changed_on_disk(self) -> bool:
+        """True when the file on disk is no longer what this document last read or saved."""
+        if not self.on_disk:
+            return self.path.exists()
+        try:
+            return self.path.read_text(encoding="utf-8").removeprefix("\ufeff") != self.saved_text
+        except (OSError, UnicodeDecodeError):
+            return True
+
+    def save(self) -> None:
+        """Write the text atomically (a crash never leaves half a file), keeping the mode."""
+        folder = self.path.parent if str(self.path.parent) else Path(".")
+        if not folder.is_dir():
+            raise PolicyEngineError(f"{folder}: no such folder")
+        try:
+            mode = self.path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644
+        handle, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=folder)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+                out.write(self.text)
+            os.chmod(temp, mode)
+            os.replace(temp, self.path)
+        except OSError as err:
+            Path(temp).unlink(missing_ok=True)
+            raise PolicyEngineError(f"{self.path}: cannot save: {err.strerror}") from None
+        self.saved_text = self.text
+        self.on_disk = True
+
+    # -- what the file itself says ---------------------------------------------------------
+    def _load_tree(self) -> tuple[YAML, Any]:
+        yaml = _yaml(*_layout_for(self.text))
+        try:
+            data = yaml.load(self.text)
+        except YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise EditError(
+                f"the YAML does not parse{where}: fix it in the YAML tab first"
+            ) from None
+        if not isinstance(data, CommentedMap):
+            raise EditError("the file is not a YAML mapping: fix it in the YAML tab first")
+        return yaml, data
+
+    def _parent(self, data: CommentedMap) -> Policy | None:
+        """The resolved policy this file extends (None for a standalone file)."""
+        ref = data.get("extends")
+        if not isinstance(ref, str) or not ref:
+            return None
+        if ref not in self._parents:
+            target: str | Path = ref
+            if "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml")) or ref.startswith("."):
+                target = self.path.parent / Path(ref).expanduser()
+            try:
+                self._parents[ref] = load_policy(target, host=self.host)
+            except PolicyEngineError as err:
+                raise EditError(f"the parent policy {ref!r} does not load: {err}") from None
+        return self._parents[ref]
+
+    def inherited_ids(self) -> set[str]:
+        """Ids of the categories this file inherits (empty for a standalone file)."""
+        try:
+            _, data = self._load_tree()
+            parent = self._parent(data)
+        except EditError:
+            return set()
+        return {c.id for c in parent.categories} if parent is not None else set()
+
+    def extends(self) -> str | None:
+        try:
+            _, data = self._load_tree()
+        except EditError:
+            return None
+        ref = data.get("extends")
+        return ref if isinstance(ref, str) else None
+
+    def _edit(self, change: Callable[[CommentedMap, Policy | None], None]) -> str:
+        yaml, data = self._load_tree()
+        parent = self._parent(data)
+        before = _dump(yaml, data)
+        change(data, parent)
+        _settle(data)
+        after = _dump(yaml, data)
+        self.text = after if before == self.text else _patch_lines(self.text, before, after)
+        return self.text
+
+    # -- structured edits --------------------------------------------------------------------
+    def set_severity(self, category_id: str, severity: str) -> str:
+        return self._set_field(category_id, "severity", severity)
+
+    def rename(self, category_id: str, name: str) -> str:
+        if not name.strip():
+            raise EditError("a category needs a name")
+        return self._set_field(category_id, "name", name.strip())
+
+    def set_guidelines(self, category_id: str, which: str, lines: list[str]) -> str:
+        if which not in GUIDELINE_FIELDS:
+            raise EditError(f"unknown guideline list {which!r}; use should_not or can")
+        items = [line.strip() for line in lines if line.strip()]
+        return self._set_field(category_id, which, items)
+
+    def _set_field(self, category_id: str, key: str, value: Any) -> str:
+        def change(data: CommentedMap, parent: Policy | None) -> None:
+            entry = _entry(data, category_id, create=parent is not None)
+            if parent is not None and _inherited_value(parent, category_id, key) == value:
+                # back to what the parent says: drop the override instead of repeating it
+                entry.pop(key, None)
+                if set(entry) == {"id"}:
+                    data["categories"].remove(entry)
+                    if not data["categories"]:
+                        del data["categories"]
+                return
+            if isinstance(value, list):
+                old = entry.get(key)
+                if isinstance(old, CommentedSeq) and list(old) == value:
+                    return
+                value_node: Any = CommentedSeq(value)
+            else:
+                value_node = value
+            _put(entry, key, value_node)
+
+        return self._edit(change)
+
+    def set_exception(self, category_id: str, status: str, reason: str | None = None) -> str:
+        """Declare a category non-violating or sensitive (with a reason), or `none`."""
+        if status not in EXCEPTION_STATES:
+            raise EditError(f"unknown exception {status!r}; use {', '.join(EXCEPTION_STATES)}")
+        reason = (reason or "").strip() or None
+
+        def change(data: CommentedMap, parent: Policy | None) -> None:
+            inherited = parent.exceptions.get(category_id) if parent is not None else None
+            exceptions = data.get("exceptions")
+            if status == "none":
+                if isinstance(exceptions, CommentedMap):
+                    exceptions.pop(category_id, None)
+                if inherited is not None:
+                    _put(_mapping(data, "exceptions"), category_id, None)  # drop the inherited
+                elif isinstance(exceptions, CommentedMap) and not exceptions:
+                    del data["exceptions"]
+                return
+            if (
+                inherited is not None
+                and inherited.status.value == status
+                and inherited.reason == reason
+            ):
+                if isinstance(exceptions, CommentedMap):
+                    exceptions.pop(category_id, None)
+                    if not exceptions:
+                        del data["exceptions"]
+                return
+            exceptions = _mapping(data, "exceptions")
+            entry = exceptions.get(category_id)
+            if not isinstance(entry, CommentedMap):
+                entry = CommentedMap()
+                _put(exceptions, category_id, entry)
+            _put(entry, "status", status)
+            if reason is None:
+                entry.pop("reason", None)
+            else:
+                _put(entry, "reason", reason)
+
+        return self._edit(change)
+
+    def add_category(self, category_id: str, name: str, severity: str = "medium") -> str:
+        if not _ID.match(category_id):
+            raise EditError(
+                f"{category_id!r} is not a category id: start with a letter; letters, digits, "
+                "'_', '.', '-'; at most 32 characters"
+            )
+        if not name.strip():
+            raise EditError("a category needs a name")
+
+        def change(data: CommentedMap, parent: Policy | None) -> None:
+            taken = {e.get("id") for e in _categories(data) if isinstance(e, dict)}
+            if parent is not None:
+                taken |= {c.id for c in parent.categories}
+            if category_id in taken:
+                raise EditError(f"there is already a category {category_id!r}")
+            entry = CommentedMap()
+            entry["id"] = category_id
+            entry["name"] = name.strip()
+            entry["severity"] = severity
+            entry["should_not"] = CommentedSeq()
+            entry["can"] = CommentedSeq()
+            _append(_seq(data, "categories"), entry)
+
+        return self._edit(change)
+
+    def remove_category(self, category_id: str) -> str:
+        def change(data: CommentedMap, parent: Policy | None) -> None:
+            inherited = parent is not None and any(c.id == category_id for c in parent.categories)
+            categories = _categories(data)
+            entry = next((e for e in categories if _is(e, category_id)), None)
+            if entry is None and not inherited:
+                raise EditError(f"no category {category_id!r} in this file")
+            if inherited:
+                entry = _entry(data, category_id, create=True)
+                for key in [k for k in entry if k != "id"]:
+                    del entry[key]
+                _put(entry, "remove", True)
+            else:
+                categories.remove(entry)
+            exceptions = data.get("exceptions")
+            if isinstance(exceptions, CommentedMap):
+                exceptions.pop(category_id, None)
+                if not exceptions:
+                    del data["exceptions"]
+
+        return self._edit(change)
+
+    def move_category(self, category_id: str, offset: int) -> str:
+        """Move a category up (negative offset) or down in the list the model sees."""
+
+        def change(data: CommentedMap, parent: Policy | None) -> None:
+            categories = _categories(data)
+            if parent is not None and any(c.id == category_id for c in parent.categories):
+                raise EditError(
+                    f"{category_id} is inherited and keeps the order of "
+                    f"{data.get('extends')!r}; to reorder, start from a copy instead"
+                )
+            own = [
+                i
+                for i, e in enumerate(categories)
+                if isinstance(e, dict)
+                and not e.get("remove")
+                and not (parent is not None and any(c.id == e.get("id") for c in parent.categories))
+            ]
+            at = next((i for i in own if _is(categories[i], category_id)), None)
+            if at is None:
+                raise EditError(f"no category {category_id!r} in this file")
+            slot = own.index(at) + offset
+            if not 0 <= slot < len(own):
+                raise EditError(f"{category_id} is already at the {'top' if offset < 0 else 'end'}")
+            other = own[slot]
+            categories[at], categories[other] = categories[other], categories[at]
+
+        return self._edit(change)
+
+
+# -- helpers on the round-trip tree --------------------------------------------------------
+
+
+def _id_from(stem: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "policy"
+    return cleaned if cleaned[0].isalpha() else f"p-{cleaned}"
+
+
+def _is(entry: Any, category_id: str) -> bool:
+    return isinstance(entry, dict) and entry.get("id") == category_id
+
+
+def _categories(data: CommentedMap) -> list[Any]:
+    value = data.get("categories")
+    return value if isinstance(value, list) else []
+
+
+def _seq(data: CommentedMap, key: str) -> CommentedSeq:
+    value = data.get(key)
+    if not isinstance(value, CommentedSeq):
+        value = CommentedSeq()
+        _insert_key(data, key, value)
+    return value
+
+
+def _mapping(data: CommentedMap, key: str) -> CommentedMap:
+    value = data.get(key)
+    if not isinstance(value, CommentedMap):
+        value = CommentedMap()
+        _insert_key(data, key, value)
+    return value
+
+
+_KEY_ORDER: tuple[str, ...] = (
+    *("extends", "id", "version", "description", "prompt_format", "severity_levels"),
+    *("none_category", "output", "categories", "exceptions", "postprocess"),
+)
+
+
+def _insert_key(data: CommentedMap, key: str, value: Any) -> None:
+    """Add a top-level key where a reader expects it: after the keys that come before it in
+    the usual order, else at the end."""
+    if key in data:
+        data[key] = value
+        return
+    earlier = _KEY_ORDER[: _KEY_ORDER.index(key)] if key in _KEY_ORDER else ()
+    keys = list(data)
+    position = len(keys)
+    if earlier:
+        present = [i for i, k in enumerate(keys) if k in earlier]
+        later = [i for i, k in enumerate(keys) if k in _KEY_ORDER and k not in earlier and k != key]
+        if later and (not present or later[0] > present[-1]):
+            position = later[0]
+        elif present:
+            position = present[-1] + 1
+    _set_new(data, key, value, position)
+
+
+# Comments and blank lines after a value belong, in ruamel's tree, to the deepest last scalar
+# before them. A key or item added after that scalar must take them over, or it would land
+# below the blank line and the comment that introduce what follows.
+
+
+def _last_holder(node: Any) -> tuple[Any, Any] | None:
+    """(container, key or index) whose trailing comment ends `node`'s text."""
+    if isinstance(node, CommentedMap) and node:
+        key = list(node)[-1]
+        return _last_holder(node[key]) or (node, key)
+    if isinstance(node, CommentedSeq) and node:
+        index = len(node) - 1
+        return _last_holder(node[index]) or (node, index)
+    return None
+
+
+def _slot(container: Any) -> int:
+    return 2 if isinstance(container, CommentedMap) else 0
+
+
+def _move_trailing(source: tuple[Any, Any] | None, target: tuple[Any, Any]) -> None:
+    """Move the comment lines after `source`'s value to after `target`'s, keeping an
+    end-of-line comment where it was."""
+    if source is None:
+        return
+    container, key = source
+    entry = container.ca.items.get(key)
+    slot = _slot(container)
+    token = entry[slot] if entry and len(entry) > slot else None
+    if token is None or "\n" not in token.value:
+        return
+    head, _, tail = token.value.partition("\n")
+    if not tail:
+        return
+    if head.strip():
+        kept = copy.copy(token)
+        kept.value = head + "\n"
+        entry[slot] = kept
+    else:
+        entry[slot] = None
+    moved = copy.copy(token)
+    moved.value = "\n" + tail
+    moved.column = 0
+    new_container, new_key = target
+    new_entry = new_container.ca.items.setdefault(new_key, [None, None, None, None])
+    new_entry[_slot(new_container)] = moved
+
+
+def _settle(node: Any) -> None:
+    """A collection that was empty when it took over trailing comments has since been filled:
+    move those comments to after its last item."""
+    if isinstance(node, CommentedMap | CommentedSeq):
+        keys = list(node) if isinstance(node, CommentedMap) else list(range(len(node)))
+        for key in keys:
+            value = node[key]
+            _settle(value)
+            entry = node.ca.items.get(key)
+            slot = _slot(node)
+            token = entry[slot] if entry and len(entry) > slot else None
+            holder = _last_holder(value)
+            if token is not None and token.value.startswith("\n") and holder is not None:
+                entry[slot] = None
+                target, target_key = holder
+                items = target.ca.items.setdefault(target_key, [None, None, None, None])
+                items[_slot(target)] = token
+
+
+def _set_new(data: CommentedMap, key: Any, value: Any, position: int | None = None) -> None:
+    """Add a key (at the end, or at `position`), taking over the comments that followed the
+    value before it."""
+    keys = list(data)
+    at = len(keys) if position is None else position
+    before = (data, keys[at - 1]) if at > 0 else None
+    source = _last_holder(data[keys[at - 1]]) or before if at > 0 else None
+    if position is None:
+        data[key] = value
+    else:
+        data.insert(position, key, value)
+    _move_trailing(source, _last_holder(value) or (data, key))
+
+
+def _append(items: CommentedSeq, value: Any) -> None:
+    source = _last_holder(items[-1]) or (items, len(items) - 1) if items else None
+    items.append(value)
+    _move_trailing(source, _last_holder(value) or (items, len(items) - 1))
+
+
+def _put(data: CommentedMap, key: Any, value: Any) -> None:
+    """Set a key: in place when it exists, else added at the end (comments kept in order)."""
+    if key in data:
+        data[key] = value
+    elif data:
+        _set_new(data, key, value)
+    else:
+        data[key] = value
+
+
+def _entry(data: CommentedMap, category_id: str, *, create: bool) -> CommentedMap:
+    for entry in _categories(data):
+        if _is(entry, category_id):
+            if entry.get("remove"):
+                raise EditError(f"{category_id} is removed in this file")
+            return entry  # type: ignore[no-any-return]
+    if not create:
+        raise EditError(f"no category {category_id!r} in this file")
+    entry = CommentedMap()
+    entry["id"] = category_id
+    _append(_seq(data, "categories"), entry)
+    return entry
+
+
+def _inherited_value(parent: Policy, category_id: str, key: str) -> Any:
+    for category in parent.categories:
+        if category.id == category_id:
+            return getattr(category, key)
+    return None
