@@ -246,13 +246,18 @@ class PolicyApp(App[None]):
         }.get(tab)
         if target is not None:
             self.query_one(target).focus()
-        else:
-            self.query_one(f"#{tab}-panel").focus()
+            return
+        panel = self.query_one(f"#{tab}-panel")
+        first = next((w for w in panel.query("*") if w.focusable), None)
+        if first is not None:
+            first.focus()
 
     def action_problems(self) -> None:
         panel = self.query_one(ProblemsPanel)
         if panel.problems:
             panel.focus()
+            if panel.highlighted is None:
+                panel.highlighted = 0
         else:
             self.notify("No problems: the policy is valid.")
 

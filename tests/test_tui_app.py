@@ -1,0 +1,362 @@
+"""The policy editor, driven like a user would: keys and clicks through Textual's Pilot."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("textual")
+pytest.importorskip("ruamel.yaml")
+
+from PIL import Image
+from policy_engine.tui.app import PolicyApp, create_app
+from policy_engine.tui.dialogs import (
+    ConfirmScreen,
+    HelpScreen,
+    NewPolicyScreen,
+    OpenScreen,
+)
+from policy_engine.tui.previews import ProblemsPanel
+from policy_engine.tui.trying import TryPanel
+from textual.pilot import Pilot
+from textual.widgets import DataTable, Input, Static, TabbedContent, TextArea
+
+REPO = Path(__file__).resolve().parent.parent
+CHILDREN = REPO / "policies" / "children-platform.yaml"
+Script = Callable[[Pilot[None], PolicyApp], Awaitable[None]]
+
+
+def drive(app: PolicyApp, script: Script, size: tuple[int, int] = (80, 24)) -> None:
+    """Run `script` against the app (pytest-asyncio is not a dependency)."""
+
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            await script(pilot, app)
+
+    asyncio.run(main())
+
+
+async def until(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
+    """Wait for `condition`, bounded generously (this is not a speed test)."""
+    for _ in range(600):
+        if condition():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def children_copy(folder: Path) -> Path:
+    path = folder / "kids.yaml"
+    path.write_text(CHILDREN.read_text())
+    return path
+
+
+def prompt(app: PolicyApp) -> str:
+    return app.query_one("#prompt-view", TextArea).text
+
+
+def status(app: PolicyApp) -> str:
+    return str(app.query_one("#status", Static).render())
+
+
+def added_and_removed(before: str, after: str) -> tuple[list[str], list[str]]:
+    plus, minus = [], []
+    for line in difflib.ndiff(before.splitlines(), after.splitlines()):
+        if line.startswith("+ "):
+            plus.append(line[2:])
+        elif line.startswith("- "):
+            minus.append(line[2:])
+    return plus, minus
+
+
+async def select_category(pilot: Pilot[None], app: PolicyApp, category_id: str) -> None:
+    await pilot.press("f2")
+    table = app.query_one("#category-table", DataTable)
+    table.focus()
+    ids = [key.value for key in table.rows]
+    table.move_cursor(row=ids.index(category_id))
+    await pilot.pause()
+    assert app.query_one("#categories-pane").selected == category_id  # type: ignore[attr-defined]
+
+
+def test_opening_a_file_shows_its_categories_exceptions_and_prompt(tmp_path: Path) -> None:
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        table = app.query_one("#category-table", DataTable)
+        assert [key.value for key in table.rows] == [f"O{n}" for n in range(1, 10)]
+        assert table.get_row("O4") == ["O4", "Nudity Content", "critical", "sensitive"]
+        assert table.get_row("O2") == ["O2", "Violence, Harm, or Cruelty", "high", ""]
+        assert app.query_one("#yaml-editor", TextArea).text == CHILDREN.read_text()
+        assert "Category O4 is declared as sensitive" in prompt(app)
+        assert "✓ valid" in status(app)
+        assert not app.query_one(ProblemsPanel).display
+        assert app.sub_title == "kids.yaml"  # no unsaved-changes dot
+
+    drive(create_app(path), script)
+
+
+def test_the_newcomers_path_o2_non_violating_prompt_save_comments_kept(tmp_path: Path) -> None:
+    """The issue's 'done when': open the children's policy, make O2 non-violating with a
+    reason, watch the prompt change, save, find the comments intact."""
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        assert app.document is not None
+        assert app.document.path == tmp_path / "children-platform.yaml"
+        assert "Category O2 is declared" not in prompt(app)
+        await pilot.press("f2", "down")  # O1 → O2
+        await pilot.press("x")  # exception: none → non-violating; the reason field is next
+        assert app.focused is app.query_one("#cat-reason", Input)
+        await pilot.press(*"News reporting")
+        await until(pilot, lambda: "O2 is declared as non-violating" in prompt(app), "prompt")
+        await pilot.press("f6")
+        diff = str(app.query_one("#diff-text", Static).render())
+        assert "+Category O2 is declared as non-violating" in diff
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not app.document.dirty, "save")  # type: ignore[union-attr]
+
+    drive(create_app("children-platform", folder=tmp_path), script)
+    saved = (tmp_path / "children-platform.yaml").read_text()
+    plus, minus = added_and_removed(CHILDREN.read_text(), saved)
+    assert minus == []
+    assert plus == ["  O2:", "    status: non-violating", "    reason: News reporting"]
+    comments = [line for line in CHILDREN.read_text().splitlines() if line.startswith("#")]
+    assert comments and all(line in saved.splitlines() for line in comments)
+
+
+def test_editing_a_guideline_reaches_the_yaml_and_the_prompt(tmp_path: Path) -> None:
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await select_category(pilot, app, "O8")
+        await pilot.press("enter")  # into the editor: name field
+        area = app.query_one("#cat-can", TextArea)
+        area.focus()
+        area.move_cursor(area.document.end)
+        await pilot.press("enter", *"Show rescued animals.")
+        await until(pilot, lambda: "- Show rescued animals." in prompt(app), "prompt update")
+        yaml_text = app.query_one("#yaml-editor", TextArea).text
+        assert "  - id: O8\n    can:\n" in yaml_text
+        assert "      - Show rescued animals.\n" in yaml_text, yaml_text[
+            yaml_text.index("id: O8") - 10 :
+        ][:400]
+        assert app.sub_title == "kids.yaml ●"
+
+    drive(create_app(path), script)
+
+
+def test_typing_in_the_yaml_updates_the_list_and_an_error_is_listed_and_jumped_to(
+    tmp_path: Path,
+) -> None:
+    path = children_copy(tmp_path)
+    text = CHILDREN.read_text()
+    line = text.splitlines().index("    severity: high") + 1  # O6's severity
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await pilot.press("f3")
+        editor = app.query_one("#yaml-editor", TextArea)
+        assert app.focused is editor
+        editor.move_cursor((line - 1, len("    severity: ")))
+        await pilot.press(*"extreme-", "delete", "delete", "delete", "delete")
+        problems = app.query_one(ProblemsPanel)
+        await until(pilot, lambda: bool(problems.problems), "a problem")
+        [problem] = problems.problems
+        assert problem.line == line and "is not a severity level" in problem.message
+        assert problems.display and "✗ 1 problem" in status(app)
+        await pilot.press("f9")  # to the problems list
+        assert app.focused is problems
+        editor.move_cursor((0, 0))
+        await pilot.press("f2", "f9", "enter")  # choose the problem: back in the YAML, on it
+        assert app.query_one(TabbedContent).active == "yaml"
+        assert app.focused is editor and editor.cursor_location[0] == line - 1
+        # fix it in the YAML: the list follows
+        editor.move_cursor((line - 1, len("    severity: ")))
+        await pilot.press("shift+end", *"low")
+        await until(pilot, lambda: not problems.problems, "the problem to go")
+        table = app.query_one("#category-table", DataTable)
+        await until(pilot, lambda: table.get_row("O6")[2] == "low", "the list to follow")
+
+    drive(create_app(path), script)
+
+
+def test_saving_an_invalid_policy_asks_first(tmp_path: Path) -> None:
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await pilot.press("f3", *"oops: 1", "enter")
+        await until(pilot, lambda: bool(app.query_one(ProblemsPanel).problems), "problem")
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "1 problem" in app.screen.question
+        await pilot.press("escape")
+        assert path.read_text() == CHILDREN.read_text()  # not written
+        await pilot.press("ctrl+s", "y")
+        await until(pilot, lambda: path.read_text().startswith("oops: 1\n"), "forced save")
+
+    drive(create_app(path), script)
+
+
+def test_quit_with_unsaved_changes_asks_and_can_save(tmp_path: Path) -> None:
+    path = children_copy(tmp_path)
+    exited: list[bool] = []
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await select_category(pilot, app, "O9")
+        await pilot.press("x")  # O9 non-violating, the reason field focused
+        await pilot.press(*"storms")  # still waiting for a pause in typing
+        await pilot.press("ctrl+q")
+        assert isinstance(app.screen, ConfirmScreen) and "unsaved" in app.screen.question
+        await pilot.press("escape")  # cancel: still running, still dirty
+        assert app.is_running and app.document is not None and app.document.dirty
+        await pilot.press("ctrl+q", "s")
+        await pilot.pause()
+        exited.append(not app.is_running)
+
+    drive(create_app(path), script)
+    assert exited == [True]
+    saved = path.read_text()
+    assert "  O9:\n    status: non-violating\n    reason: storms\n" in saved  # nothing lost
+
+
+def test_quit_can_discard(tmp_path: Path) -> None:
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await select_category(pilot, app, "O9")
+        await pilot.press("x", "ctrl+q", "d")
+        await pilot.pause()
+        assert not app.is_running
+
+    drive(create_app(path), script)
+    assert path.read_text() == CHILDREN.read_text()
+
+
+def test_saving_over_a_file_changed_elsewhere_asks(tmp_path: Path) -> None:
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await select_category(pilot, app, "O5")
+        await pilot.press("x")
+        path.write_text(CHILDREN.read_text() + "# someone else\n")
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, ConfirmScreen) and "changed on disk" in app.screen.question
+        await pilot.press("escape")
+        assert path.read_text().endswith("# someone else\n")
+        await pilot.press("ctrl+s", "y")
+        await until(pilot, lambda: "O5:" in path.read_text(), "overwrite")
+
+    drive(create_app(path), script)
+
+
+def test_add_move_and_remove_categories_with_keys(tmp_path: Path) -> None:
+    path = tmp_path / "standalone.yaml"
+    path.write_text((REPO / "policies" / "llavaguard.yaml").read_text())
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        table = app.query_one("#category-table", DataTable)
+        table.focus()
+        await pilot.press("a")
+        assert app.screen.query_one("#add-id", Input).value == "O10"
+        await pilot.press(*"Gambling", "enter")
+        await until(pilot, lambda: "O10" in [k.value for k in table.rows], "new row")
+        assert "O10: Gambling" in prompt(app)
+        await select_category(pilot, app, "O10")
+        await pilot.press("ctrl+up")
+        await until(pilot, lambda: [k.value for k in table.rows][-2] == "O10", "moved up")
+        await select_category(pilot, app, "O3")
+        await pilot.press("delete")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await until(pilot, lambda: "O3" not in [k.value for k in table.rows], "removed")
+        assert "O3: Sexual Content" not in prompt(app)
+
+    drive(create_app(path), script)
+
+
+def test_an_edit_the_file_cannot_take_is_explained(tmp_path: Path) -> None:
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await select_category(pilot, app, "O1")
+        before = app.query_one("#yaml-editor", TextArea).text
+        await pilot.press("ctrl+down")  # inherited categories keep the parent's order
+        await pilot.pause()
+        messages = [n.message for n in app._notifications]
+        assert any("keeps the order of 'llavaguard'" in m for m in messages), messages
+        assert app.query_one("#yaml-editor", TextArea).text == before
+
+    drive(create_app(path), script)
+
+
+def test_no_argument_asks_for_a_new_policy_and_creates_it(tmp_path: Path) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await until(pilot, lambda: isinstance(app.screen, NewPolicyScreen), "the New dialog")
+        await pilot.press("down")  # the second shipped policy
+        field = app.screen.query_one("#new-path", Input)
+        field.value = "clinic.yaml"
+        field.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: app.document is not None, "a document")
+        assert app.document is not None
+        assert app.document.path == tmp_path / "clinic.yaml"
+        assert app.document.text.startswith("# clinic: based on the shipped policy")
+        assert "extends: health-platform" in app.document.text
+        assert "✓ valid" in status(app)
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: (tmp_path / "clinic.yaml").exists(), "saved")
+
+    drive(PolicyApp(folder=tmp_path), script)
+
+
+def test_open_dialog_opens_another_file(tmp_path: Path) -> None:
+    first = children_copy(tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text("extends: llavaguard\nid: other\n")
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await pilot.press("ctrl+o")
+        assert isinstance(app.screen, OpenScreen)
+        await pilot.press(*"nothing.yaml", "enter")
+        assert "No file" in str(app.screen.query_one("#open-error", Static).render())
+        app.screen.query_one("#open-path", Input).value = "other.yaml"
+        await pilot.press("enter")
+        await until(pilot, lambda: app.document is not None and app.document.path == other, "open")
+        assert app.query_one("#yaml-editor", TextArea).text == other.read_text()
+
+    drive(create_app(first), script)
+
+
+def test_help_screen_opens_and_closes(tmp_path: Path) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+    drive(create_app(children_copy(tmp_path)), script)
+
+
+def test_try_an_image_from_the_app_with_the_edited_policy(tmp_path: Path) -> None:
+    """The Try tab judges with what is on screen, saved or not: an O2 answer is acted on by
+    the children's rules, and no longer once O2 is removed from the list."""
+    path = children_copy(tmp_path)
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16), (0, 90, 200)).save(picture)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await pilot.press("f7")
+        panel = app.query_one(TryPanel)
+        panel.picker.configure("static", "full", "rating=Unsafe category=O7")
+        panel.query_one("#image", Input).value = str(picture)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: panel.last_decision is not None, "a decision")
+        decision = panel.last_decision
+        assert decision is not None and decision.verdict.category_id == "O7"
+        assert sorted(a.name for a in decision.actions) == ["block", "escalate"]
+
+    drive(create_app(path), script, size=(100, 40))
