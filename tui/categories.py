@@ -206,6 +206,7 @@ class CategoriesPane(Horizontal):
                 exception.status.value if exception else "none"
             )
             self._set_input("#cat-reason", (exception.reason or "") if exception else "", focused)
+            self.query_one("#cat-reason", Input).disabled = exception is None
             for widget_id, lines in (
                 ("#cat-should-not", category.should_not),
                 ("#cat-can", category.can),
@@ -310,6 +311,7 @@ class CategoriesPane(Horizontal):
     def _exception_chosen(self, event: Select.Changed) -> None:
         status = str(event.value)
         reason_field = self.query_one("#cat-reason", Input)
+        reason_field.disabled = status == "none"  # a reason explains an exception
         edit = self._exception_edit(status, reason_field.value)
         if edit is None:
             return

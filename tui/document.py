@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml as pyyaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
@@ -188,6 +189,8 @@ class PolicyDocument:
         self._analysis: Analysis | None = None
         self._saved_analysis: Analysis | None = None
         self._parents: dict[str, Policy | None] = {}
+        self._plain_cache: tuple[str, dict[str, Any]] | None = None
+        self._layout: tuple[str, tuple[int, int, int]] | None = None
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -288,7 +291,9 @@ class PolicyDocument:
 
     # -- what the file itself says ---------------------------------------------------------
     def _load_tree(self) -> tuple[YAML, Any]:
-        yaml = _yaml(*_layout_for(self.text))
+        if self._layout is None or self._layout[0] != self.text:
+            self._layout = (self.text, _layout_for(self.text))
+        yaml = _yaml(*self._layout[1])
         try:
             data = yaml.load(self.text)
         except YAMLError as err:
@@ -301,7 +306,7 @@ class PolicyDocument:
             raise EditError("the file is not a YAML mapping: fix it in the YAML tab first")
         return yaml, data
 
-    def _parent(self, data: CommentedMap) -> Policy | None:
+    def _parent(self, data: dict[str, Any]) -> Policy | None:
         """The resolved policy this file extends (None for a standalone file)."""
         ref = data.get("extends")
         if not isinstance(ref, str) or not ref:
@@ -316,21 +321,27 @@ class PolicyDocument:
                 raise EditError(f"the parent policy {ref!r} does not load: {err}") from None
         return self._parents[ref]
 
+    def _plain(self) -> dict[str, Any]:
+        """The text as plain data (a cheap parse, for questions that do not edit)."""
+        if self._plain_cache is None or self._plain_cache[0] != self.text:
+            try:
+                data = pyyaml.safe_load(self.text)
+            except pyyaml.YAMLError:
+                data = None
+            self._plain_cache = (self.text, data if isinstance(data, dict) else {})
+        return self._plain_cache[1]
+
     def inherited_ids(self) -> set[str]:
         """Ids of the categories this file inherits (empty for a standalone file)."""
         try:
-            _, data = self._load_tree()
-            parent = self._parent(data)
+            parent = self._parent(self._plain())
         except EditError:
             return set()
         return {c.id for c in parent.categories} if parent is not None else set()
 
     def extends(self) -> str | None:
-        try:
-            _, data = self._load_tree()
-        except EditError:
-            return None
-        ref = data.get("extends")
+        """The policy this file extends, as written (None for a standalone file)."""
+        ref = self._plain().get("extends")
         return ref if isinstance(ref, str) else None
 
     def _edit(self, change: Callable[[CommentedMap, Policy | None], None]) -> str:
@@ -340,7 +351,9 @@ class PolicyDocument:
         change(data, parent)
         _settle(data)
         after = _dump(yaml, data)
+        layout = self._layout[1] if self._layout is not None else _LAYOUTS[0]
         self.text = after if before == self.text else _patch_lines(self.text, before, after)
+        self._layout = (self.text, layout)  # an edit keeps the file's layout
         return self.text
 
     # -- structured edits --------------------------------------------------------------------
