@@ -328,7 +328,9 @@ class CategoriesPane(Horizontal):
         select.value = following  # posts Select.Changed, which writes the edit
         if following != "none":
             # the reason comes next: type it, escape returns to the list (x again cycles on)
-            self.query_one("#cat-reason", Input).focus()
+            reason = self.query_one("#cat-reason", Input)
+            reason.disabled = False
+            reason.focus()
             self.app.notify(
                 f"{self.selected} is now {following}: type the reason, escape returns to the list.",
                 timeout=4,
