@@ -13,10 +13,8 @@ pytest.importorskip("ruamel.yaml")
 from policy_engine.tui.document import (
     EditError,
     PolicyDocument,
-    _dump,
-    _layout_for,
-    _yaml,
 )
+from policy_engine.tui.roundtrip import dump, layout_for, yaml_for
 
 from policy_engine import load_policy, load_policy_text
 
@@ -47,8 +45,8 @@ def changed_lines(before: str, after: str) -> tuple[list[str], list[str]]:
 )
 def test_every_known_policy_round_trips_byte_for_byte(path: Path) -> None:
     text = path.read_text()
-    yaml = _yaml(*_layout_for(text))
-    assert _dump(yaml, yaml.load(text)) == text
+    yaml = yaml_for(*layout_for(text))
+    assert dump(yaml, yaml.load(text)) == text
 
 
 def test_making_o2_non_violating_adds_only_the_exception(tmp_path: Path) -> None:

@@ -12,9 +12,7 @@ without a screen.
 
 from __future__ import annotations
 
-import copy
 import difflib
-import io
 import os
 import re
 import tempfile
@@ -39,6 +37,19 @@ from policy_engine import (
     load_policy,
     load_policy_text,
     shipped_policies,
+)
+
+from .roundtrip import (
+    LAYOUTS,
+    append,
+    dump,
+    layout_for,
+    mapping_at,
+    patch_lines,
+    put,
+    seq_at,
+    settle,
+    yaml_for,
 )
 
 EXCEPTION_STATES = ("none", "non-violating", "sensitive")
@@ -90,80 +101,6 @@ def prompt_diff(saved: Analysis, current: Analysis) -> str:
         n=2,
     )
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
-
-
-# -- round-trip YAML -----------------------------------------------------------------------
-
-_LAYOUTS = [(2, 4, 2), (2, 2, 0), (4, 4, 0), (4, 6, 4), (2, 4, 0), (4, 4, 2), (4, 8, 4), (3, 3, 0)]
-
-
-def _yaml(mapping: int, sequence: int, offset: int) -> YAML:
-    yaml = YAML(typ="rt")
-    yaml.preserve_quotes = True
-    yaml.width = 4096  # never re-wrap a long guideline the author wrote on one line
-    yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
-    # `O4: null` (drop an inherited exception) reads better than a bare `O4:`
-    yaml.representer.add_representer(type(None), _represent_null)
-    return yaml
-
-
-def _represent_null(representer: Any, _: None) -> Any:
-    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
-
-
-def _dump(yaml: YAML, data: Any) -> str:
-    out = io.StringIO()
-    yaml.dump(data, out)
-    return out.getvalue()
-
-
-def _layout_for(text: str) -> tuple[int, int, int]:
-    """The indentation that reproduces `text` byte for byte (or comes closest)."""
-    best, best_score = _LAYOUTS[0], -1.0
-    for layout in _LAYOUTS:
-        yaml = _yaml(*layout)
-        try:
-            dumped = _dump(yaml, yaml.load(text))
-        except YAMLError:
-            return best
-        if dumped == text:
-            return layout
-        score = difflib.SequenceMatcher(None, dumped.splitlines(), text.splitlines()).ratio()
-        if score > best_score:
-            best, best_score = layout, score
-    return best
-
-
-def _patch_lines(source: str, before: str, after: str) -> str:
-    """Apply the line changes that turn `before` into `after` to `source`, where `before` is
-    `source` as the YAML dumper writes it. Lines the edit did not touch keep the author's
-    formatting even where the dumper would write them differently."""
-    src, old, new = (
-        source.splitlines(keepends=True),
-        before.splitlines(True),
-        after.splitlines(True),
-    )
-    to_src: dict[int, int] = {}
-    for block in difflib.SequenceMatcher(None, old, src, autojunk=False).get_matching_blocks():
-        for k in range(block.size):
-            to_src[block.a + k] = block.b + k
-    result: list[str] = []
-    cursor = 0
-    for tag, a1, a2, b1, b2 in difflib.SequenceMatcher(
-        None, old, new, autojunk=False
-    ).get_opcodes():
-        if tag == "equal":
-            continue
-        # the changed run of `old` lies between two lines that match the source
-        start = to_src.get(a1 - 1, -1) + 1 if a1 > 0 else 0
-        end = to_src.get(a2) if a2 < len(old) else len(src)
-        if end is None or (a1 > 0 and (a1 - 1) not in to_src) or start < cursor or end < start:
-            return after  # no safe anchor: fall back to the dumper's text
-        result += src[cursor:start]
-        result += new[b1:b2]
-        cursor = end
-    result += src[cursor:]
-    return "".join(result)
 
 
 # -- the document --------------------------------------------------------------------------
@@ -292,8 +229,8 @@ class PolicyDocument:
     # -- what the file itself says ---------------------------------------------------------
     def _load_tree(self) -> tuple[YAML, Any]:
         if self._layout is None or self._layout[0] != self.text:
-            self._layout = (self.text, _layout_for(self.text))
-        yaml = _yaml(*self._layout[1])
+            self._layout = (self.text, layout_for(self.text))
+        yaml = yaml_for(*self._layout[1])
         try:
             data = yaml.load(self.text)
         except YAMLError as err:
@@ -347,12 +284,12 @@ class PolicyDocument:
     def _edit(self, change: Callable[[CommentedMap, Policy | None], None]) -> str:
         yaml, data = self._load_tree()
         parent = self._parent(data)
-        before = _dump(yaml, data)
+        before = dump(yaml, data)
         change(data, parent)
-        _settle(data)
-        after = _dump(yaml, data)
-        layout = self._layout[1] if self._layout is not None else _LAYOUTS[0]
-        self.text = after if before == self.text else _patch_lines(self.text, before, after)
+        settle(data)
+        after = dump(yaml, data)
+        layout = self._layout[1] if self._layout is not None else LAYOUTS[0]
+        self.text = after if before == self.text else patch_lines(self.text, before, after)
         self._layout = (self.text, layout)  # an edit keeps the file's layout
         return self.text
 
@@ -389,7 +326,7 @@ class PolicyDocument:
                 value_node: Any = CommentedSeq(value)
             else:
                 value_node = value
-            _put(entry, key, value_node)
+            put(entry, key, value_node)
 
         return self._edit(change)
 
@@ -406,7 +343,7 @@ class PolicyDocument:
                 if isinstance(exceptions, CommentedMap):
                     exceptions.pop(category_id, None)
                 if inherited is not None:
-                    _put(_mapping(data, "exceptions"), category_id, None)  # drop the inherited
+                    put(mapping_at(data, "exceptions"), category_id, None)  # drop the inherited
                 elif isinstance(exceptions, CommentedMap) and not exceptions:
                     del data["exceptions"]
                 return
@@ -420,16 +357,16 @@ class PolicyDocument:
                     if not exceptions:
                         del data["exceptions"]
                 return
-            exceptions = _mapping(data, "exceptions")
+            exceptions = mapping_at(data, "exceptions")
             entry = exceptions.get(category_id)
             if not isinstance(entry, CommentedMap):
                 entry = CommentedMap()
-                _put(exceptions, category_id, entry)
-            _put(entry, "status", status)
+                put(exceptions, category_id, entry)
+            put(entry, "status", status)
             if reason is None:
                 entry.pop("reason", None)
             else:
-                _put(entry, "reason", reason)
+                put(entry, "reason", reason)
 
         return self._edit(change)
 
@@ -454,7 +391,7 @@ class PolicyDocument:
             entry["severity"] = severity
             entry["should_not"] = CommentedSeq()
             entry["can"] = CommentedSeq()
-            _append(_seq(data, "categories"), entry)
+            append(seq_at(data, "categories"), entry)
 
         return self._edit(change)
 
@@ -469,7 +406,7 @@ class PolicyDocument:
                 entry = _entry(data, category_id, create=True)
                 for key in [k for k in entry if k != "id"]:
                     del entry[key]
-                _put(entry, "remove", True)
+                put(entry, "remove", True)
             else:
                 categories.remove(entry)
             exceptions = data.get("exceptions")
@@ -526,144 +463,6 @@ def _categories(data: CommentedMap) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _seq(data: CommentedMap, key: str) -> CommentedSeq:
-    value = data.get(key)
-    if not isinstance(value, CommentedSeq):
-        value = CommentedSeq()
-        _insert_key(data, key, value)
-    return value
-
-
-def _mapping(data: CommentedMap, key: str) -> CommentedMap:
-    value = data.get(key)
-    if not isinstance(value, CommentedMap):
-        value = CommentedMap()
-        _insert_key(data, key, value)
-    return value
-
-
-_KEY_ORDER: tuple[str, ...] = (
-    *("extends", "id", "version", "description", "prompt_format", "severity_levels"),
-    *("none_category", "output", "categories", "exceptions", "postprocess"),
-)
-
-
-def _insert_key(data: CommentedMap, key: str, value: Any) -> None:
-    """Add a top-level key where a reader expects it: after the keys that come before it in
-    the usual order, else at the end."""
-    if key in data:
-        data[key] = value
-        return
-    earlier = _KEY_ORDER[: _KEY_ORDER.index(key)] if key in _KEY_ORDER else ()
-    keys = list(data)
-    position = len(keys)
-    if earlier:
-        present = [i for i, k in enumerate(keys) if k in earlier]
-        later = [i for i, k in enumerate(keys) if k in _KEY_ORDER and k not in earlier and k != key]
-        if later and (not present or later[0] > present[-1]):
-            position = later[0]
-        elif present:
-            position = present[-1] + 1
-    _set_new(data, key, value, position)
-
-
-# Comments and blank lines after a value belong, in ruamel's tree, to the deepest last scalar
-# before them. A key or item added after that scalar must take them over, or it would land
-# below the blank line and the comment that introduce what follows.
-
-
-def _last_holder(node: Any) -> tuple[Any, Any] | None:
-    """(container, key or index) whose trailing comment ends `node`'s text."""
-    if isinstance(node, CommentedMap) and node:
-        key = list(node)[-1]
-        return _last_holder(node[key]) or (node, key)
-    if isinstance(node, CommentedSeq) and node:
-        index = len(node) - 1
-        return _last_holder(node[index]) or (node, index)
-    return None
-
-
-def _slot(container: Any) -> int:
-    return 2 if isinstance(container, CommentedMap) else 0
-
-
-def _move_trailing(source: tuple[Any, Any] | None, target: tuple[Any, Any]) -> None:
-    """Move the comment lines after `source`'s value to after `target`'s, keeping an
-    end-of-line comment where it was."""
-    if source is None:
-        return
-    container, key = source
-    entry = container.ca.items.get(key)
-    slot = _slot(container)
-    token = entry[slot] if entry and len(entry) > slot else None
-    if token is None or "\n" not in token.value:
-        return
-    head, _, tail = token.value.partition("\n")
-    if not tail:
-        return
-    if head.strip():
-        kept = copy.copy(token)
-        kept.value = head + "\n"
-        entry[slot] = kept
-    else:
-        entry[slot] = None
-    moved = copy.copy(token)
-    moved.value = "\n" + tail
-    moved.column = 0
-    new_container, new_key = target
-    new_entry = new_container.ca.items.setdefault(new_key, [None, None, None, None])
-    new_entry[_slot(new_container)] = moved
-
-
-def _settle(node: Any) -> None:
-    """A collection that was empty when it took over trailing comments has since been filled:
-    move those comments to after its last item."""
-    if isinstance(node, CommentedMap | CommentedSeq):
-        keys = list(node) if isinstance(node, CommentedMap) else list(range(len(node)))
-        for key in keys:
-            value = node[key]
-            _settle(value)
-            entry = node.ca.items.get(key)
-            slot = _slot(node)
-            token = entry[slot] if entry and len(entry) > slot else None
-            holder = _last_holder(value)
-            if token is not None and token.value.startswith("\n") and holder is not None:
-                entry[slot] = None
-                target, target_key = holder
-                items = target.ca.items.setdefault(target_key, [None, None, None, None])
-                items[_slot(target)] = token
-
-
-def _set_new(data: CommentedMap, key: Any, value: Any, position: int | None = None) -> None:
-    """Add a key (at the end, or at `position`), taking over the comments that followed the
-    value before it."""
-    keys = list(data)
-    at = len(keys) if position is None else position
-    before = (data, keys[at - 1]) if at > 0 else None
-    source = _last_holder(data[keys[at - 1]]) or before if at > 0 else None
-    if position is None:
-        data[key] = value
-    else:
-        data.insert(position, key, value)
-    _move_trailing(source, _last_holder(value) or (data, key))
-
-
-def _append(items: CommentedSeq, value: Any) -> None:
-    source = _last_holder(items[-1]) or (items, len(items) - 1) if items else None
-    items.append(value)
-    _move_trailing(source, _last_holder(value) or (items, len(items) - 1))
-
-
-def _put(data: CommentedMap, key: Any, value: Any) -> None:
-    """Set a key: in place when it exists, else added at the end (comments kept in order)."""
-    if key in data:
-        data[key] = value
-    elif data:
-        _set_new(data, key, value)
-    else:
-        data[key] = value
-
-
 def _entry(data: CommentedMap, category_id: str, *, create: bool) -> CommentedMap:
     for entry in _categories(data):
         if _is(entry, category_id):
@@ -674,7 +473,7 @@ def _entry(data: CommentedMap, category_id: str, *, create: bool) -> CommentedMa
         raise EditError(f"no category {category_id!r} in this file")
     entry = CommentedMap()
     entry["id"] = category_id
-    _append(_seq(data, "categories"), entry)
+    append(seq_at(data, "categories"), entry)
     return entry
 
 
