@@ -66,3 +66,29 @@ def test_a_problem_listed_under_the_yaml(snap_compare: Any, tmp_path: Path) -> N
 
 def test_help_screen(snap_compare: Any, tmp_path: Path) -> None:
     assert snap_compare(create_app(kids(tmp_path)), terminal_size=(80, 24), press=["f1"])
+
+
+def test_try_tab_with_a_decision(
+    snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from policy_engine.tui.trying import TryPanel
+
+    monkeypatch.chdir(tmp_path)  # the image path on screen is relative: the same every run
+    Image.new("RGB", (16, 16), (0, 90, 200)).save(tmp_path / "photo.png")
+
+    async def run(pilot: Pilot[None]) -> None:
+        app: Any = pilot.app
+        await pilot.press("f7")
+        panel = app.query_one(TryPanel)
+        panel.picker.configure("static", "full", "rating=Unsafe category=O7")
+        panel.query_one("#image").value = "photo.png"
+        await pilot.press("ctrl+r")
+        for _ in range(400):
+            if panel.last_decision is not None:
+                break
+            await pilot.pause(0.05)
+        await settle(pilot)
+
+    assert snap_compare(create_app(kids(tmp_path)), terminal_size=(80, 24), run_before=run)

@@ -27,50 +27,44 @@ from textual.widgets.option_list import Option
 from policy_engine import shipped_policies
 
 HELP = """\
-# policy-engine: policy editor
+# Policy editor: help
 
-Everything is reachable from the keyboard; the mouse works too.
+**Escape** closes this help. Everything works from the keyboard; the mouse works too.
 
-| key | does |
-| --- | --- |
-| **F2** … **F8** | Categories, YAML, Prompt, Schema, Diff, Try, Tests tabs |
-| **F9** | jump to the problems list |
-| **ctrl+s** | save (asks first when the policy has problems) |
-| **ctrl+o** / **ctrl+n** | open a file / start a new policy from a shipped one |
-| **ctrl+q** | quit (asks when there are unsaved changes) |
-| **F1** | this help; **escape** closes it |
+## Getting started
+1. **F2** shows the categories. Move with the arrows.
+2. **x** cycles the selected category's exception: none, *non-violating* (anything of it is
+   allowed), *sensitive* (nothing related is allowed, educational included). The cursor then
+   jumps to **Reason**: type why. **Escape** returns to the list.
+3. **F4** shows the prompt the model will see, **F6** how it changed since the last save.
+4. **ctrl+s** saves. Your comments and layout are kept; only what you changed is written.
+5. **F7** tries an image: type its path or **ctrl+b** to browse, pick a backend, **ctrl+r**.
 
-## Categories (F2)
-Move in the list with the arrows; the right side edits the selected category.
+## Keys everywhere
+- **F2** Categories · **F3** YAML · **F4** Prompt · **F5** Schema · **F6** Diff ·
+  **F7** Try · **F8** Tests · **F9** problems list
+- **ctrl+s** save (asks first when the policy has problems) · **ctrl+o** open a file ·
+  **ctrl+n** new policy from a shipped one · **ctrl+q** quit (asks about unsaved changes) ·
+  **F1** this help
 
-| key (in the list) | does |
-| --- | --- |
-| **enter** | edit the selected category (name, severity, exception, guidelines) |
-| **x** | cycle its exception: none, non-violating, sensitive |
-| **a** / **delete** | add / remove a category |
-| **ctrl+up** / **ctrl+down** | move it up / down |
+## In the category list
+- **enter** edit the selected category: name, severity, exception and reason, guidelines
+  (one per line); **tab** moves between fields, **escape** goes back to the list
+- **x** cycle the exception · **a** add a category · **delete** remove it ·
+  **ctrl+up** / **ctrl+down** move it
 
-An **exception** declares a category *non-violating* (anything of it is allowed) or
-*sensitive* (nothing related is allowed, educational included); give the reason beside it.
-Guidelines are one per line. **tab** moves between fields; **escape** goes back to the list.
+In a policy that *extends* another, inherited categories say so; a change to one is written
+as a small override in your file and the parent file is never touched.
 
-In a policy that *extends* another, inherited categories are shown as such and your change
-is written as a small override; the parent file is never touched.
-
-## YAML (F3)
-The file itself, comments and all: post-processor rules, output options, tests. The other
-views follow what you type (after a short pause), and saving keeps your comments and layout.
-
-## Prompt, Schema, Diff (F4-F6)
-What the model will be asked, the JSON Schema its answer must satisfy, and how the prompt
-differs from the last saved version.
-
-## Problems (F9)
-Every validation error with its line; **enter** on one jumps to that line in the YAML.
-
-## Try (F7) and Tests (F8)
-Pick an image (**ctrl+b** browses), a backend and a mode, then **ctrl+r** runs it; **escape**
-cancels a run. Tests runs the `tests:` cases of the policy.
+## The other tabs
+- **YAML**: the file itself, for everything else (post-processor rules, output options,
+  tests). The other views follow what you type after a short pause.
+- **Prompt**, **Schema**, **Diff**: what the model is asked, the JSON Schema its answer must
+  satisfy, and the prompt's changes since the last save.
+- **Problems** (under the tabs when there are any): **enter** on one jumps to its line.
+- **Try**: an image, a backend (options as `key=value`, e.g. `model=tiny-random`) and a mode;
+  **ctrl+r** runs, **escape** cancels. **Tests** runs the policy's `tests:` cases with the
+  same backend.
 """
 
 
