@@ -427,7 +427,7 @@ def test_text_finds_a_relative_parent_beside_its_path(tmp_path: Path) -> None:
     child = "extends: ./base.yaml\nid: child\nexceptions:\n  O2: {status: non-violating}\n"
     policy = load_policy_text(child, tmp_path / "child.yaml")
     assert policy.exceptions["O2"].status == "non-violating"
-    with pytest.raises(PolicyError, match="parent './base.yaml' not found"):
+    with pytest.raises(PolicyError, match=r"parent '\./base\.yaml' not found"):
         load_policy_text(child, tmp_path / "elsewhere" / "child.yaml")
 
 

@@ -72,7 +72,6 @@ def test_try_tab_with_a_decision(
     snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from PIL import Image
-
     from policy_engine.tui.trying import TryPanel
 
     monkeypatch.chdir(tmp_path)  # the image path on screen is relative: the same every run
