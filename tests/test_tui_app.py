@@ -22,6 +22,7 @@ from policy_engine.tui.dialogs import (
 )
 from policy_engine.tui.previews import ProblemsPanel
 from policy_engine.tui.trying import TryPanel
+from support import run_cli
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static, TabbedContent, TextArea
 
@@ -360,3 +361,28 @@ def test_try_an_image_from_the_app_with_the_edited_policy(tmp_path: Path) -> Non
         assert sorted(a.name for a in decision.actions) == ["block", "escalate"]
 
     drive(create_app(path), script, size=(100, 40))
+
+
+def test_a_shipped_name_edits_a_copy_and_says_so(tmp_path: Path) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        messages = [n.message for n in app._notifications]
+        assert any("editing a copy" in m and "children-platform.yaml" in m for m in messages)
+        assert app.document is not None and app.document.dirty
+        assert not (tmp_path / "children-platform.yaml").exists()  # nothing written unasked
+
+    drive(create_app("children-platform", folder=tmp_path), script)
+    (tmp_path / "children-platform.yaml").write_text("extends: children-platform\nid: mine\n")
+
+    async def reopened(pilot: Pilot[None], app: PolicyApp) -> None:
+        assert app.document is not None and not app.document.dirty
+        assert app.document.text == "extends: children-platform\nid: mine\n"
+
+    drive(create_app("children-platform", folder=tmp_path), reopened)
+
+
+def test_the_command_reports_an_unreadable_file_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_bytes(b"\xff\xfe\x00junk")
+    result = run_cli("tui", str(tmp_path / "bad.yaml"))
+    assert result.returncode == 2
+    expected = f"error: {tmp_path / 'bad.yaml'}: not a UTF-8 text file"
+    assert result.stderr.strip().splitlines() == [expected]

@@ -63,8 +63,10 @@ class PolicyApp(App[None]):
         folder: Path | None = None,
         start_new: tuple[Path | None, str | None] | None = None,
         host: PluginHost | None = None,
+        notice: str | None = None,
     ) -> None:
         super().__init__()
+        self.notice = notice
         self.host = host or get_host()
         self.document = document
         self.folder = folder or Path.cwd()
@@ -104,6 +106,8 @@ class PolicyApp(App[None]):
             editor.language = "yaml"
         if self.document is not None:
             self._load(self.document)
+            if self.notice:
+                self.notify(self.notice, timeout=8)
         else:
             path, base = self.start_new or (None, None)
             self.call_after_refresh(self._ask_new, path, base)
@@ -426,9 +430,15 @@ def create_app(
     if ref in shipped_policies() and not Path(ref).exists():
         target = folder / f"{ref}.yaml"
         if target.exists():
-            return PolicyApp(PolicyDocument.open(target, host=host), folder=folder, host=host)
-        document = PolicyDocument.new_from(ref, target, "copy", host=host)
-        return PolicyApp(document, folder=folder, host=host)
+            notice = f"Opened your copy of the shipped policy {ref!r}: {target.name}."
+            document = PolicyDocument.open(target, host=host)
+        else:
+            notice = (
+                f"{ref!r} is a shipped policy: you are editing a copy, which ctrl+s saves as "
+                f"{target.name} here."
+            )
+            document = PolicyDocument.new_from(ref, target, "copy", host=host)
+        return PolicyApp(document, folder=folder, host=host, notice=notice)
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = folder / path
