@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from policy_engine.tui.previews import ProblemsPanel
 from policy_engine.tui.trying import TryPanel
 from support import run_cli
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input, Static, TabbedContent, TextArea
+from textual.widgets import DataTable, Input, Select, Static, TabbedContent, TextArea
 
 REPO = Path(__file__).resolve().parent.parent
 CHILDREN = REPO / "policies" / "children-platform.yaml"
@@ -65,6 +66,10 @@ def status(app: PolicyApp) -> str:
     return str(app.query_one("#status", Static).render())
 
 
+def row(table: DataTable[object], key: str) -> list[str]:
+    return [str(cell) for cell in table.get_row(key)]
+
+
 def added_and_removed(before: str, after: str) -> tuple[list[str], list[str]]:
     plus, minus = [], []
     for line in difflib.ndiff(before.splitlines(), after.splitlines()):
@@ -91,8 +96,8 @@ def test_opening_a_file_shows_its_categories_exceptions_and_prompt(tmp_path: Pat
     async def script(pilot: Pilot[None], app: PolicyApp) -> None:
         table = app.query_one("#category-table", DataTable)
         assert [key.value for key in table.rows] == [f"O{n}" for n in range(1, 10)]
-        assert table.get_row("O4") == ["O4", "Nudity Content", "critical", "sensitive"]
-        assert table.get_row("O2") == ["O2", "Violence, Harm, or Cruelty", "high", ""]
+        assert row(table, "O4") == ["O4", "Nudity Content", "critical", "sensitive"]
+        assert row(table, "O2") == ["O2", "Violence, Harm, or Cruelty", "high", ""]
         assert app.query_one("#yaml-editor", TextArea).text == CHILDREN.read_text()
         assert "Category O4 is declared as sensitive" in prompt(app)
         assert "✓ valid" in status(app)
@@ -180,7 +185,7 @@ def test_typing_in_the_yaml_updates_the_list_and_an_error_is_listed_and_jumped_t
         await pilot.press("shift+end", *"low")
         await until(pilot, lambda: not problems.problems, "the problem to go")
         table = app.query_one("#category-table", DataTable)
-        await until(pilot, lambda: table.get_row("O6")[2] == "low", "the list to follow")
+        await until(pilot, lambda: row(table, "O6")[2] == "low", "the list to follow")
 
     drive(create_app(path), script)
 
@@ -386,3 +391,41 @@ def test_the_command_reports_an_unreadable_file_in_one_line(tmp_path: Path) -> N
     assert result.returncode == 2
     expected = f"error: {tmp_path / 'bad.yaml'}: not a UTF-8 text file"
     assert result.stderr.strip().splitlines() == [expected]
+
+
+def test_names_and_paths_with_brackets_are_shown_as_written(tmp_path: Path) -> None:
+    folder = tmp_path / "drafts [old]"
+    folder.mkdir()
+    path = folder / "p.yaml"
+    path.write_text("extends: llavaguard\nid: p\ncategories:\n  - {id: O1, name: '[draft] Hate'}\n")
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        table = app.query_one("#category-table", DataTable)
+        assert row(table, "O1")[1] == "[draft] Hate"
+        assert "[draft] Hate" in str(app.query_one("#cat-title", Static).render())
+        await pilot.press("f3", *"x: [", "enter")
+        await until(pilot, lambda: bool(app.query_one(ProblemsPanel).problems), "a problem")
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "[y]" in str(app.screen.query_one("#choice-y").label)
+
+    drive(create_app(path), script)
+
+
+def test_a_structured_edit_on_unparsable_yaml_says_why(tmp_path: Path) -> None:
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await pilot.press("f3", *"x: [", "enter")
+        await until(pilot, lambda: bool(app.query_one(ProblemsPanel).problems), "a problem")
+        await select_category(pilot, app, "O5")
+        await pilot.press("x")
+        await pilot.pause()
+        messages = [n.message for n in app._notifications]
+        assert any(
+            re.match(r"Cannot set the exception of O5: the YAML does not parse \(line \d+\)", m)
+            for m in messages
+        ), messages
+        assert app.query_one("#cat-exception", Select).value == "none"  # not the refused state
+
+    drive(create_app(path), script)

@@ -107,7 +107,7 @@ class PolicyApp(App[None]):
         if self.document is not None:
             self._load(self.document)
             if self.notice:
-                self.notify(self.notice, timeout=8)
+                self.notify(self.notice, timeout=8, markup=False)
         else:
             path, base = self.start_new or (None, None)
             self.call_after_refresh(self._ask_new, path, base)
@@ -134,9 +134,9 @@ class PolicyApp(App[None]):
             try:
                 self._load(PolicyDocument.new_from(base, path, how, host=self.host))
             except PolicyEngineError as err:
-                self.notify(str(err), severity="error")
+                self.notify(str(err), severity="error", markup=False)
                 return
-            self.notify(f"New policy: saves to {path} (ctrl+s).")
+            self.notify(f"New policy: saves to {path} (ctrl+s).", markup=False)
 
         self.push_screen(NewPolicyScreen(self.folder, path, base), created)
 
@@ -200,7 +200,8 @@ class PolicyApp(App[None]):
         try:
             edit.apply(document)
         except PolicyEngineError as err:
-            self.notify(f"Cannot {edit.what}: {err}", severity="error")
+            self.notify(f"Cannot {edit.what}: {err}", severity="error", markup=False)
+            self.query_one(CategoriesPane).revert()  # show what the file says, not the attempt
             return False
         self._set_editor_text(document.text)
         self._refresh()
@@ -263,7 +264,7 @@ class PolicyApp(App[None]):
             if panel.highlighted is None:
                 panel.highlighted = 0
         else:
-            self.notify("No problems: the policy is valid.")
+            self.notify("No problems: the policy is valid.", markup=False)
 
     @on(ProblemsPanel.Jump)
     def _jump(self, message: ProblemsPanel.Jump) -> None:
@@ -318,9 +319,9 @@ class PolicyApp(App[None]):
         try:
             document.save()
         except PolicyEngineError as err:
-            self.notify(str(err), severity="error")
+            self.notify(str(err), severity="error", markup=False)
             return False
-        self.notify(f"Saved {document.path}")
+        self.notify(f"Saved {document.path}", markup=False)
         self._refresh()
         return True
 
@@ -363,7 +364,7 @@ class PolicyApp(App[None]):
             try:
                 self._load(PolicyDocument.open(path, host=self.host))
             except PolicyEngineError as err:
-                self.notify(str(err), severity="error")
+                self.notify(str(err), severity="error", markup=False)
 
         self._when_clean(lambda: self.push_screen(OpenScreen(self.folder), opened), "opening")
 
@@ -376,7 +377,9 @@ class PolicyApp(App[None]):
         analysis = document.analysis if document is not None else None
         if analysis is None or analysis.policy is None:
             self.notify(
-                "Fix the problems first: the category list is out of date.", severity="error"
+                "Fix the problems first: the category list is out of date.",
+                severity="error",
+                markup=False,
             )
             return
         policy = analysis.policy

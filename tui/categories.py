@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.content import Content
 from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import DataTable, Input, Label, Select, Static, TextArea
@@ -35,7 +37,7 @@ class Edit:
     category: str | None = None
 
 
-class CategoryTable(DataTable[str]):
+class CategoryTable(DataTable[Text]):
     """The category list, with the keys that act on the highlighted category."""
 
     BINDINGS = [
@@ -175,13 +177,14 @@ class CategoriesPane(Horizontal):
             table.clear()
             for category in policy.categories:
                 exception = policy.exceptions.get(category.id)
-                table.add_row(
+                cells = (
                     category.id,
                     category.name,
                     category.severity,
                     exception.status.value if exception else "",
-                    key=category.id,
                 )
+                # Text, not str: a DataTable reads a str cell as markup ("[draft]" would vanish)
+                table.add_row(*(Text(cell) for cell in cells), key=category.id)
             if self.selected is not None:
                 table.move_cursor(row=ids.index(self.selected), animate=False)
         self._fill_editor()
@@ -192,10 +195,11 @@ class CategoriesPane(Horizontal):
             return
         category = policy.category(category_id)
         exception = policy.exceptions.get(category_id)
-        origin = ""
+        title = Content.styled(category.label, "bold")
         if category_id in self.inherited:
-            origin = f"  [dim](from {self.parent_name}; edits become overrides)[/dim]"
-        self.query_one("#cat-title", Static).update(f"[b]{category.label}[/b]{origin}")
+            note = f"  (from {self.parent_name}; edits become overrides)"
+            title = Content.assemble(title, (note, "$text-muted"))
+        self.query_one("#cat-title", Static).update(title)
         focused = self.screen.focused
         with self.prevent(Input.Changed, Select.Changed, TextArea.Changed):
             self._set_input("#cat-name", category.name, focused)
@@ -215,6 +219,10 @@ class CategoriesPane(Horizontal):
                 text = "\n".join(lines)
                 if area is not focused and area.text != text:
                     area.load_text(text)
+
+    def revert(self) -> None:
+        """Show the last valid policy's values again, after an edit the file refused."""
+        self._fill_editor()
 
     def _set_input(self, selector: str, value: str, focused: object) -> None:
         field = self.query_one(selector, Input)
@@ -290,7 +298,7 @@ class CategoriesPane(Horizontal):
         self.post_message(
             self.Edit_(
                 Edit(
-                    f"severity of {category_id}",
+                    f"set the severity of {category_id}",
                     lambda d: d.set_severity(category_id, value),
                     category_id,
                 )
@@ -302,7 +310,7 @@ class CategoriesPane(Horizontal):
         if category_id is None:
             return None
         return Edit(
-            f"exception of {category_id}",
+            f"set the exception of {category_id}",
             lambda d: d.set_exception(category_id, status, reason),
             category_id,
         )
@@ -334,6 +342,7 @@ class CategoriesPane(Horizontal):
             self.app.notify(
                 f"{self.selected} is now {following}: type the reason, escape returns to the list.",
                 timeout=4,
+                markup=False,
             )
 
     @on(Input.Changed, "#cat-reason")
@@ -356,7 +365,7 @@ class CategoriesPane(Horizontal):
         self._later(
             which,
             Edit(
-                f"{which} of {category_id}",
+                f"change the {which.replace('_', ' ')} guidelines of {category_id}",
                 lambda d: d.set_guidelines(category_id, which, lines),
                 category_id,
             ),

@@ -9,6 +9,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import (
     Button,
@@ -94,11 +95,11 @@ class ConfirmScreen(ModalScreen[str]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog confirm"):
-            yield Static(self.question, classes="question")
+            yield Static(Content(self.question), classes="question")
             with Horizontal(classes="buttons"):
                 for key, label in self.choices.items():
-                    yield Button(f"{label} [{key}]", id=f"choice-{key}")
-                yield Button("Cancel [esc]", id="choice-escape")
+                    yield Button(Content(f"{label} [{key}]"), id=f"choice-{key}")
+                yield Button(Content("Cancel [esc]"), id="choice-escape")
 
     def on_mount(self) -> None:
         self.query(Button).first().focus()
@@ -116,7 +117,10 @@ class ConfirmScreen(ModalScreen[str]):
 class NewPolicyScreen(ModalScreen["tuple[str, str, Path] | None"]):
     """Start a policy from a shipped one: a copy (comments and all) or a file that extends it."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("ctrl+o", "open_instead", "Open a file"),
+    ]
 
     def __init__(self, folder: Path, path: Path | None = None, base: str | None = None) -> None:
         super().__init__()
@@ -136,9 +140,9 @@ class NewPolicyScreen(ModalScreen["tuple[str, str, Path] | None"]):
             yield Input(str(self.path or ""), placeholder="my-policy.yaml", id="new-path")
             yield Static("", id="new-error", classes="error")
             with Horizontal(classes="buttons"):
-                yield Button("Create [enter]", variant="primary", id="new-create")
-                yield Button("Open a file… [ctrl+o]", id="new-open")
-                yield Button("Cancel [esc]", id="new-cancel")
+                yield Button(Content("Create [enter]"), variant="primary", id="new-create")
+                yield Button(Content("Open a file… [ctrl+o]"), id="new-open")
+                yield Button(Content("Cancel [esc]"), id="new-cancel")
 
     def on_mount(self) -> None:
         options = self.query_one("#new-base", OptionList)
@@ -189,7 +193,7 @@ class NewPolicyScreen(ModalScreen["tuple[str, str, Path] | None"]):
         self.dismiss((base, how, path))
 
     @on(Button.Pressed, "#new-open")
-    def _open_instead(self) -> None:
+    def action_open_instead(self) -> None:
         self.dismiss(("", "open", self.folder))
 
     @on(Button.Pressed, "#new-cancel")
@@ -272,8 +276,8 @@ class AddCategoryScreen(ModalScreen["tuple[str, str, str] | None"]):
             )
             yield Static("", id="add-error", classes="error")
             with Horizontal(classes="buttons"):
-                yield Button("Add [enter]", variant="primary", id="add-ok")
-                yield Button("Cancel [esc]", id="add-cancel")
+                yield Button(Content("Add [enter]"), variant="primary", id="add-ok")
+                yield Button(Content("Cancel [esc]"), id="add-cancel")
 
     def on_mount(self) -> None:
         self.query_one("#add-name", Input).focus()

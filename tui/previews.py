@@ -8,6 +8,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
+from textual.content import Content
 from textual.message import Message
 from textual.widgets import OptionList, Static, TextArea
 from textual.widgets.option_list import Option
@@ -90,7 +91,7 @@ class ProblemsPanel(OptionList):
         self.problems, self.file = problems, file
         self.clear_options()
         for index, problem in enumerate(problems):
-            self.add_option(Option(_describe(problem, file), id=str(index)))
+            self.add_option(Option(Content(_describe(problem, file)), id=str(index)))
         self.display = bool(problems)
         self.border_title = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} (F9)"
 
@@ -103,6 +104,7 @@ class ProblemsPanel(OptionList):
             self.app.notify(
                 f"This problem is in {problem.file}, not in the file you are editing.",
                 severity="warning",
+                markup=False,
             )
 
 
