@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import re
 from collections.abc import Awaitable, Callable
@@ -26,30 +25,11 @@ from policy_engine.tui.trying import TryPanel
 from support import run_cli
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Select, Static, TabbedContent, TextArea
+from tui_support import drive, until
 
 REPO = Path(__file__).resolve().parent.parent
 CHILDREN = REPO / "policies" / "children-platform.yaml"
 Script = Callable[[Pilot[None], PolicyApp], Awaitable[None]]
-
-
-def drive(app: PolicyApp, script: Script, size: tuple[int, int] = (80, 24)) -> None:
-    """Run `script` against the app (pytest-asyncio is not a dependency)."""
-
-    async def main() -> None:
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot, app)
-
-    asyncio.run(main())
-
-
-async def until(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    """Wait for `condition`, bounded generously (this is not a speed test)."""
-    for _ in range(600):
-        if condition():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def children_copy(folder: Path) -> Path:

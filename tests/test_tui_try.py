@@ -3,7 +3,6 @@ model, a gated test plugin for cancelling), real policies, real files."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -28,6 +27,8 @@ from textual.app import App, ComposeResult
 from textual.containers import Vertical
 from textual.pilot import Pilot
 from textual.widgets import DataTable, DirectoryTree, Input, Label, Select, Static
+from tui_support import drive as tui_drive
+from tui_support import until
 
 from policy_engine import (
     Generation,
@@ -75,23 +76,8 @@ class Harness(App[None]):
 
 
 def drive(app: Harness, script: Callable[[Pilot[None], Harness], Awaitable[None]]) -> None:
-    """Run `script` against the app at 100x40 (pytest-asyncio is not a dependency)."""
-
-    async def main() -> None:
-        async with app.run_test(size=(100, 40)) as pilot:
-            await pilot.pause()
-            await script(pilot, app)
-
-    asyncio.run(main())
-
-
-async def until(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    """Wait for `condition`, bounded generously (this is not a speed test)."""
-    for _ in range(1200):
-        if condition():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
+    """Run `script` against the app at 100x40."""
+    tui_drive(app, script, size=(100, 40))
 
 
 def labels(nodes: Sequence[Any]) -> list[str]:

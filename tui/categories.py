@@ -259,26 +259,20 @@ class CategoriesPane(Horizontal):
             entry[0].stop()
             self.post_message(self.Edit_(entry[1]))
 
-    def flush(self) -> list[Edit]:
-        """Stop the debounce timers and return the pending edits, in order (the caller applies
-        them now, so nothing typed is lost by a save or a quit)."""
+    def take_pending(self) -> list[Edit]:
+        """Stop the debounce timers and hand over the edits still waiting, in order, for the
+        caller to apply now (a save or a quit never loses a keystroke)."""
         edits = []
         for field in list(self._pending):
             timer, edit = self._pending.pop(field)
             timer.stop()
             edits.append(edit)
-        for edit in edits:
-            self.post_message(self.Edit_(edit))
         return edits
 
-    def take_pending(self) -> list[Edit]:
-        """Like flush, but hand the edits to the caller instead of posting them."""
-        edits = []
-        for field in list(self._pending):
-            timer, edit = self._pending.pop(field)
-            timer.stop()
-            edits.append(edit)
-        return edits
+    def flush(self) -> None:
+        """Write the edits still waiting (before another category is shown)."""
+        for edit in self.take_pending():
+            self.post_message(self.Edit_(edit))
 
     @on(Input.Changed, "#cat-name")
     def _name_typed(self, event: Input.Changed) -> None:
