@@ -105,9 +105,9 @@ class RunningPanel(Widget):
     DEFAULT_CSS = """
     RunningPanel { height: 1fr; }
     RunningPanel .row { height: 1; }
-    RunningPanel .status { height: 1; }
+    RunningPanel .status { height: auto; max-height: 5; }
     RunningPanel .status LoadingIndicator { width: 4; height: 1; min-height: 1; display: none; }
-    RunningPanel .status Label { width: 1fr; }
+    RunningPanel .status Label { width: 1fr; height: auto; }
     RunningPanel.-running .status LoadingIndicator { display: block; }
     RunningPanel .status Label.-error { color: $text-error; }
     """
