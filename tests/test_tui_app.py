@@ -409,3 +409,18 @@ def test_a_structured_edit_on_unparsable_yaml_says_why(tmp_path: Path) -> None:
         assert app.query_one("#cat-exception", Select).value == "none"  # not the refused state
 
     drive(create_app(path), script)
+
+
+def test_every_tab_key_shows_its_tab_and_focuses_inside_it(tmp_path: Path) -> None:
+    from policy_engine.tui.app import TABS
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        tabs = app.query_one(TabbedContent)
+        for key, (tab, _label) in TABS.items():
+            await pilot.press(key)
+            assert tabs.active == tab, key
+            pane = app.query_one(f"TabPane#{tab}")
+            focused = app.focused
+            assert focused is not None and pane in focused.ancestors, (key, focused)
+
+    drive(create_app(children_copy(tmp_path)), script)

@@ -91,3 +91,33 @@ def test_try_tab_with_a_decision(
         await settle(pilot)
 
     assert snap_compare(create_app(kids(tmp_path)), terminal_size=(80, 24), run_before=run)
+
+
+def test_tests_tab_with_a_pass_and_a_fail(snap_compare: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from policy_engine.tui.trying import TestPanel, TryPanel
+
+    Image.new("RGB", (16, 16), (0, 90, 200)).save(tmp_path / "calm.png")
+    path = tmp_path / "kids.yaml"
+    path.write_text(
+        CHILDREN.read_text()
+        + "tests:\n"
+        + "  - {name: a calm picture, image: calm.png, rating: Safe, actions: []}\n"
+        + "  - {name: self-harm is escalated, image: calm.png, category: O7}\n"
+    )
+
+    async def run(pilot: Pilot[None]) -> None:
+        app: Any = pilot.app
+        app.query_one(TryPanel).picker.configure("static", "full", "")
+        await pilot.press("f8")
+        panel = app.query_one(TestPanel)
+        panel.focus()
+        await pilot.press("ctrl+r")
+        for _ in range(400):
+            if panel.results:
+                break
+            await pilot.pause(0.05)
+        await settle(pilot)
+
+    assert snap_compare(create_app(path), terminal_size=(80, 24), run_before=run)

@@ -92,7 +92,7 @@ class PolicyApp(App[None]):
             with TabPane("Try", id="try"):
                 yield TryPanel(self.cache, id="try-panel")
             with TabPane("Tests", id="tests"):
-                yield TestPanel(self.cache, self._choice, id="test-panel")
+                yield TestPanel(self.cache, self._choice, id="tests-panel")
         yield ProblemsPanel(id="problems")
         yield Static("", id="status")
         yield Footer()
