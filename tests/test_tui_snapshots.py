@@ -95,7 +95,6 @@ def test_try_tab_with_a_decision(
 
 def test_tests_tab_with_a_pass_and_a_fail(snap_compare: Any, tmp_path: Path) -> None:
     from PIL import Image
-
     from policy_engine.tui.trying import TestPanel, TryPanel
 
     Image.new("RGB", (16, 16), (0, 90, 200)).save(tmp_path / "calm.png")
