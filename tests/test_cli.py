@@ -207,3 +207,19 @@ def test_assess_progress_goes_to_stderr_only(image: Path) -> None:
     assert "[1/3]" in shown.stderr
     quiet = run(*args)  # stderr is a pipe here: no progress line by default
     assert quiet.stderr == ""
+
+
+def test_tui_without_its_extra_says_what_to_install() -> None:
+    # textual made unimportable, as on an install without the `tui` extra
+    code = (
+        "import sys\n"
+        "sys.modules['textual'] = None\n"
+        "sys.argv = ['policy-engine', 'tui', 'children-platform']\n"
+        "from policy_engine.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: the tui needs textual: pip install 'policy-engine[tui]'"
