@@ -424,3 +424,27 @@ def test_every_tab_key_shows_its_tab_and_focuses_inside_it(tmp_path: Path) -> No
             assert focused is not None and pane in focused.ancestors, (key, focused)
 
     drive(create_app(children_copy(tmp_path)), script)
+
+
+def test_a_missing_file_starts_a_new_policy_at_that_path(tmp_path: Path) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await until(pilot, lambda: isinstance(app.screen, NewPolicyScreen), "the New dialog")
+        field = app.screen.query_one("#new-path", Input)
+        assert field.value == str(tmp_path / "fresh.yaml")
+        field.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: app.document is not None, "a document")
+        assert app.document is not None and app.document.path == tmp_path / "fresh.yaml"
+        assert "extends: children-platform" in app.document.text  # the first shipped policy
+
+    drive(create_app(tmp_path / "fresh.yaml"), script)
+
+
+def test_cancelling_the_new_dialog_with_nothing_open_quits(tmp_path: Path) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await until(pilot, lambda: isinstance(app.screen, NewPolicyScreen), "the New dialog")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not app.is_running
+
+    drive(PolicyApp(folder=tmp_path), script)
