@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from textual import on
@@ -18,7 +19,7 @@ from policy_engine import PluginHost, PolicyEngineError, get_host, shipped_polic
 from .categories import CategoriesPane, Edit
 from .dialogs import AddCategoryScreen, ConfirmScreen, HelpScreen, NewPolicyScreen, OpenScreen
 from .document import Analysis, PolicyDocument
-from .picker import BackendCache
+from .picker import BackendCache, BackendChoice
 from .previews import DiffView, ProblemsPanel, PromptView, SchemaView
 from .trying import TestPanel, TryPanel
 
@@ -97,7 +98,7 @@ class PolicyApp(App[None]):
         yield Static("", id="status")
         yield Footer()
 
-    def _choice(self):  # type: ignore[no-untyped-def]
+    def _choice(self) -> BackendChoice:
         return self.query_one(TryPanel).choice()
 
     def on_mount(self) -> None:
@@ -325,20 +326,20 @@ class PolicyApp(App[None]):
         self._refresh()
         return True
 
-    def _when_clean(self, then: object, doing: str) -> None:
+    def _when_clean(self, then: Callable[[], object], doing: str) -> None:
         """Run `then()` now, or after the user decided what happens to unsaved changes."""
         self.flush()
         document = self.document
         if document is None or not document.dirty:
-            then()  # type: ignore[operator]
+            then()
             return
 
         def answered(answer: str | None) -> None:
             if answer == "s":
                 if self._save():
-                    then()  # type: ignore[operator]
+                    then()
             elif answer == "d":
-                then()  # type: ignore[operator]
+                then()
 
         self.push_screen(
             ConfirmScreen(

@@ -110,8 +110,8 @@ class CategoriesPane(Horizontal):
             super().__init__()
             self.category_id = category_id
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
         self.policy: Policy | None = None
         self.inherited: set[str] = set()
         self.parent_name: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -104,7 +104,7 @@ class ConfirmScreen(ModalScreen[str]):
     def on_mount(self) -> None:
         self.query(Button).first().focus()
 
-    def on_key(self, event) -> None:  # type: ignore[no-untyped-def]
+    def on_key(self, event: events.Key) -> None:
         if event.key in self.choices or event.key == "escape":
             event.stop()
             self.dismiss(event.key)

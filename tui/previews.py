@@ -21,8 +21,8 @@ from .document import Analysis
 class ReadOnlyView(TextArea):
     """A scrollable, selectable, read-only text (copy with the mouse or ctrl+c)."""
 
-    def __init__(self, *, language: str | None = None, **kwargs: object) -> None:
-        super().__init__(read_only=True, soft_wrap=True, show_line_numbers=True, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, language: str | None = None, id: str | None = None) -> None:
+        super().__init__(read_only=True, soft_wrap=True, show_line_numbers=True, id=id)
         self.wanted_language = language
 
     def on_mount(self) -> None:
@@ -82,8 +82,8 @@ class ProblemsPanel(OptionList):
             super().__init__()
             self.line, self.column = line, column
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
         self.problems: list[Problem] = []
         self.file = ""
 
