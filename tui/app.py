@@ -159,9 +159,7 @@ class PolicyApp(App[None]):
         self._show_status(analysis)
 
     def _show_status(self, analysis: Analysis) -> None:
-        document = self.document
-        assert document is not None
-        self.sub_title = f"{document.path.name}{' ●' if document.dirty else ''}"
+        self._show_title()
         status = self.query_one("#status", Static)
         if analysis.ok and analysis.policy is not None and analysis.compiled is not None:
             policy = analysis.policy
@@ -178,13 +176,19 @@ class PolicyApp(App[None]):
                 "valid version · F9 lists them"
             )
 
+    def _show_title(self) -> None:
+        """The file's name in the header, with a dot while there are unsaved changes."""
+        if self.document is not None:
+            dirty = " ●" if self.document.dirty else ""
+            self.sub_title = f"{self.document.path.name}{dirty}"
+
     # -- keeping text and views in sync -----------------------------------------------------
     @on(TextArea.Changed, "#yaml-editor")
     def _typed(self, event: TextArea.Changed) -> None:
         if self.document is None:
             return
         self.document.text = event.text_area.text
-        self.sub_title = f"{self.document.path.name}{' ●' if self.document.dirty else ''}"
+        self._show_title()
         if self._analyse_timer is not None:
             self._analyse_timer.stop()
         self._analyse_timer = self.set_timer(ANALYSE_AFTER, self._refresh)
