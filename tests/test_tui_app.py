@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from policy_engine.tui.dialogs import (
 )
 from policy_engine.tui.previews import ProblemsPanel
 from policy_engine.tui.trying import TryPanel
-from support import run_cli
+from support import changed_lines, run_cli
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Select, Static, TabbedContent, TextArea
 from tui_support import drive, until
@@ -48,16 +47,6 @@ def status(app: PolicyApp) -> str:
 
 def row(table: DataTable[object], key: str) -> list[str]:
     return [str(cell) for cell in table.get_row(key)]
-
-
-def added_and_removed(before: str, after: str) -> tuple[list[str], list[str]]:
-    plus, minus = [], []
-    for line in difflib.ndiff(before.splitlines(), after.splitlines()):
-        if line.startswith("+ "):
-            plus.append(line[2:])
-        elif line.startswith("- "):
-            minus.append(line[2:])
-    return plus, minus
 
 
 async def select_category(pilot: Pilot[None], app: PolicyApp, category_id: str) -> None:
@@ -108,7 +97,7 @@ def test_the_newcomers_path_o2_non_violating_prompt_save_comments_kept(tmp_path:
 
     drive(create_app("children-platform", folder=tmp_path), script)
     saved = (tmp_path / "children-platform.yaml").read_text()
-    plus, minus = added_and_removed(CHILDREN.read_text(), saved)
+    minus, plus = changed_lines(CHILDREN.read_text(), saved)
     assert minus == []
     assert plus == ["  O2:", "    status: non-violating", "    reason: News reporting"]
     comments = [line for line in CHILDREN.read_text().splitlines() if line.startswith("#")]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 
 import pytest
+from support import changed_lines
 
 pytest.importorskip("ruamel.yaml")
 
@@ -27,17 +27,6 @@ def copy_of(name: str, tmp_path: Path) -> PolicyDocument:
     path = tmp_path / f"{name}.yaml"
     path.write_text((SHIPPED / f"{name}.yaml").read_text())
     return PolicyDocument.open(path)
-
-
-def changed_lines(before: str, after: str) -> tuple[list[str], list[str]]:
-    """(removed, added) lines between two texts."""
-    removed, added = [], []
-    for line in difflib.ndiff(before.splitlines(), after.splitlines()):
-        if line.startswith("- "):
-            removed.append(line[2:])
-        elif line.startswith("+ "):
-            added.append(line[2:])
-    return removed, added
 
 
 @pytest.mark.parametrize(

@@ -42,12 +42,11 @@ from policy_engine import (
 from .roundtrip import (
     LAYOUTS,
     append,
+    child_at,
     dump,
     layout_for,
-    mapping_at,
     patch_lines,
     put,
-    seq_at,
     settle,
     yaml_for,
 )
@@ -343,7 +342,9 @@ class PolicyDocument:
                 if isinstance(exceptions, CommentedMap):
                     exceptions.pop(category_id, None)
                 if inherited is not None:
-                    put(mapping_at(data, "exceptions"), category_id, None)  # drop the inherited
+                    put(
+                        child_at(data, "exceptions", CommentedMap), category_id, None
+                    )  # drop the inherited
                 elif isinstance(exceptions, CommentedMap) and not exceptions:
                     del data["exceptions"]
                 return
@@ -357,7 +358,7 @@ class PolicyDocument:
                     if not exceptions:
                         del data["exceptions"]
                 return
-            exceptions = mapping_at(data, "exceptions")
+            exceptions = child_at(data, "exceptions", CommentedMap)
             entry = exceptions.get(category_id)
             if not isinstance(entry, CommentedMap):
                 entry = CommentedMap()
@@ -391,7 +392,7 @@ class PolicyDocument:
             entry["severity"] = severity
             entry["should_not"] = CommentedSeq()
             entry["can"] = CommentedSeq()
-            append(seq_at(data, "categories"), entry)
+            append(child_at(data, "categories", CommentedSeq), entry)
 
         return self._edit(change)
 
@@ -473,7 +474,7 @@ def _entry(data: CommentedMap, category_id: str, *, create: bool) -> CommentedMa
         raise EditError(f"no category {category_id!r} in this file")
     entry = CommentedMap()
     entry["id"] = category_id
-    append(seq_at(data, "categories"), entry)
+    append(child_at(data, "categories", CommentedSeq), entry)
     return entry
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import difflib
 import io
-from typing import Any
+from typing import Any, TypeVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
+
+C = TypeVar("C", CommentedMap, CommentedSeq)
 
 LAYOUTS = [(2, 4, 2), (2, 2, 0), (4, 4, 0), (4, 6, 4), (2, 4, 0), (4, 4, 2), (4, 8, 4), (3, 3, 0)]
 
@@ -89,18 +91,11 @@ def patch_lines(source: str, before: str, after: str) -> str:
     return "".join(result)
 
 
-def seq_at(data: CommentedMap, key: str) -> CommentedSeq:
+def child_at(data: CommentedMap, key: str, kind: type[C]) -> C:
+    """The collection under `key`, added (empty, where a reader expects it) if missing."""
     value = data.get(key)
-    if not isinstance(value, CommentedSeq):
-        value = CommentedSeq()
-        insert_key(data, key, value)
-    return value
-
-
-def mapping_at(data: CommentedMap, key: str) -> CommentedMap:
-    value = data.get(key)
-    if not isinstance(value, CommentedMap):
-        value = CommentedMap()
+    if not isinstance(value, kind):
+        value = kind()
         insert_key(data, key, value)
     return value
 
