@@ -189,6 +189,12 @@ class Backend:
         """Answer each request, in order. A per-item failure is a Generation with `error`."""
         raise NotImplementedError
 
+    def health(self) -> str | None:
+        """After `load()`: None when the backend can answer now, else one line saying why not
+        (a server that stopped answering). Cheap enough to probe every few seconds; `serve`
+        caches it for `/readyz`. In-process backends keep the default: always healthy."""
+        return None
+
     async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
         """Async twin; the default runs `generate` in a worker thread."""
         import asyncio
