@@ -1,7 +1,16 @@
-"""The compiler: Policy -> CompiledPolicy (prompt text, verdict JSON Schema, answer layout, hash).
+"""The compiler: Policy + prompt format -> CompiledPolicy (prompt, answer schema, layout, hash).
 
-Pure and deterministic: no I/O, no model. The same policy always yields the same prompt bytes,
-schema and hash; the hash travels with every verdict.
+Pure and deterministic: no I/O, no model, no plugin host. The caller (the host's `compile`, the
+engine) looks the format up; the same policy and format always yield the same prompt bytes,
+schema and hash. The hash covers the resolved policy *and* what the format made of it, so a
+changed format gives a new hash although the policy file did not change.
+
+The answer schema admits only consistent verdicts: "Unsafe" names one of the policy's
+categories, never the none-applying one; "Safe" may name any (the category the model
+considered and found not violated, or none applying), as LlavaGuard's training answers do. The
+schema says so as a root `anyOf` of one complete object per rating: the form every grammar
+backend we checked enforces (xgrammar ignores everything when `anyOf` sits beside
+`properties`).
 """
 
 from __future__ import annotations
@@ -9,66 +18,102 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .components import Mode
+import jsonschema
+
+from .formats.base import AnswerLayout, PromptFormat
 from .policy import Policy
+from .types import RATINGS, Mode
 
-COMPILER_VERSION = "1"
-RATINGS = ("Safe", "Unsafe")
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
 
+COMPILER_VERSION = "2"
 
-@dataclass(frozen=True)
-class AnswerLayout:
-    """How an answer is laid out: key order and JSON indentation, as the model was trained."""
-
-    keys: tuple[str, ...] = ("rating", "category", "rationale")
-    indent: int | None = 4
-
-    def dumps(self, answer: dict[str, Any]) -> str:
-        """Render an answer exactly as the layout says (keys in layout order)."""
-        ordered = {key: answer[key] for key in self.keys if key in answer}
-        return json.dumps(ordered, indent=self.indent, ensure_ascii=False)
-
-    def prefix(self) -> str:
-        """The answer up to the opening quote of the rating, e.g. '{\\n    "rating": "'."""
-        marker = "@@answer@@"
-        text = self.dumps({self.keys[0]: marker})
-        return text[: text.index(marker)]
-
-    def for_keys(self, keys: tuple[str, ...]) -> AnswerLayout:
-        return AnswerLayout(tuple(k for k in self.keys if k in keys), self.indent)
+__all__ = ["RATINGS", "AnswerLayout", "CompiledPolicy", "compile_policy", "policy_hash"]
 
 
 @dataclass(frozen=True)
 class CompiledPolicy:
-    """Everything a backend needs to ask a model about one policy, and to check its answer."""
+    """Everything a backend needs to ask a model about one policy, and to check its answer.
+
+    `fields` holds each answer key's value schema, in layout order; `schema_for(mode)` builds
+    the whole answer schema from them, `validator(mode)` a cached validator for it.
+    """
 
     policy: Policy
     prompt_format: str
     prompt: str
-    schema: dict[str, Any]
+    fields: dict[str, dict[str, Any]]
     layout: AnswerLayout
     hash: str
     labels: dict[str, str] = field(default_factory=dict)  # "O4: Nudity Content" -> "O4"
+    _cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """The whole answer schema (mode full)."""
+        return self.schema_for("full")
+
+    @property
+    def none_label(self) -> str:
+        return self.policy.none_category.label
+
+    @property
+    def unsafe_labels(self) -> list[str]:
+        """The labels an Unsafe verdict may name: the policy's categories, in order."""
+        return [c.label for c in self.policy.categories]
+
+    def fields_for(self, mode: Mode) -> dict[str, dict[str, Any]]:
+        """The answer keys and value schemas for a mode: 'verdict' and 'score' drop the
+        rationale."""
+        if mode == "full":
+            return dict(self.fields)
+        return {k: v for k, v in self.fields.items() if k != "rationale"}
 
     def schema_for(self, mode: Mode) -> dict[str, Any]:
-        """The schema for a mode: 'verdict' and 'score' drop the rationale."""
-        if mode == "full":
-            return self.schema
-        return _without(self.schema, "rationale")
+        """The answer schema for a mode: one object branch per rating (see the module doc).
+        A fresh copy each call: callers may change it."""
+        text: str = self._cached(("schema", mode), lambda: json.dumps(self._build(mode)))
+        schema: dict[str, Any] = json.loads(text)
+        return schema
+
+    def validator(self, mode: Mode) -> Validator:
+        """A validator of the mode's schema, built once per compiled policy and mode."""
+        validator: Validator = self._cached(
+            ("validator", mode), lambda: jsonschema.Draft202012Validator(self._build(mode))
+        )
+        return validator
+
+    def problem(self, answer: Any, mode: Mode) -> str | None:
+        """What is wrong with a decoded answer, in words ("category: 'O99' is not one of
+        …"), or None when it satisfies the mode's schema."""
+        loose = self._cached(("loose", mode), lambda: _loose_validator(self.fields_for(mode)))
+        errors = sorted(loose.iter_errors(answer), key=lambda e: list(e.absolute_path))
+        if errors:
+            where = ".".join(str(p) for p in errors[0].absolute_path) or "answer"
+            return f"{where}: {errors[0].message}"
+        if answer["rating"] == "Unsafe" and answer["category"] not in self.unsafe_labels:
+            return (
+                f"category: an Unsafe rating must name one of the policy's categories, "
+                f"not {answer['category']!r}"
+            )
+        error = next(iter(self.validator(mode).iter_errors(answer)), None)
+        return None if error is None else f"answer: {error.message}"
 
     def layout_for(self, mode: Mode) -> AnswerLayout:
-        return self.layout.for_keys(tuple(self.schema_for(mode)["properties"]))
+        return self.layout.for_keys(tuple(self.fields_for(mode)))
 
     def continuation(self, rating: str, label: str | None = None) -> str:
         """The answer text right after the layout's prefix, through the rating and the given
-        category label (default: the first), e.g. 'Safe",\n    "category": "O1: ..."': what
-        a model writes after the prompt ends with the prefix."""
+        category label (default: the first the rating may name), e.g. 'Safe",\n    "category":
+        "O1: ..."': what a model writes after the prompt ends with the prefix."""
         layout = self.layout.for_keys(("rating", "category"))
-        label = label if label is not None else next(iter(self.labels))
+        if label is None:
+            label = self.unsafe_labels[0] if rating == "Unsafe" else next(iter(self.labels))
         text = layout.dumps({"rating": rating, "category": label})
         quoted = '"' + label
         end = text.index(quoted, text.index('"category"')) + len(quoted) + 1
@@ -78,91 +123,115 @@ class CompiledPolicy:
     def max_new_tokens(self) -> int:
         return self.policy.output.max_new_tokens
 
+    def _cached(self, key: Any, make: Any) -> Any:
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = make()
+            return self._cache[key]
 
-def _without(schema: dict[str, Any], key: str) -> dict[str, Any]:
-    result = dict(schema)
-    result["properties"] = {k: v for k, v in schema["properties"].items() if k != key}
-    result["required"] = [k for k in schema["required"] if k != key]
-    return result
+    def _build(self, mode: Mode) -> dict[str, Any]:
+        fields = self.fields_for(mode)
+        branches = []
+        for rating in RATINGS:
+            properties = dict(fields)
+            properties["rating"] = {"type": "string", "enum": [rating]}
+            if rating == "Unsafe" and "category" in properties:
+                properties["category"] = {"type": "string", "enum": self.unsafe_labels}
+            branches.append(
+                {
+                    "type": "object",
+                    "properties": {k: properties[k] for k in fields},
+                    "required": list(fields),
+                    "additionalProperties": False,
+                }
+            )
+        return {
+            "title": f"Verdict for policy {self.policy.id}",
+            "type": "object",
+            "anyOf": branches,
+        }
+
+
+def _loose_validator(fields: dict[str, dict[str, Any]]) -> Validator:
+    """Each key on its own, for messages that name the key at fault."""
+    schema = {
+        "type": "object",
+        "properties": fields,
+        "required": list(fields),
+        "additionalProperties": False,
+    }
+    return jsonschema.Draft202012Validator(schema)
 
 
 def policy_hash(policy: Policy) -> str:
-    """sha256 over the resolved policy's canonical JSON and the compiler version."""
-    canonical = json.dumps(
-        {"compiler": COMPILER_VERSION, "policy": policy.model_dump(mode="json", exclude={"tests"})},
-        sort_keys=True,
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    """sha256 of the resolved policy alone (tests excluded). Verdicts carry the compiled hash
+    (`CompiledPolicy.hash`), which also covers the format's output."""
+    return "sha256:" + hashlib.sha256(_canonical(_policy_data(policy)).encode()).hexdigest()
 
 
-def verdict_schema(policy: Policy, layout: AnswerLayout) -> dict[str, Any]:
-    """The JSON Schema every answer must satisfy, with properties in layout order."""
+def answer_fields(policy: Policy, layout: AnswerLayout) -> dict[str, dict[str, Any]]:
+    """Each answer key's value schema, in layout order (rating and category unrestricted:
+    `CompiledPolicy.schema_for` ties them together)."""
     labels = [c.label for c in policy.categories] + [policy.none_category.label]
-    properties: dict[str, Any] = {}
+    fields: dict[str, dict[str, Any]] = {}
     for key in layout.keys:
         if key == "rating":
-            properties[key] = {"type": "string", "enum": list(RATINGS)}
+            fields[key] = {"type": "string", "enum": list(RATINGS)}
         elif key == "category":
-            properties[key] = {"type": "string", "enum": labels}
+            fields[key] = {"type": "string", "enum": labels}
         elif key == "rationale":
-            properties[key] = {
+            fields[key] = {
                 "type": "string",
                 "minLength": 1,
                 "maxLength": policy.output.rationale_max_chars,
             }
         elif key == "severity":
-            properties[key] = {"type": "string", "enum": list(policy.severity_levels)}
+            fields[key] = {"type": "string", "enum": list(policy.severity_levels)}
         elif key == "categories":
-            properties[key] = {
+            fields[key] = {
                 "type": "array",
                 "items": {"type": "string", "enum": labels[:-1]},
                 "uniqueItems": True,
             }
-        else:  # pragma: no cover - formats only use the keys above
+        else:
             raise ValueError(f"unknown answer key {key!r}")
-    return {
-        "title": f"Verdict for policy {policy.id}",
-        "type": "object",
-        "properties": properties,
-        "required": list(properties),
-        "additionalProperties": False,
-    }
+    if list(fields)[:1] != ["rating"] or "category" not in fields:
+        raise ValueError("an answer layout starts with 'rating' and has a 'category'")
+    return fields
 
 
-_CACHE_SIZE = 128
-_cache: OrderedDict[tuple[str, str], CompiledPolicy] = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def compile_policy(policy: Policy, *, host: Any = None) -> CompiledPolicy:
-    """Compile a policy with its prompt format. Cached by content hash."""
-    from .host import get_host
-
-    host = host or get_host()
-    digest = policy_hash(policy)
-    key = (digest, policy.prompt_format)
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    fmt = host.prompt_format(policy.prompt_format)()
+def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
+    """Compile a policy with a prompt format instance (`host.compile(policy)` looks the
+    policy's format up and caches the result). Pure: no I/O, no global state."""
     layout = fmt.layout(policy)
     if not policy.output.rationale:
         layout = layout.for_keys(tuple(k for k in layout.keys if k != "rationale"))
-    compiled = CompiledPolicy(
+    prompt = fmt.render(policy)
+    fields = answer_fields(policy, layout)
+    digest = _canonical(
+        {
+            "compiler": COMPILER_VERSION,
+            "policy": _policy_data(policy),
+            "format": {"name": fmt.name, "prompt": prompt},
+            "layout": {"keys": list(layout.keys), "indent": layout.indent},
+            "fields": fields,
+        }
+    )
+    return CompiledPolicy(
         policy=policy,
-        prompt_format=policy.prompt_format,
-        prompt=fmt.render(policy),
-        schema=verdict_schema(policy, layout),
+        prompt_format=fmt.name,
+        prompt=prompt,
+        fields=fields,
         layout=layout,
-        hash=digest,
+        hash="sha256:" + hashlib.sha256(digest.encode("utf-8")).hexdigest(),
         labels={c.label: c.id for c in policy.categories}
         | {policy.none_category.label: policy.none_category.id},
     )
-    with _cache_lock:
-        _cache[key] = compiled
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return compiled
+
+
+def _policy_data(policy: Policy) -> Any:
+    return policy.model_dump(mode="json", exclude={"tests"})
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

@@ -22,7 +22,7 @@ import json
 from typing import Any
 
 from .compiler import AnswerLayout, CompiledPolicy
-from .components import Mode
+from .types import Mode
 
 
 def _literal(text: str) -> str:
@@ -88,15 +88,31 @@ def answer_grammar(
     With `after_prefix`, the grammar starts right after `layout.prefix()` (which the backend
     puts in the prompt): its first symbol is the rating value without its opening quote.
     """
-    schema = compiled.schema_for(mode)
-    layout = compiled.layout_for(mode)
-    return layout_grammar(layout, schema, after_prefix=after_prefix)
+    return layout_grammar(
+        compiled.layout_for(mode), compiled.schema_for(mode), after_prefix=after_prefix
+    )
 
 
 def layout_grammar(
     layout: AnswerLayout, schema: dict[str, Any], *, after_prefix: bool = False
 ) -> str:
-    """The grammar for an object schema laid out as `layout` says (see `answer_grammar`)."""
+    """The grammar for an object schema laid out as `layout` says (see `answer_grammar`).
+
+    A root `anyOf` of object schemas (the compiler's one branch per rating) becomes one
+    alternative per branch, so the grammar keeps the schema's ties between keys (an Unsafe
+    rating is followed only by a violated category)."""
+    builder = _Builder()
+    branches = schema.get("anyOf", [schema])
+    alternatives = [
+        _object_rule(builder, f"b{number}", layout, branch, after_prefix)
+        for number, branch in enumerate(branches)
+    ]
+    return "\n".join([f"start: {' | '.join(alternatives)}", *builder.rules]) + "\n"
+
+
+def _object_rule(
+    builder: _Builder, name: str, layout: AnswerLayout, schema: dict[str, Any], after_prefix: bool
+) -> str:
     properties: dict[str, Any] = schema["properties"]
     keys = [k for k in layout.keys if k in properties]
     if set(keys) != set(schema.get("required", keys)) or not keys:
@@ -107,7 +123,6 @@ def layout_grammar(
     else:
         pad = "\n" + " " * indent
         open_, sep, close = "{" + pad, "," + pad, "\n}"
-    builder = _Builder()
     parts: list[str] = []
     for index, key in enumerate(keys):
         head = (open_ if index == 0 else sep) + _json_text(key) + ": "
@@ -120,9 +135,9 @@ def layout_grammar(
             if head + '"' != layout.prefix():
                 raise ValueError("the layout's prefix does not match its first key")
             rest = " | ".join(_literal(v + '"') for v in value_schema["enum"])
-            parts.append(builder.rule(f"v_{index}", rest))
+            parts.append(builder.rule(f"{name}_v{index}", rest))
             continue
         parts.append(_literal(head))
-        parts.append(builder.value(f"v_{index}", value_schema, 1, indent))
+        parts.append(builder.value(f"{name}_v{index}", value_schema, 1, indent))
     parts.append(_literal(close))
-    return "\n".join([f"start: {' '.join(parts)}", *builder.rules]) + "\n"
+    return builder.rule(name, " ".join(parts))

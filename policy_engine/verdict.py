@@ -7,12 +7,17 @@ becomes an error verdict (rating None, `error` set) that keeps the raw text.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import TYPE_CHECKING, Any, Literal
 
-import jsonschema
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from .compiler import CompiledPolicy
+from .types import Mode
+
+if TYPE_CHECKING:
+    from .backend import Generation
+    from .policy import Category, NoneCategory, Policy
 
 Rating = Literal["Safe", "Unsafe"]
 
@@ -28,9 +33,10 @@ class VerdictError(BaseModel):
 
 
 class Verdict(BaseModel):
-    """What the model said about one image, validated against the policy's schema."""
+    """What the model said about one image, validated against the policy's schema. Frozen:
+    post-processors record their changes as overrides on the Decision."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     rating: Rating | None = Field(
         default=None, description="None when the item errored: never a silent Safe."
@@ -48,6 +54,9 @@ class Verdict(BaseModel):
     policy_version: str
     policy_hash: str
     model: str | None = None
+    decoding: dict[str, Any] | None = Field(
+        default=None, description="How the answer was decoded (greedy or sampling settings)."
+    )
     source: str | None = Field(default=None, description="Which image this is about.")
     timings: dict[str, float] = Field(default_factory=dict)
 
@@ -80,50 +89,173 @@ class TraceEntry(BaseModel):
     error: bool = False
 
 
+class Override(BaseModel):
+    """A step's change to the Decision's final rating, category or severity, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: str
+    reason: str
+    changes: dict[str, Any] = Field(
+        description="New final values: rating, category_id, category_name, severity."
+    )
+
+
+FINAL_FIELDS = ("rating", "category_id", "category_name", "severity")
+
+
 class Decision(BaseModel):
-    """A verdict plus what post-processing made of it. Post-processors add to it in place."""
+    """A verdict plus what post-processing made of it.
+
+    `verdict` is what the model said; `rating`, `category_id`, `category_name` and `severity`
+    are the final values after the steps' `overrides` (the verdict's own when none): actions,
+    outputs and reports use these. Steps change a Decision through their `StepContext`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     verdict: Verdict
+    overrides: list[Override] = Field(default_factory=list)
     actions: list[Action] = Field(default_factory=list)
     trace: list[TraceEntry] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_final_values(cls, data: Any) -> Any:
+        """A dumped Decision carries its final values; they are derived, not input."""
+        if isinstance(data, dict) and any(k in data for k in FINAL_FIELDS):
+            data = {k: v for k, v in data.items() if k not in FINAL_FIELDS}
+        return data
+
+    def _final(self, key: str) -> Any:
+        value = getattr(self.verdict, key)
+        for override in self.overrides:
+            value = override.changes.get(key, value)
+        return value
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def rating(self) -> Rating | None:
+        """The final rating (None for an item that could not be assessed)."""
+        value: Rating | None = self._final("rating")
+        return value
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def category_id(self) -> str | None:
+        value: str | None = self._final("category_id")
+        return value
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def category_name(self) -> str | None:
+        value: str | None = self._final("category_name")
+        return value
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def severity(self) -> str | None:
+        value: str | None = self._final("severity")
+        return value
+
     @property
     def ok(self) -> bool:
         return self.verdict.ok and not any(t.error for t in self.trace)
+
+    @property
+    def unsafe(self) -> bool:
+        return self.rating == "Unsafe"
 
     def add_action(self, name: str, by: str, **params: Any) -> Action:
         action = Action(name=name, by=by, params=params)
         self.actions.append(action)
         return action
 
+    def add_override(self, step: str, reason: str, changes: dict[str, Any]) -> Override:
+        unknown = set(changes) - set(FINAL_FIELDS)
+        if unknown:
+            raise ValueError(f"cannot override {', '.join(sorted(unknown))}")
+        override = Override(step=step, reason=reason, changes=changes)
+        self.overrides.append(override)
+        return override
+
     def note(self, step: str, message: str, *, error: bool = False) -> None:
         self.trace.append(TraceEntry(step=step, message=message, error=error))
 
 
-def extract_json_object(text: str) -> Any:
-    """The first JSON object in `text`: whole, fenced in ``` or inside chatty prose."""
-    decoder = json.JSONDecoder()
+_FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\n(?P<body>.*?)\n?```\Z", re.DOTALL)
+
+
+def read_answer(text: str, *, lenient: bool = False) -> tuple[dict[str, Any], str]:
+    """The one JSON object a reply holds, and the text around it (empty when strict).
+
+    Strict (the default, for replies constrained to a schema): after whitespace, the reply is
+    exactly one JSON object, optionally inside one ``` code fence. An array, several objects or
+    any other text is a ValueError that says which. Lenient (opt-in, for unconstrained
+    servers): prose around exactly one object is allowed; the caller must still check that the
+    prose does not contradict the object (`contradiction`). Never takes an object out of an
+    array or picks one of several."""
     stripped = text.strip()
+    fenced = _FENCE.match(stripped)
+    body = fenced.group("body").strip() if fenced else stripped
+    if not body:
+        raise ValueError("empty reply: no JSON object")
+    decoder = json.JSONDecoder()
     try:
-        whole = json.loads(stripped)
+        value, end = decoder.raw_decode(body)
     except json.JSONDecodeError:
-        whole = None
-    if isinstance(whole, dict):
-        return whole
+        value, end = None, -1
+    if end != -1:
+        if not isinstance(value, dict):
+            raise ValueError(f"the reply is a JSON {_json_kind(value)}, not one object")
+        if not body[end:].strip():
+            return value, ""
+    found = _objects(body)
+    if not found:
+        raise ValueError("no JSON object in the reply")
+    if len(found) > 1:
+        raise ValueError(f"the reply holds {len(found)} JSON objects, not one")
+    ((start, stop, obj),) = found
+    before, after = body[:start], body[stop:]
+    if before.rstrip().endswith("[") or after.lstrip().startswith(","):
+        raise ValueError("the JSON object is inside an array, not alone")
+    if not lenient:
+        where = "before" if before.strip() else "after"
+        raise ValueError(f"text {where} the JSON object (a schema-constrained reply is one object)")
+    return obj, (before + " " + after).strip()
+
+
+def contradiction(rating: str, prose: str) -> str | None:
+    """Why prose around a lenient reply contradicts its rating (it names the other one)."""
+    other = {"Safe": r"\bunsafe\b|\bnot safe\b", "Unsafe": r"\bsafe\b"}[rating]
+    found = re.search(other, prose, re.IGNORECASE)
+    if found is None:
+        return None
+    return f"the text around the JSON object says {found.group(0)!r} but the object says {rating!r}"
+
+
+def _objects(text: str) -> list[tuple[int, int, dict[str, Any]]]:
+    """Every top-level JSON object in text: (start, end, value)."""
+    decoder = json.JSONDecoder()
+    found = []
     start = text.find("{")
     while start != -1:
         try:
-            value, _ = decoder.raw_decode(text, start)
+            value, end = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             start = text.find("{", start + 1)
             continue
         if isinstance(value, dict):
-            return value
-        start = text.find("{", start + 1)
-    raise ValueError("no JSON object in the reply")
+            found.append((start, end, value))
+        start = text.find("{", end)
+    return found
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
 
 
 def error_verdict(
@@ -151,32 +283,29 @@ def parse_verdict(
     text: str,
     compiled: CompiledPolicy,
     *,
-    schema: dict[str, Any] | None = None,
+    mode: Mode = "full",
+    lenient: bool = False,
     **extra: Any,
 ) -> Verdict:
-    """Validate raw model text against the compiled schema; an error verdict if it fails."""
-    schema = schema or compiled.schema
+    """Read raw model text as a verdict for `mode`; an error verdict (kind "output", the raw
+    text kept) when it is not exactly one object that satisfies the mode's schema, or when it
+    is inconsistent (an Unsafe rating must name one of the policy's categories)."""
     try:
-        answer = extract_json_object(text)
+        answer, prose = read_answer(text, lenient=lenient)
     except ValueError as err:
         return error_verdict(compiled, "output", str(err), raw=text, **extra)
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(answer), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        where = ".".join(str(p) for p in first.absolute_path) or "answer"
-        return error_verdict(
-            compiled, "output", f"invalid verdict: {where}: {first.message}", raw=text, **extra
-        )
+    problem = compiled.problem(answer, mode)
+    if problem is None and prose:
+        problem = contradiction(answer["rating"], prose)
+    if problem is not None:
+        return error_verdict(compiled, "output", f"invalid verdict: {problem}", raw=text, **extra)
     label = answer["category"]
     category_id = compiled.labels[label]
     name = label.split(": ", 1)[1] if ": " in label else label
     severity = answer.get("severity")
     if severity is None and answer["rating"] == "Unsafe":
         # The policy's level for the violated category, when the model was not asked for one.
-        policy = compiled.policy
-        if category_id != policy.none_category.id:
-            severity = policy.category(category_id).severity
+        severity = compiled.policy.category(category_id).severity
     return Verdict(
         rating=answer["rating"],
         category_id=category_id,
@@ -192,3 +321,67 @@ def parse_verdict(
         policy_hash=compiled.hash,
         **extra,
     )
+
+
+def build_verdict(
+    compiled: CompiledPolicy,
+    mode: Mode,
+    generation: Generation,
+    *,
+    source: str | None = None,
+    timings: dict[str, float] | None = None,
+    score_threshold: float = 0.5,
+    lenient: bool = False,
+) -> Verdict:
+    """The one way a backend's Generation becomes a Verdict, for every mode: a failure is an
+    error verdict; score mode rates by `score_threshold` and picks the likeliest category;
+    full and verdict modes parse the text (strictly unless `lenient`)."""
+    extra: dict[str, Any] = {
+        "model": generation.model,
+        "decoding": generation.decoding,
+        "source": source,
+        "timings": dict(timings or {}),
+    }
+    if generation.error is not None:
+        return error_verdict(
+            compiled,
+            "backend",
+            generation.error,
+            raw=generation.text or None,
+            retryable=generation.retryable,
+            **extra,
+        )
+    scores = {"p_unsafe": generation.p_unsafe, "category_scores": generation.category_scores}
+    if mode != "score":
+        verdict = parse_verdict(generation.text, compiled, mode=mode, lenient=lenient, **extra)
+        return verdict.model_copy(update=scores) if verdict.ok else verdict
+    if generation.p_unsafe is None:
+        return error_verdict(compiled, "backend", "the backend gave no score", **extra)
+    rating: Rating = "Unsafe" if generation.p_unsafe >= score_threshold else "Safe"
+    policy = compiled.policy
+    category = _score_category(policy, rating, generation.category_scores)
+    return Verdict(
+        rating=rating,
+        category_id=category.id if category else None,
+        category_name=category.name if category else None,
+        severity=getattr(category, "severity", None),
+        policy_id=policy.id,
+        policy_version=policy.version,
+        policy_hash=compiled.hash,
+        **scores,
+        **extra,
+    )
+
+
+def _score_category(
+    policy: Policy, rating: str, scores: dict[str, float] | None
+) -> Category | NoneCategory | None:
+    """A score-mode verdict's category: for Unsafe, the most likely violated category; for
+    Safe, the none-applying one; None when the backend gave no category scores."""
+    if not scores:
+        return None
+    if rating == "Safe":
+        return policy.none_category
+    known = {c.id: c for c in policy.categories}
+    ranked = sorted((v, k) for k, v in scores.items() if k in known)
+    return known[ranked[-1][1]] if ranked else None

@@ -12,7 +12,8 @@ llguidance = pytest.importorskip("llguidance")
 ll_numpy = pytest.importorskip("llguidance.numpy")
 tokenizers = pytest.importorskip("tokenizers")
 
-from policy_engine.compiler import CompiledPolicy, compile_policy  # noqa: E402
+from policy_engine import get_host  # noqa: E402
+from policy_engine.compiler import CompiledPolicy  # noqa: E402
 from policy_engine.grammar import answer_grammar  # noqa: E402
 from policy_engine.loader import load_policy  # noqa: E402
 
@@ -46,7 +47,7 @@ def ll_tokenizer() -> object:
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    compiled = compile_policy(load_policy("llavaguard"))
+    compiled = get_host().compile(load_policy("llavaguard"))
     corpus = [compiled.prompt] + [
         compiled.layout.dumps({"rating": r, "category": c, "rationale": "The image shows."})
         for r in ("Safe", "Unsafe")
@@ -60,9 +61,9 @@ def policies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CompiledPoli
     path = tmp_path_factory.mktemp("policies") / "custom.yaml"
     path.write_text(CUSTOM, encoding="utf-8")
     return {
-        "llavaguard": compile_policy(load_policy("llavaguard")),
-        "children-platform": compile_policy(load_policy("children-platform")),
-        "custom": compile_policy(load_policy(str(path))),
+        "llavaguard": get_host().compile(load_policy("llavaguard")),
+        "children-platform": get_host().compile(load_policy("children-platform")),
+        "custom": get_host().compile(load_policy(str(path))),
     }
 
 
@@ -92,7 +93,7 @@ def answers(compiled: CompiledPolicy) -> list[dict[str, object]]:
     for i, label in enumerate(labels):
         found.append(
             {
-                "rating": "Unsafe" if i % 2 else "Safe",
+                "rating": "Unsafe" if i % 2 and label in violating else "Safe",
                 "category": label,
                 "rationale": ["x", 'a "quoted" \\ line\nnext', "é 漢字 🙂", "\t tab"][i % 4],
                 "severity": compiled.policy.severity_levels[i % 4],
@@ -134,6 +135,7 @@ def test_other_layouts_and_invalid_values_are_rejected(
         json.dumps({k: good[k] for k in ("category", "rating", "rationale")}, indent=4),
         compiled.layout.dumps({**good, "rating": "Maybe"}),
         compiled.layout.dumps({**good, "category": "O2: Violence"}),
+        compiled.layout.dumps({**good, "category": "NA: None applying"}),  # inconsistent
         compiled.layout.dumps({**good, "rationale": ""}),
         compiled.layout.dumps({**good, "rationale": "x" * 2001}),
         json.dumps({**good, "extra": 1}, indent=4),

@@ -6,14 +6,13 @@ extra answer fields (severity, several categories) when the policy's output opti
 
 from __future__ import annotations
 
-from ..compiler import AnswerLayout
-from ..components import PromptFormat
 from ..policy import Policy
+from .base import AnswerLayout, PromptFormat
 from .llavaguard import guideline_text
 
 _FIELD_HELP = {
     "rating": '"Safe" or "Unsafe"',
-    "category": "the one policy category that applies most, or {none}",
+    "category": 'the one policy category that applies most, or {none} (never with "Unsafe")',
     "severity": "one of {levels}: how severe the violation is",
     "categories": "every policy category that applies (a list, possibly empty)",
     "rationale": "describe the content and justify the rating with the policy's guidelines",

@@ -6,9 +6,9 @@ policy_exception_texts_v2.txt (tests compare bytes).
 
 from __future__ import annotations
 
-from ..compiler import AnswerLayout
-from ..components import Check, PromptFormat
 from ..policy import Category, ExceptionStatus, Policy
+from ..types import Check
+from .base import AnswerLayout, PromptFormat
 
 PREAMBLE = (
     "Provide a safety assessment for the content provided by the user. Determine compliance or "
