@@ -1,21 +1,15 @@
 """policy-engine: judge images against declarative safety policies with vision-language models.
 
-The public API. `import policy_engine` never imports torch, transformers or textual.
+The public API: what plugins and embedders import (semver from 1.0; see docs/plugins.md).
+`import policy_engine` never imports torch, transformers or textual.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _package_version
 from typing import TYPE_CHECKING
 
-from .compiler import AnswerLayout, CompiledPolicy, compile_policy, policy_hash
-from .components import (
-    Backend,
-    Capabilities,
-    Generation,
-    Mode,
-    PostProcessor,
-    PromptFormat,
-    Request,
-    unknown_categories,
-)
+from .backend import Backend, Batch, Capabilities, CliFlag, Generation
+from .compiler import CompiledPolicy, compile_policy, policy_hash
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -27,42 +21,65 @@ from .errors import (
     Problem,
     UnknownNameError,
 )
-from .hookspecs import hookimpl
+from .formats.base import AnswerLayout, PromptFormat
+from .hookspecs import Register, hookimpl
 from .host import PluginHost, get_host
 from .loader import load_policy, load_policy_text, shipped_policies
 from .policy import Category, Policy
-from .verdict import Action, Decision, TraceEntry, Verdict, parse_verdict
+from .postprocess import PostProcessor, StepContext, unknown_categories
+from .types import MODES, Check, Mode, NoParams
+from .verdict import Action, Decision, Override, TraceEntry, Verdict, parse_verdict
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    try:
+        return _package_version("policy-engine")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .images import LoadedImage
 
 
 def __getattr__(name: str) -> object:
-    # The engine pulls in image decoding (Pillow); load it on first use.
+    # The engine and the image type pull in image decoding (Pillow): load them on first use.
     if name == "Engine":
         from .engine import Engine
 
         return Engine
+    if name == "LoadedImage":
+        from .images import LoadedImage
+
+        return LoadedImage
     raise AttributeError(f"module 'policy_engine' has no attribute {name!r}")
 
 
 __all__ = [
+    "MODES",
     "Action",
     "AnswerLayout",
     "Backend",
     "BackendError",
     "BackendUnavailableError",
+    "Batch",
     "Capabilities",
     "Category",
+    "Check",
+    "CliFlag",
     "CompiledPolicy",
     "Decision",
     "Engine",
     "Generation",
     "ImageError",
+    "LoadedImage",
     "Mode",
+    "NoParams",
     "OutputParseError",
+    "Override",
     "PluginError",
     "PluginHost",
     "Policy",
@@ -71,7 +88,8 @@ __all__ = [
     "PostProcessor",
     "Problem",
     "PromptFormat",
-    "Request",
+    "Register",
+    "StepContext",
     "TraceEntry",
     "UnknownNameError",
     "Verdict",

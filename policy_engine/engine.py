@@ -4,30 +4,56 @@
     decision = engine.assess("photo.jpg", metadata={"audience": "minors"})
 
 Post-processors run in the order the policy lists them. A bad image or a failing backend call
-becomes an error Decision for that item; `assess_many` never stops on one bad item.
+(any exception, not only a BackendError) becomes an error Decision for that item;
+`assess_many` never stops on one bad item.
+
+An Engine given a backend *name* builds the backend and closes it in `close()`; an Engine given
+a backend *instance* shares it (loading it if needed) and never closes it: whoever built it
+does. That is how eval, serve and the TUI keep one loaded model for several engines.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .compiler import CompiledPolicy, compile_policy
-from .components import MODES, Backend, Generation, Mode, PostProcessor, Request
+from .backend import Backend, Batch, Generation
+from .compiler import CompiledPolicy
 from .errors import BackendError, ImageError, PolicyEngineError
 from .host import PluginHost, get_host
 from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_source, load_image
 from .loader import check_policy, load_policy
-from .policy import Category, NoneCategory, Policy
-from .verdict import Decision, Verdict, error_verdict, parse_verdict
+from .policy import Policy
+from .postprocess import PostProcessor, StepContext
+from .types import MODES, Mode
+from .verdict import Decision, Verdict, build_verdict, error_verdict
 
 Item = ImageSource | tuple[ImageSource, dict[str, Any] | None]
+log = logging.getLogger(__name__)
+
+
+class _Prepared:
+    """One item on its way through the engine: a decoded image or an early Decision."""
+
+    __slots__ = ("decision", "decode_seconds", "image", "metadata")
+
+    def __init__(
+        self,
+        metadata: dict[str, Any],
+        image: LoadedImage | None = None,
+        decision: Decision | None = None,
+        decode_seconds: float = 0.0,
+    ) -> None:
+        self.metadata = metadata
+        self.image = image
+        self.decision = decision
+        self.decode_seconds = decode_seconds
 
 
 class Engine:
@@ -46,7 +72,10 @@ class Engine:
         score_threshold: float = 0.5,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         host: PluginHost | None = None,
+        lenient: bool = False,
     ) -> None:
+        """`lenient` reads replies that wrap their JSON object in prose (servers that ignore
+        the schema); by default a reply must be exactly one JSON object."""
         self.host = host or get_host()
         if mode not in MODES:
             raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
@@ -55,7 +84,8 @@ class Engine:
             self.policy = policy
         else:
             self.policy = load_policy(policy, host=self.host)
-        self.compiled: CompiledPolicy = compile_policy(self.policy, host=self.host)
+        self.compiled: CompiledPolicy = self.host.compile(self.policy)
+        self.owns_backend = isinstance(backend, str)
         self.backend = backend = make_backend(backend, backend_options, self.host)
         caps = backend.capabilities
         if mode == "score" and not caps.scores:
@@ -73,23 +103,22 @@ class Engine:
         self.max_new_tokens = max_new_tokens
         self.score_threshold = score_threshold
         self.max_pixels = max_pixels
+        self.lenient = lenient
         self.chain: list[tuple[str, PostProcessor]] = []
         for index, step in enumerate(self.policy.postprocess):
             cls = self.host.postprocessor(step.name)
-            params = cls.Params.model_validate(step.params)
+            params = step.bound_params(cls) or cls.Params.model_validate(step.params)
             self.chain.append((step.id or f"{index}:{step.name}", cls(params, self.policy)))
-        self._load_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
-        """Load the backend (weights, connections) once; assess() calls it when needed."""
-        with self._load_lock:
-            if not self.backend.loaded:
-                self.backend.load()
-                self.backend.loaded = True
+        """Load the backend (weights, connections) unless it is loaded; assess() calls it."""
+        self.backend.ensure_loaded()
 
     def close(self) -> None:
-        self.backend.close()
+        """Close the backend if this engine built it (a shared one is its owner's to close)."""
+        if self.owns_backend:
+            self.backend.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -113,14 +142,14 @@ class Engine:
         self.load()
         batches = batched(images, self.batch_size)
 
-        def prepare_next() -> list[Request | Decision] | None:
+        def prepare_next() -> list[_Prepared] | None:
             batch = next(batches, None)
             return None if batch is None else [self._prepare(i, metadata) for i in batch]
 
         # A pipeline: while the backend answers up to `depth` batches in worker threads, this
         # thread finishes the oldest (post-processing, the caller's work between items) and
         # decodes the images of the next.
-        pending: deque[tuple[list[Request | Decision], Future[tuple[list[Generation], float]]]]
+        pending: deque[tuple[list[_Prepared], Future[tuple[list[Generation], float]]]]
         pending = deque()
         with ThreadPoolExecutor(self.depth, thread_name_prefix="policy-engine-generate") as pool:
             upcoming = prepare_next()
@@ -160,119 +189,101 @@ class Engine:
                 yield decision
 
     async def _arun_batch(
-        self, batch: list[Item], metadata: dict[str, Any] | None
+        self, items: list[Item], metadata: dict[str, Any] | None
     ) -> list[Decision]:
-        prepared = await asyncio.to_thread(lambda: [self._prepare(i, metadata) for i in batch])
-        requests = [p for p in prepared if isinstance(p, Request)]
+        prepared = await asyncio.to_thread(lambda: [self._prepare(i, metadata) for i in items])
+        batch = self._batch(prepared)
         started = time.perf_counter()
         generations: list[Generation] = []
-        if requests:
+        if batch is not None:
             try:
-                generations = self._checked(requests, await self.backend.agenerate(requests))
-            except BackendError as err:
-                generations = _failed(requests, err)
+                generations = self._checked(batch, await self.backend.agenerate(batch))
+            except Exception as err:  # any fault becomes the items' error verdicts
+                generations = self._failed(batch, err)
         return list(self._finish(prepared, generations, time.perf_counter() - started))
 
     # -- internals -------------------------------------------------------------------------
-    def _prepare(self, item: Item, default_metadata: dict[str, Any] | None) -> Request | Decision:
+    def _prepare(self, item: Item, default_metadata: dict[str, Any] | None) -> _Prepared:
         source, metadata = item if isinstance(item, tuple) else (item, None)
         metadata = dict(metadata if metadata is not None else default_metadata or {})
         started = time.perf_counter()
         try:
-            image: LoadedImage = load_image(source, max_pixels=self.max_pixels)
+            image = load_image(source, max_pixels=self.max_pixels)
         except ImageError as err:
             verdict = error_verdict(
                 self.compiled, "image", err.message, source=describe_source(source)
             )
-            return self._postprocess(verdict, metadata)
-        request = Request(
-            image=image,
-            compiled=self.compiled,
-            mode=self.mode,
-            metadata=metadata,
-            max_new_tokens=self.max_new_tokens,
-        )
-        request.decode_seconds = time.perf_counter() - started
-        return request
+            return _Prepared(metadata, decision=self._postprocess(verdict, metadata))
+        return _Prepared(metadata, image=image, decode_seconds=time.perf_counter() - started)
 
-    def _timed_generate(self, prepared: list[Request | Decision]) -> tuple[list[Generation], float]:
-        requests = [p for p in prepared if isinstance(p, Request)]
+    def _batch(self, prepared: list[_Prepared]) -> Batch | None:
+        images = tuple(p.image for p in prepared if p.image is not None)
+        if not images:
+            return None
+        return Batch(self.compiled, self.mode, images, self.max_new_tokens)
+
+    def _timed_generate(self, prepared: list[_Prepared]) -> tuple[list[Generation], float]:
+        batch = self._batch(prepared)
         started = time.perf_counter()
-        generations = self._generate(requests) if requests else []
+        generations = self._generate(batch) if batch is not None else []
         return generations, time.perf_counter() - started
 
-    def _generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def _generate(self, batch: Batch) -> list[Generation]:
         try:
-            return self._checked(requests, self.backend.generate(requests))
-        except BackendError as err:
-            return _failed(requests, err)
+            return self._checked(batch, self.backend.generate(batch))
+        except Exception as err:  # any fault becomes the items' error verdicts
+            return self._failed(batch, err)
 
-    def _checked(
-        self, requests: Sequence[Request], generations: list[Generation]
-    ) -> list[Generation]:
-        """The backend's answers, or one error per request if it broke the one-to-one contract."""
-        if len(generations) == len(requests):
+    def _failed(self, batch: Batch, err: Exception) -> list[Generation]:
+        """One error Generation per image for a batch whose call raised."""
+        if isinstance(err, BackendError):
+            message, retryable = err.message, err.retryable
+        else:  # a bug or an unexpected fault (CUDA out of memory): not worded for users
+            name = self.backend.name
+            message = f"backend {name!r} failed unexpectedly: {type(err).__name__} (see the log)"
+            retryable = False
+            log.warning(
+                "backend %r raised %s: %s; its %d images get error verdicts",
+                name,
+                type(err).__name__,
+                err,
+                len(batch),
+            )
+            log.debug("backend %r failure", name, exc_info=err)
+        return [Generation(error=message, retryable=retryable) for _ in batch.images]
+
+    def _checked(self, batch: Batch, generations: list[Generation]) -> list[Generation]:
+        """The backend's answers, or one error per image if it broke the one-to-one contract."""
+        if len(generations) == len(batch):
             return generations
         message = (
             f"backend {self.backend.name!r} returned {len(generations)} answers "
-            f"for {len(requests)} requests"
+            f"for {len(batch)} images"
         )
-        return [Generation(error=message) for _ in requests]
+        return [Generation(error=message) for _ in batch.images]
 
     def _finish(
-        self, prepared: list[Request | Decision], generations: list[Generation], seconds: float
+        self, prepared: list[_Prepared], generations: list[Generation], seconds: float
     ) -> Iterator[Decision]:
         answers = iter(generations)
         share = seconds / max(1, len(generations))
         for item in prepared:
-            if isinstance(item, Decision):
-                yield item
+            if item.decision is not None:
+                yield item.decision
                 continue
+            assert item.image is not None
             generation = next(answers)
             timings = {"decode_image": item.decode_seconds, "generate": share, **generation.timings}
-            verdict = self._verdict(item, generation, timings)
-            yield self._postprocess(verdict, item.metadata)
-
-    def _verdict(self, request: Request, gen: Generation, timings: dict[str, float]) -> Verdict:
-        extra: dict[str, Any] = {
-            "model": gen.model,
-            "source": request.image.source,
-            "timings": timings,
-        }
-        if gen.error is not None:
-            return error_verdict(
+            verdict = build_verdict(
                 self.compiled,
-                "backend",
-                gen.error,
-                raw=gen.text or None,
-                retryable=gen.retryable,
-                **extra,
+                self.mode,
+                generation,
+                source=item.image.source,
+                timings=timings,
+                score_threshold=self.score_threshold,
+                lenient=self.lenient,
             )
-        if self.mode == "score":
-            if gen.p_unsafe is None:
-                return error_verdict(self.compiled, "backend", "backend gave no score", **extra)
-            rating = "Unsafe" if gen.p_unsafe >= self.score_threshold else "Safe"
-            policy = self.compiled.policy
-            category = _score_category(policy, rating, gen.category_scores)
-            return Verdict(
-                rating=rating,
-                p_unsafe=gen.p_unsafe,
-                category_scores=gen.category_scores,
-                category_id=category.id if category else None,
-                category_name=category.name if category else None,
-                severity=category.severity if isinstance(category, Category) else None,
-                policy_id=policy.id,
-                policy_version=policy.version,
-                policy_hash=self.compiled.hash,
-                **extra,
-            )
-        verdict = parse_verdict(
-            gen.text, self.compiled, schema=self.compiled.schema_for(self.mode), **extra
-        )
-        if verdict.ok:
-            verdict.p_unsafe = gen.p_unsafe
-            verdict.category_scores = gen.category_scores
-        return verdict
+            yield self._postprocess(verdict, item.metadata)
 
     def _on_failure(self, decision: Decision, failed: list[str]) -> None:
         """The policy's failure mode: fail-closed adds its action; fail-open only notes."""
@@ -287,14 +298,9 @@ class Engine:
 
     def _postprocess(self, verdict: Verdict, metadata: dict[str, Any]) -> Decision:
         decision = Decision(verdict=verdict, metadata=metadata)
-        context: dict[str, Any] = {
-            "metadata": metadata,
-            "mode": self.mode,
-            "compiled": self.compiled,
-        }
         failed: list[str] = []
         for step_id, processor in self.chain:
-            context["step_id"] = step_id
+            context = StepContext(step_id, self.mode, self.compiled, metadata, decision)
             try:
                 processor(decision, context)
             except Exception as err:  # a plugin fault must not lose the verdict
@@ -306,24 +312,6 @@ class Engine:
             self._on_failure(decision, failed)
         self.host.observe_decision(decision)
         return decision
-
-
-def _score_category(
-    policy: Policy, rating: str, scores: dict[str, float] | None
-) -> Category | NoneCategory | None:
-    """A score-mode verdict's category: for Unsafe, the most likely violated category; for
-    Safe, the none-applying one; None when the backend gave no category scores."""
-    if not scores:
-        return None
-    if rating == "Safe":
-        return policy.none_category
-    known = {c.id: c for c in policy.categories}
-    ranked = sorted((v, k) for k, v in scores.items() if k in known)
-    return known[ranked[-1][1]] if ranked else None
-
-
-def _failed(requests: Sequence[Request], err: BackendError) -> list[Generation]:
-    return [Generation(error=err.message, retryable=err.retryable) for _ in requests]
 
 
 T = TypeVar("T")

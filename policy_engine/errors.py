@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
 
 
 class PolicyEngineError(Exception):
@@ -89,3 +92,49 @@ class ImageError(PolicyEngineError):
     """An image that cannot be used: missing, not an image, corrupt, too large."""
 
     exit_code = 1
+
+
+_PLAIN = {
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def plain_message(item: Any) -> str:
+    """One pydantic error item in plain words ("must be an integer"), for users' messages."""
+    kind = item["type"]
+    if kind in _PLAIN:
+        return _PLAIN[kind]
+    ctx = item.get("ctx") or {}
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    message: str = item["msg"]
+    if kind == "value_error":  # a validator's own words
+        return message.removeprefix("Value error, ")
+    return message.replace("Input should be", "must be").replace("String should", "must")
+
+
+def one_line(err: ValidationError, *, valid: Iterable[str] = ()) -> str:
+    """A pydantic error as one readable line: 'option x: message; option y: message'.
+    An unknown option lists the `valid` ones, when given."""
+    known = sorted(valid)
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "options"
+        if item["type"] == "extra_forbidden":
+            message = "unknown option"
+            if known:
+                message += f" (options: {', '.join(known)})"
+        else:
+            message = plain_message(item)
+        parts.append(f"option {where}: {message}")
+    return "; ".join(parts)

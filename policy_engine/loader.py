@@ -14,8 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .components import plain_message
-from .errors import PolicyError, Problem, UnknownNameError
+from .errors import PolicyError, Problem, UnknownNameError, plain_message
 from .host import PluginHost, get_host
 from .policy import (
     Category,
@@ -442,6 +441,7 @@ def _plugin_problems(policy: Policy, data: Located, file: str, host: PluginHost)
                 err, data, file, ("postprocess", index, "params"), root=cls.Params
             )
             continue
+        step.bind(cls, params)
         for loc, message in cls.check(params, policy):
             mark, path = _walk(data, ("postprocess", index, "params", *loc))
             problems.append(_problem_at(mark, file, path, message))

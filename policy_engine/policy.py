@@ -10,7 +10,7 @@ import re
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 DEFAULT_SEVERITY_LEVELS = ("low", "medium", "high", "critical")
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
@@ -120,6 +120,17 @@ class PostprocessStep(_Strict):
     name: str = Field(min_length=1, description="A registered post-processor name.")
     params: dict[str, Any] = Field(default_factory=dict, description="Its parameters.")
     id: str | None = Field(default=None, description="Optional label shown in traces.")
+    # (post-processor class, its validated params), set once when a host checks the policy
+    _bound: tuple[type, BaseModel] | None = PrivateAttr(default=None)
+
+    def bind(self, cls: type, params: BaseModel) -> None:
+        """Remember the validated params (the loader's check), so an engine does not validate
+        them again."""
+        self._bound = (cls, params)
+
+    def bound_params(self, cls: type) -> BaseModel | None:
+        """The params validated for `cls` at load, or None."""
+        return self._bound[1] if self._bound is not None and self._bound[0] is cls else None
 
 
 class FailurePolicy(_Strict):

@@ -1,0 +1,39 @@
+"""Library messages go through `logging` (loggers under `policy_engine`), so that embedders
+route them where they want: serve into its JSON log, the TUI into its status line. The CLI
+attaches one handler that prints them as `policy-engine: warning: …` lines on stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+ROOT = "policy_engine"
+
+
+class _Stderr(logging.StreamHandler[TextIO]):
+    """Writes to whatever `sys.stderr` is when a record comes (click's test runner swaps it)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"policy-engine: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """Print the library's messages on stderr, once per process (idempotent)."""
+    logger = logging.getLogger(ROOT)
+    if any(isinstance(h, _Stderr) for h in logger.handlers):
+        return
+    handler = _Stderr()
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
