@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from llguidance import LLMatcher, LLTokenizer
 
+from policy_engine import Mode
 from policy_engine.compiler import CompiledPolicy
-from policy_engine.components import Mode
 from policy_engine.grammar import answer_grammar
 
 CLOSING_CHARS = frozenset('"}]\n ,')
@@ -141,7 +141,7 @@ def minimum_budget(compiled: CompiledPolicy, mode: Mode) -> int:
     is free, and the processor closes it within the reserve. A smaller budget could cut an
     answer off inside a label, so the backend raises budgets below this floor.
     """
-    schema = compiled.schema_for(mode)["properties"]
+    schema = compiled.fields_for(mode)
     worst: dict[str, Any] = {"rating": "Unsafe", "rationale": ""}
     for key, prop in schema.items():
         if "enum" in prop:

@@ -57,7 +57,16 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from policy_engine import Backend, Capabilities, Generation, Request, hookimpl
+from policy_engine import (
+    Backend,
+    Batch,
+    Capabilities,
+    CliFlag,
+    Generation,
+    Mode,
+    Register,
+    hookimpl,
+)
 from policy_engine.compiler import CompiledPolicy
 from policy_engine.errors import (
     BackendError,
@@ -162,6 +171,20 @@ class SGLangOptions(BaseModel):
         return [normalize_url(url) for url in value]
 
 
+@dataclass(frozen=True)
+class Request:
+    """One image of a batch, with the batch's policy, mode and budget."""
+
+    image: LoadedImage
+    compiled: CompiledPolicy
+    mode: Mode
+    max_new_tokens: int | None = None
+
+
+def _requests(batch: Batch) -> list[Request]:
+    return [Request(image, batch.compiled, batch.mode, batch.max_new_tokens) for image in batch]
+
+
 @dataclass
 class _Item:
     request: Request
@@ -185,6 +208,33 @@ class SGLangBackend(Backend):
         concurrent=True,
     )
     install_hint = INSTALL_HINT
+    cli_flags = (
+        CliFlag(
+            "--model",
+            "model",
+            short="-m",
+            help="Served model name; with --launch, the checkpoint to serve.",
+        ),
+        CliFlag(
+            "--url",
+            "url",
+            multiple=True,
+            metavar="URL",
+            help="Server URL (repeatable: several servers are balanced).",
+        ),
+        CliFlag(
+            "--transport",
+            "transport",
+            choices=("openai", "native"),
+            help="openai (/v1/chat/completions) or native (SGLang /generate).",
+        ),
+        CliFlag(
+            "--launch",
+            "launch",
+            is_flag=True,
+            help="Start an SGLang server for --model first (needs sglang and a GPU).",
+        ),
+    )
     options: SGLangOptions
 
     def __init__(self, **options: Any) -> None:
@@ -236,17 +286,16 @@ class SGLangBackend(Backend):
             self.http.run(self.http.check_health())
             self.http.run(self._discover(self.http))
         except BaseException:
-            self.close()
+            self.release()
             raise
 
-    def close(self) -> None:
+    def release(self) -> None:
         if self.http is not None:
             self.http.close()
             self.http = None
         if self.process is not None:
             _terminate(self.process)
             self.process = None
-        self.loaded = False
 
     async def _discover(self, http: HttpClient) -> None:
         """The served model's name (openai) and chat template (native)."""
@@ -332,7 +381,8 @@ class SGLangBackend(Backend):
         )
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def generate(self, batch: Batch) -> list[Generation]:
+        requests = _requests(batch)
         if not requests:
             return []
         http = self._require_http()
@@ -341,7 +391,8 @@ class SGLangBackend(Backend):
             future.result()
         return [item.result or Generation(error="no answer") for item in items]
 
-    async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
+    async def agenerate(self, batch: Batch) -> list[Generation]:
+        requests = _requests(batch)
         if not requests:
             return []
         http = self._require_http()
@@ -667,5 +718,5 @@ async def _new_lock() -> asyncio.Lock:
 
 
 @hookimpl
-def register_backends(register):  # type: ignore[no-untyped-def]
+def register_backends(register: Register[type[Backend]]) -> None:
     register(SGLangBackend)

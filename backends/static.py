@@ -7,11 +7,11 @@ the policy's answer layout, and `raw` lets you feed exact model text to the pars
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import replace
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from policy_engine import Backend, Capabilities, Generation, Request, hookimpl
+from policy_engine import Backend, Batch, Capabilities, Generation, Register, hookimpl
 
 
 class StaticOptions(BaseModel):
@@ -26,6 +26,12 @@ class StaticOptions(BaseModel):
     raw: str | None = Field(default=None, description="Exact reply text, bypassing the layout.")
     model: str = "static"
 
+    @model_validator(mode="after")
+    def _consistent(self) -> StaticOptions:
+        if self.rating == "Unsafe" and self.category is None and self.raw is None:
+            raise ValueError("an Unsafe answer names the violated category: add -o category=ID")
+        return self
+
 
 class StaticBackend(Backend):
     name = "static"
@@ -36,9 +42,9 @@ class StaticBackend(Backend):
     )
     options: StaticOptions
 
-    def _answer(self, request: Request) -> Generation:
+    def _answer(self, batch: Batch) -> Generation:
         opts = self.options
-        compiled = request.compiled
+        compiled = batch.compiled
         p_unsafe = opts.p_unsafe
         if p_unsafe is None:
             p_unsafe = 1.0 if opts.rating == "Unsafe" else 0.0
@@ -63,13 +69,14 @@ class StaticBackend(Backend):
         else:
             answer["severity"] = policy.severity_levels[0]
             answer["categories"] = []
-        layout = compiled.layout_for(request.mode)
+        layout = compiled.layout_for(batch.mode)
         return Generation(text=layout.dumps(answer), p_unsafe=p_unsafe, model=opts.model)
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        return [self._answer(request) for request in requests]
+    def generate(self, batch: Batch) -> list[Generation]:
+        answer = self._answer(batch)
+        return [replace(answer) for _ in batch.images]
 
 
 @hookimpl
-def register_backends(register):  # type: ignore[no-untyped-def]
+def register_backends(register: Register[type[Backend]]) -> None:
     register(StaticBackend)

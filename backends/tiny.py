@@ -277,14 +277,13 @@ def corpus_digest() -> str:
 
 def _corpus() -> list[str]:
     """The tokenizer's training texts: each shipped policy's prompt and answers, a few sentences."""
-    from policy_engine.compiler import RATINGS, compile_policy
-    from policy_engine.loader import load_policy, shipped_policies
+    from policy_engine import get_host, load_policy, shipped_policies
 
     texts = list(_SENTENCES)
     for name in sorted(shipped_policies()):
-        compiled = compile_policy(load_policy(name))
+        compiled = get_host().compile(load_policy(name))
         texts.append(compiled.prompt)
-        for rating in RATINGS:
+        for rating in ("Safe", "Unsafe"):
             for label in compiled.labels:
                 answer = {"rating": rating, "category": label, "rationale": _SENTENCES[0]}
                 texts.append(compiled.layout.dumps(answer))

@@ -25,28 +25,37 @@ Construction only validates options; `load()` imports torch and transformers.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policy_engine import Backend, Capabilities, Generation, Request, hookimpl
+from policy_engine import (
+    Backend,
+    Batch,
+    Capabilities,
+    CliFlag,
+    Generation,
+    Mode,
+    Register,
+    hookimpl,
+)
 from policy_engine.compiler import CompiledPolicy
 from policy_engine.errors import BackendError, BackendUnavailableError
 
 from .tiny import TINY_MODELS
 
 DEFAULT_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
+log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'policy-engine[transformers]'"
 RANDOM_WEIGHTS_WARNING = (
-    "warning: model {name!r} has RANDOM weights: its verdicts are meaningless "
+    "model {name!r} has RANDOM weights: its verdicts are meaningless "
     "(it exists to try the pipeline offline)"
 )
 
@@ -90,6 +99,15 @@ class TransformersBackend(Backend):
         images=True, json_schema=True, scores=True, batching=True, max_batch_size=8
     )
     install_hint = INSTALL_HINT
+    cli_flags = (
+        CliFlag(
+            "--model",
+            "model",
+            short="-m",
+            help="Model: hub id, local checkpoint directory, or tiny-random (random weights, "
+            "offline).",
+        ),
+    )
     options: TransformersOptions
 
     def __init__(self, **options: Any) -> None:
@@ -131,10 +149,7 @@ class TransformersBackend(Backend):
         offline = opts.local_files_only or _env_true("HF_HUB_OFFLINE")
         if not offline and not Path(source).exists() and not hub_reachable():
             # huggingface_hub would retry for minutes; the local cache is all there is
-            print(
-                f"policy-engine: the hub is unreachable; looking for {source!r} in the local cache",
-                file=sys.stderr,
-            )
+            log.warning("the hub is unreachable; looking for %r in the local cache", source)
             offline = True
         hub = {
             "revision": opts.revision,
@@ -170,7 +185,7 @@ class TransformersBackend(Backend):
         if name in TINY_MODELS:
             from .tiny import tiny_model_path
 
-            print(RANDOM_WEIGHTS_WARNING.format(name=name), file=sys.stderr)
+            log.warning(RANDOM_WEIGHTS_WARNING.format(name=name))
             self.model_name = f"{name} (random weights)"
             return str(tiny_model_path(name))
         path = Path(name).expanduser()
@@ -188,12 +203,11 @@ class TransformersBackend(Backend):
         ids = eos if isinstance(eos, list) else [eos]
         return [int(i) for i in ids if i is not None]
 
-    def close(self) -> None:
+    def release(self) -> None:
         self.model = self.processor = self.tokenizer = self.guided = None
-        self.loaded = False
 
     # -- prompts ---------------------------------------------------------------------------
-    def prompt_text(self, compiled: CompiledPolicy, mode: str = "full") -> str:
+    def prompt_text(self, compiled: CompiledPolicy, mode: Mode = "full") -> str:
         """The exact text the model gets (image placeholder unexpanded), prefix included."""
         key = f"{compiled.hash}:{mode}"
         if key not in self._prompts:
@@ -206,7 +220,7 @@ class TransformersBackend(Backend):
             text = self.processor.apply_chat_template(
                 conversation, add_generation_prompt=True, tokenize=False
             )
-            self._prompts[key] = text + compiled.layout_for(mode).prefix()  # type: ignore[arg-type]
+            self._prompts[key] = text + compiled.layout_for(mode).prefix()
         return self._prompts[key]
 
     def rating_tokens(self, compiled: CompiledPolicy) -> tuple[int, int]:
@@ -219,65 +233,69 @@ class TransformersBackend(Backend):
             self._rating_tokens[compiled.hash] = (firsts[0], firsts[1])
         return self._rating_tokens[compiled.hash]
 
-    def _inputs(self, requests: Sequence[Request], mode: str) -> Any:
+    def _inputs(self, batch: Batch, mode: Mode) -> Any:
         import torch
 
-        texts = [self.prompt_text(r.compiled, mode) for r in requests]
-        images = [r.image.image for r in requests]
+        texts = [self.prompt_text(batch.compiled, mode)] * len(batch)
+        images = [image.image for image in batch.images]
         inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs and self.model.dtype != torch.float32:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
+    def decoding(self) -> dict[str, Any]:
+        """How answers are decoded, as verdicts record it."""
+        opts = self.options
+        if opts.greedy:
+            return {"method": "greedy"}
+        found: dict[str, Any] = {"method": "sampling", "temperature": opts.temperature}
+        found |= {"top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed}
+        return found
+
     # -- generation ------------------------------------------------------------------------
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        if not requests:
+    def generate(self, batch: Batch) -> list[Generation]:
+        if not batch.images:
             return []
         if self.model is None:
             raise BackendError("the transformers backend was used before load()")
         with self._lock:  # one model, one batch at a time (also under aassess_many)
-            groups: dict[tuple[str, str], list[int]] = {}
-            for index, request in enumerate(requests):
-                groups.setdefault((request.compiled.hash, request.mode), []).append(index)
-            results: list[Generation | None] = [None] * len(requests)
-            for (_, mode), indexes in groups.items():
-                batch = [requests[i] for i in indexes]
-                answers = self._score(batch) if mode == "score" else self._decode(batch, mode)
-                for i, answer in zip(indexes, answers, strict=True):
-                    results[i] = answer
-            return [r for r in results if r is not None]
+            if batch.mode == "score":
+                return self._score(batch)
+            return self._decode(batch, batch.mode)
 
-    def _decode(self, requests: Sequence[Request], mode: str) -> list[Generation]:
+    def _decode(self, batch: Batch, mode: Mode) -> list[Generation]:
         import torch
         from transformers import LogitsProcessorList
 
         from . import guidance
 
         opts = self.options
-        compiled = requests[0].compiled
-        budget = opts.max_new_tokens or requests[0].max_new_tokens or compiled.max_new_tokens
+        compiled = batch.compiled
+        budget = opts.max_new_tokens or batch.budget
         if self.guided is not None:
-            floor = guidance.minimum_budget(compiled, mode)  # type: ignore[arg-type]
+            floor = guidance.minimum_budget(compiled, mode)
             if budget < floor and (compiled.hash, mode) not in self._raised:
                 self._raised.add((compiled.hash, mode))
-                print(
-                    f"policy-engine: warning: token budget {budget} raised to {floor} for "
-                    f"mode {mode}: a complete answer of policy {compiled.policy.id!r} can need "
-                    "that many",
-                    file=sys.stderr,
+                log.warning(
+                    "token budget %d raised to %d for mode %s: a complete answer of policy "
+                    "%r can need that many",
+                    budget,
+                    floor,
+                    mode,
+                    compiled.policy.id,
                 )
             budget = max(budget, floor)
         started = time.perf_counter()
         try:
-            inputs = self._inputs(requests, mode)
+            inputs = self._inputs(batch, mode)
         except (ValueError, RuntimeError, TypeError) as err:
-            if len(requests) > 1:  # one image the processor refuses must not fail its batch
-                return [g for r in requests for g in self._decode([r], mode)]
+            if len(batch) > 1:  # one image the processor refuses must not fail its batch
+                return [g for image in batch for g in self._decode(batch.subset([image]), mode)]
             return [Generation(error=f"processor failed: {err}", model=self.model_name)]
         matchers: list[Any] = [
-            guidance.matcher_for(compiled, mode, self.guided) if self.guided else None  # type: ignore[arg-type]
-            for _ in requests
+            guidance.matcher_for(compiled, mode, self.guided) if self.guided else None
+            for _ in batch.images
         ]
         processor = guidance.GrammarProcessor(
             matchers, self.guided, self.rating_tokens(compiled), budget
@@ -303,11 +321,11 @@ class TransformersBackend(Backend):
                 pad_token_id=self.tokenizer.pad_token_id,
                 **sampling,
             )
-        self.tokens_generated += processor.steps * len(requests)
+        self.tokens_generated += processor.steps * len(batch)
         seconds = time.perf_counter() - started
-        prefix = compiled.layout_for(mode).prefix()  # type: ignore[arg-type]
+        prefix = compiled.layout_for(mode).prefix()
         results = []
-        for row, request in enumerate(requests):
+        for row in range(len(batch)):
             new = output[row, prompt_length:].tolist()
             text = prefix + self.tokenizer.decode(new, skip_special_tokens=True)
             error = processor.errors[row]
@@ -317,23 +335,23 @@ class TransformersBackend(Backend):
                     p_unsafe=processor.p_unsafe[row],
                     model=self.model_name,
                     error=error,
-                    timings={"model": seconds / len(requests)},
+                    decoding=self.decoding(),
+                    timings={"model": seconds / len(batch)},
                 )
             )
-            del request
         return results
 
-    def _score(self, requests: Sequence[Request]) -> list[Generation]:
+    def _score(self, batch: Batch) -> list[Generation]:
         """One image at a time (no padding): prompt + prefix, then the labels from the cache."""
         import torch
 
         results = []
-        for request in requests:
+        compiled = batch.compiled
+        for image in batch:
             started = time.perf_counter()
-            compiled = request.compiled
             safe, unsafe = self.rating_tokens(compiled)
             try:
-                inputs = self._inputs([request], "score")
+                inputs = self._inputs(batch.subset([image]), "score")
             except (ValueError, RuntimeError, TypeError) as err:
                 results.append(Generation(error=f"processor failed: {err}", model=self.model_name))
                 continue
@@ -351,6 +369,7 @@ class TransformersBackend(Backend):
                     p_unsafe=p_unsafe,
                     category_scores=scores,
                     model=self.model_name,
+                    decoding={"score": "one forward pass, temperature 1"},
                     timings={"model": time.perf_counter() - started},
                 )
             )
@@ -359,7 +378,8 @@ class TransformersBackend(Backend):
     def _label_trie(self, compiled: CompiledPolicy) -> _Trie:
         if compiled.hash not in self._label_tries:
             trie = _Trie()
-            for label, category_id in compiled.labels.items():
+            for label in compiled.unsafe_labels:  # after "Unsafe", only a violated category
+                category_id = compiled.labels[label]
                 text = compiled.continuation("Unsafe", label)
                 trie.add(self.tokenizer.encode(text, add_special_tokens=False), category_id)
             self._label_tries[compiled.hash] = trie
@@ -459,5 +479,5 @@ def _load_error(name: str, source: str, err: Exception) -> str:
 
 
 @hookimpl
-def register_backends(register):  # type: ignore[no-untyped-def]
+def register_backends(register: Register[type[Backend]]) -> None:
     register(TransformersBackend)

@@ -36,11 +36,20 @@ the facts that decided it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policy_engine import Decision, Policy, PostProcessor, hookimpl, unknown_categories
+from policy_engine import (
+    Decision,
+    Policy,
+    PostProcessor,
+    Register,
+    StepContext,
+    hookimpl,
+    unknown_categories,
+)
 
 
 class EscalateParams(BaseModel):
@@ -79,7 +88,7 @@ class Escalate(PostProcessor):
                 problems.append((("ratings", index), f"{rating!r} is not Safe or Unsafe"))
         return problems
 
-    def matches(self, decision: Decision, metadata: dict[str, Any]) -> tuple[bool, str]:
+    def matches(self, decision: Decision, metadata: Mapping[str, Any]) -> tuple[bool, str]:
         verdict = decision.verdict
         p = self.params
         if not verdict.ok:
@@ -88,28 +97,27 @@ class Escalate(PostProcessor):
             return True, f"error verdict ({verdict.error.kind if verdict.error else '?'})"
         if p.applies_to == "errors":
             return False, "verdict is not an error"
-        if verdict.rating not in p.ratings:
-            return False, f"rating {verdict.rating} not in {p.ratings}"
-        if p.categories and verdict.category_id not in p.categories:
-            return False, f"category {verdict.category_id} not in {p.categories}"
+        if decision.rating not in p.ratings:
+            return False, f"rating {decision.rating} not in {p.ratings}"
+        if p.categories and decision.category_id not in p.categories:
+            return False, f"category {decision.category_id} not in {p.categories}"
         for key, expected in p.metadata.items():
             if metadata.get(key) != expected:
                 return False, f"metadata {key}={metadata.get(key)!r}, rule wants {expected!r}"
-        return True, f"rating {verdict.rating}, category {verdict.category_id}"
+        return True, f"rating {decision.rating}, category {decision.category_id}"
 
-    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
-        step = f"escalate:{self.params.action}"
-        matched, why = self.matches(decision, context.get("metadata", {}))
+    def __call__(self, decision: Decision, context: StepContext) -> None:
+        matched, why = self.matches(decision, context.metadata)
         if not matched:
-            decision.note(step, f"no match ({why})")
+            context.note(f"no match ({why})")
             return
         extra = {
             k: v
             for k, v in (("queue", self.params.queue), ("priority", self.params.priority))
             if v is not None
         }
-        decision.add_action(self.params.action, by=step, **extra)
-        decision.note(step, f"matched ({why}) -> {self.params.action}")
+        context.add_action(self.params.action, **extra)
+        context.note(f"matched ({why}) -> {self.params.action}")
 
 
 # -- the rules language ------------------------------------------------------------------------
@@ -208,9 +216,11 @@ class Condition(BaseModel):
         return problems
 
     def evaluate(
-        self, decision: Decision, context: dict[str, Any], policy: Policy
+        self, decision: Decision, context: StepContext, policy: Policy
     ) -> tuple[bool, str]:
-        """(holds, why): `why` names the facts that decided it, for the trace."""
+        """(holds, why): `why` names the facts that decided it, for the trace. Rating,
+        category and severity are the Decision's current values (after earlier steps'
+        overrides); scores are the model's."""
         verdict = decision.verdict
         reasons: list[str] = []
         about_verdict = any(
@@ -227,16 +237,16 @@ class Condition(BaseModel):
             return False, "verdict is an error"
         if self.rating is not None:
             ratings = _as_list(self.rating)
-            if verdict.rating not in ratings:
-                return False, f"rating {verdict.rating} not {_either(ratings)}"
-            reasons.append(f"rating {verdict.rating}")
+            if decision.rating not in ratings:
+                return False, f"rating {decision.rating} not {_either(ratings)}"
+            reasons.append(f"rating {decision.rating}")
         if self.category is not None:
             categories = _as_list(self.category)
-            if verdict.category_id not in categories:
-                return False, f"category {verdict.category_id} not {_either(categories)}"
-            reasons.append(f"category {verdict.category_id}")
+            if decision.category_id not in categories:
+                return False, f"category {decision.category_id} not {_either(categories)}"
+            reasons.append(f"category {decision.category_id}")
         if self.severity is not None:
-            ok, why = _severity_holds(self.severity, verdict.severity, policy)
+            ok, why = _severity_holds(self.severity, decision.severity, policy)
             if not ok:
                 return False, why
             reasons.append(why)
@@ -255,10 +265,10 @@ class Condition(BaseModel):
             reasons.append(f"score {category} {scores[category]:.3f} in {bounds}")
         if self.mode is not None:
             modes = _as_list(self.mode)
-            if context.get("mode") not in modes:
-                return False, f"mode {context.get('mode')} not {_either(modes)}"
-            reasons.append(f"mode {context.get('mode')}")
-        metadata = context.get("metadata", {})
+            if context.mode not in modes:
+                return False, f"mode {context.mode} not {_either(modes)}"
+            reasons.append(f"mode {context.mode}")
+        metadata = context.metadata
         for key, wanted in (self.metadata or {}).items():
             accepted = wanted if isinstance(wanted, list) else [wanted]
             if key not in metadata:
@@ -311,7 +321,7 @@ class ActionSpec(BaseModel):
     reason: str | None = None
     params: dict[str, Any] = Field(default_factory=dict, description="Extra parameters.")
 
-    def apply(self, decision: Decision, by: str) -> str:
+    def apply(self, context: StepContext, rule: str) -> str:
         extra = {
             k: v
             for k, v in (
@@ -321,7 +331,7 @@ class ActionSpec(BaseModel):
             )
             if v is not None
         }
-        decision.add_action(self.action, by=by, **extra, **self.params)
+        context.add_action(self.action, by_rule=rule, **extra, **self.params)
         shown = " ".join(f"{k}={v}" for k, v in {**extra, **self.params}.items())
         return f"{self.action} {shown}".rstrip()
 
@@ -401,28 +411,27 @@ class Rules(PostProcessor):
                 seen[rule.id] = index
         return problems
 
-    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
-        step = context.get("step_id", "rules")
+    def __call__(self, decision: Decision, context: StepContext) -> None:
         matched_any = False
         for index, rule in enumerate(self.params.rules):
             label = f"rule {rule.id!r}" if rule.id else f"rule {index}"
             ok, why = rule.when.evaluate(decision, context, self.policy)
             if not ok:
-                decision.note(step, f"{label}: no match ({why})")
+                context.note(f"{label}: no match ({why})")
                 continue
             matched_any = True
-            done = [spec.apply(decision, f"{step}:{rule.id or index}") for spec in rule.then]
-            decision.note(step, f"{label}: matched ({why}) -> {', '.join(done)}")
+            done = [spec.apply(context, str(rule.id or index)) for spec in rule.then]
+            context.note(f"{label}: matched ({why}) -> {', '.join(done)}")
             if self.params.match == "first":
                 rest = len(self.params.rules) - index - 1
                 if rest:
-                    decision.note(step, f"first match wins: {rest} later rule(s) not evaluated")
+                    context.note(f"first match wins: {rest} later rule(s) not evaluated")
                 return
         if not matched_any and self.params.default:
-            done = [spec.apply(decision, f"{step}:default") for spec in self.params.default]
-            decision.note(step, f"no rule matched -> default {', '.join(done)}")
+            done = [spec.apply(context, "default") for spec in self.params.default]
+            context.note(f"no rule matched -> default {', '.join(done)}")
         elif not matched_any:
-            decision.note(step, "no rule matched; no default")
+            context.note("no rule matched; no default")
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -450,6 +459,6 @@ def _severity_holds(
 
 
 @hookimpl
-def register_postprocessors(register):  # type: ignore[no-untyped-def]
+def register_postprocessors(register: Register[type[PostProcessor]]) -> None:
     register(Escalate)
     register(Rules)

@@ -4,8 +4,10 @@ The scale is the policy's `severity_levels` (lowest first). The starting level c
 policy (the violated category's `severity`, the default) or from the model, when the prompt
 format asked it for one (`source: model`). Then `ceiling` entries cap it and `floor` entries
 raise it, each only when its `metadata` and `categories` match (an entry without either always
-applies). Safe verdicts and error verdicts are left alone. Every decision leaves one trace line
-with the level before and after and why, e.g.
+applies). Safe and error Decisions are left alone. The level is set as an override on the
+Decision (the Verdict keeps the model's own); the step reads the Decision's current rating and
+category, so it follows an earlier `thresholds` flip. Every decision leaves one trace line,
+under the step's id, with the level before and after and why, e.g.
 `severity high -> critical: floor critical for audience=minors`.
 
     postprocess:
@@ -21,11 +23,20 @@ with the level before and after and why, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policy_engine import Decision, Policy, PostProcessor, hookimpl, unknown_categories
+from policy_engine import (
+    Decision,
+    Policy,
+    PostProcessor,
+    Register,
+    StepContext,
+    hookimpl,
+    unknown_categories,
+)
 
 Problems = list[tuple[tuple[str | int, ...], str]]
 
@@ -44,7 +55,7 @@ class SeverityBound(BaseModel):
         default_factory=list, description="Category ids that match; empty: any category."
     )
 
-    def matches(self, category_id: str | None, metadata: dict[str, Any]) -> bool:
+    def matches(self, category_id: str | None, metadata: Mapping[str, Any]) -> bool:
         if self.categories and category_id not in self.categories:
             return False
         return all(metadata.get(key) in _accepted(want) for key, want in self.metadata.items())
@@ -149,15 +160,11 @@ class Severity(PostProcessor):
                     )
         return problems
 
-    def _model_asked(self, context: dict[str, Any]) -> bool:
+    def _model_asked(self, context: StepContext) -> bool:
         """Whether the model was asked for a severity (the answer layout has the field)."""
-        mode = context.get("mode", "full")
-        if mode == "score":  # no answer text: the engine fills in the policy's level
+        if context.mode == "score":  # no answer text: the engine fills in the policy's level
             return False
-        compiled = context.get("compiled")
-        if compiled is not None:
-            return "severity" in compiled.layout_for(mode).keys
-        return "severity" in self.policy.output.extra_fields
+        return "severity" in context.compiled.layout_for(context.mode).keys
 
     def _policy_level(self, category_id: str | None) -> tuple[str | None, str]:
         if category_id is None:
@@ -168,39 +175,41 @@ class Severity(PostProcessor):
             return None, f"no policy level for category {category_id}"
         return level, f"policy level of {category_id}"
 
-    def _start(self, decision: Decision, context: dict[str, Any]) -> tuple[str | None, str]:
+    def _start(self, decision: Decision, context: StepContext) -> tuple[str | None, str]:
         """The level before floors and ceilings, and where it comes from."""
-        verdict = decision.verdict
-        level, why = self._policy_level(verdict.category_id)
+        level, why = self._policy_level(decision.category_id)
         if self.params.source == "policy":
             return level, why
         if not self._model_asked(context):
             return level, f"the model was not asked for a severity; {why}"
-        if verdict.severity in self.policy.severity_levels:
-            return verdict.severity, "the model's severity"
-        return level, f"the model gave no usable severity ({verdict.severity!r}); {why}"
+        said = decision.verdict.severity
+        if decision.category_id == decision.verdict.category_id and said in (
+            self.policy.severity_levels
+        ):
+            return said, "the model's severity"
+        return level, f"the model gave no usable severity ({said!r}); {why}"
 
-    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
-        verdict = decision.verdict
-        if not verdict.ok:
-            decision.note(self.name, "error verdict: severity left alone")
+    def __call__(self, decision: Decision, context: StepContext) -> None:
+        if not decision.verdict.ok:
+            context.note("error verdict: severity left alone")
             return
-        if verdict.rating != "Unsafe":
-            decision.note(self.name, f"rating {verdict.rating}: severity left alone")
+        if decision.rating != "Unsafe":
+            context.note(f"rating {decision.rating}: severity left alone")
             return
-        metadata = context.get("metadata", decision.metadata)
+        metadata = context.metadata
+        category_id = decision.category_id
         rank = {level: index for index, level in enumerate(self.policy.severity_levels)}
-        before = verdict.severity
+        before = decision.severity
         start, why = self._start(decision, context)
         level = start
         applied: list[str] = []
-        ceilings = [b for b in self.params.ceiling if b.matches(verdict.category_id, metadata)]
+        ceilings = [b for b in self.params.ceiling if b.matches(category_id, metadata)]
         if ceilings and level is not None:
             cap = min(ceilings, key=lambda b: rank[b.level])
             if rank[level] > rank[cap.level]:
                 level = cap.level
                 applied.append(f"ceiling {cap.level} for {cap.describe()}")
-        floors = [b for b in self.params.floor if b.matches(verdict.category_id, metadata)]
+        floors = [b for b in self.params.floor if b.matches(category_id, metadata)]
         if floors:
             low = max(floors, key=lambda b: rank[b.level])
             if level is None or rank[level] < rank[low.level]:
@@ -213,14 +222,15 @@ class Severity(PostProcessor):
             reasons.insert(0, why)
         elif start != before:
             reasons.insert(0, f"{why} is {start or 'none'}")
-        verdict.severity = level
         if level != before:
             message = f"severity {before or 'none'} -> {level or 'none'}"
+            if level is not None:
+                context.override("; ".join(reasons), severity=level)
         else:
             message = f"severity {level or 'none'} kept"
-        decision.note(self.name, f"{message}: {'; '.join(reasons)}")
+        context.note(f"{message}: {'; '.join(reasons)}")
 
 
 @hookimpl
-def register_postprocessors(register):  # type: ignore[no-untyped-def]
+def register_postprocessors(register: Register[type[PostProcessor]]) -> None:
     register(Severity)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
-import sys
 import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from policy_engine import Decision, PolicyEngineError, hookimpl
 
@@ -32,6 +31,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX (Windows)
     fcntl = None  # type: ignore[assignment]
 
+log = logging.getLogger(__name__)
 ENV_PATH = "POLICY_ENGINE_DECISION_LOG"
 ENV_MAX_BYTES = "POLICY_ENGINE_DECISION_LOG_MAX_BYTES"
 ENV_BACKUPS = "POLICY_ENGINE_DECISION_LOG_BACKUPS"
@@ -330,8 +330,8 @@ if hasattr(os, "register_at_fork"):
 
 
 @hookimpl
-def register_commands(cli: Any) -> None:
-    """No command: the CLI's start-up, where a bad decision-log setting is a user error.
+def startup() -> None:
+    """A bad decision-log setting is a user error at start-up.
 
     Opening the log here makes an invalid `POLICY_ENGINE_DECISION_LOG*` variable or an
     unwritable path a one-line `error:` with exit status 2 before any image is assessed, instead
@@ -350,4 +350,4 @@ def observe_decision(decision: Decision) -> None:
             sink.write(decision)
     except Exception as err:
         reason = str(err) if isinstance(err, PolicyEngineError) else f"{type(err).__name__}: {err}"
-        print(f"policy-engine: warning: decision log: {reason}", file=sys.stderr)
+        log.warning("decision log: %s", reason)

@@ -13,11 +13,12 @@ category instead:
   to catch a rare, grave category (self-harm) even when another category ranks first.
 
 With `action: flag` (the default) each threshold reached adds a `flag` action (category, score,
-threshold) and the rating is never changed. With `action: flip` the verdict itself is re-rated:
-Unsafe (with the category that reached its threshold) when one is reached, Safe when an Unsafe
-verdict's P(Unsafe) is under its category's threshold. Verdicts without a score are left alone.
-Every decision leaves one trace line with the comparisons made (and, for flip, the original
-rating).
+threshold, basis) and the rating is never changed; later `rules` can act on it (`when: {action:
+flag}`). With `action: flip` the Decision is re-rated by an override (the Verdict keeps what the
+model said): Unsafe (with the category that reached its threshold) when one is reached, Safe
+when an Unsafe rating's P(Unsafe) is under its category's threshold. Verdicts without a score are
+left alone. Every decision leaves one trace line, under the step's id, with the comparisons made
+(and, for flip, the rating before).
 
     postprocess:
       - name: thresholds
@@ -30,11 +31,18 @@ rating).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policy_engine import Decision, Policy, PostProcessor, hookimpl
+from policy_engine import (
+    Decision,
+    Policy,
+    PostProcessor,
+    Register,
+    StepContext,
+    hookimpl,
+)
 
 Problems = list[tuple[tuple[str | int, ...], str]]
 Threshold = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
@@ -135,11 +143,10 @@ class Thresholds(PostProcessor):
     # -- evaluation ------------------------------------------------------------------------
     def _category(self, decision: Decision) -> tuple[str | None, str]:
         """The category whose p_unsafe threshold applies, and how it was found."""
-        verdict = decision.verdict
         ids = [c.id for c in self.policy.categories]
-        if verdict.category_id in ids:
-            return verdict.category_id, "verdict"
-        scores = verdict.category_scores or {}
+        if decision.category_id in ids:
+            return decision.category_id, "verdict"
+        scores = decision.verdict.category_scores or {}
         ranked = [c for c in ids if c in scores]
         if ranked:
             top = max(ranked, key=lambda c: scores[c])  # ties: the first in policy order
@@ -183,63 +190,57 @@ class Thresholds(PostProcessor):
                 hits += sorted(found_hits, key=lambda h: -h.score)
         return hits, words
 
-    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+    def __call__(self, decision: Decision, context: StepContext) -> None:
         verdict = decision.verdict
         if not verdict.ok:
-            decision.note(self.name, "error verdict: left alone")
+            context.note("error verdict: left alone")
             return
         if verdict.p_unsafe is None:
-            decision.note(self.name, "no score: left alone")
+            context.note("no score: left alone")
             return
         hits, words = self._evaluate(decision, verdict.p_unsafe)
         detail = "; ".join(words)
         if self.params.action == "flag":
             for hit in hits:
-                decision.add_action(
+                context.add_action(
                     "flag",
-                    by=f"{self.name}:{hit.basis}",
                     category=hit.category,
                     score=hit.score,
                     threshold=hit.threshold,
+                    basis=hit.basis,
                 )
             if hits:
                 flagged = ", ".join(dict.fromkeys(h.category or "no category" for h in hits))
-                decision.note(self.name, f"flag {flagged}: {detail}")
+                context.note(f"flag {flagged}: {detail}")
             else:
-                decision.note(self.name, f"no flag: {detail}")
+                context.note(f"no flag: {detail}")
             return
-        self._flip(decision, hits, detail)
+        self._flip(decision, context, hits, detail)
 
-    def _flip(self, decision: Decision, hits: list[Hit], detail: str) -> None:
-        verdict = decision.verdict
-        original = f"{verdict.rating} ({verdict.category_id})"
-        policy = self.policy
+    def _flip(self, decision: Decision, context: StepContext, hits: list[Hit], detail: str) -> None:
+        before = f"{decision.rating} ({decision.category_id})"
         if hits:
             category = hits[0].category
-            if verdict.rating == "Unsafe" and category in (None, verdict.category_id):
-                decision.note(self.name, f"rating {original} kept: {detail}")
+            if decision.rating == "Unsafe" and category in (None, decision.category_id):
+                context.note(f"rating {before} kept: {detail}")
                 return
-            verdict.rating = "Unsafe"
+            reason = f"P(Unsafe) reached a threshold: {detail}"
             if category is None:
-                verdict.category_id = verdict.category_name = verdict.severity = None
+                context.override(reason, rating="Unsafe", clear_category=True)
             else:
-                chosen = policy.category(category)
-                verdict.category_id, verdict.category_name = chosen.id, chosen.name
-                verdict.severity = chosen.severity
-        elif verdict.rating == "Unsafe":
-            verdict.rating = "Safe"
-            verdict.category_id = policy.none_category.id
-            verdict.category_name = policy.none_category.name
-            verdict.severity = None
+                context.override(reason, rating="Unsafe", category_id=category)
+        elif decision.rating == "Unsafe":
+            context.override(
+                f"P(Unsafe) under the threshold: {detail}",
+                rating="Safe",
+                category_id=self.policy.none_category.id,
+            )
         else:
-            decision.note(self.name, f"rating {original} kept: {detail}")
+            context.note(f"rating {before} kept: {detail}")
             return
-        decision.note(
-            self.name,
-            f"rating {original} -> {verdict.rating} ({verdict.category_id}): {detail}",
-        )
+        context.note(f"rating {before} -> {decision.rating} ({decision.category_id}): {detail}")
 
 
 @hookimpl
-def register_postprocessors(register):  # type: ignore[no-untyped-def]
+def register_postprocessors(register: Register[type[PostProcessor]]) -> None:
     register(Thresholds)

@@ -65,8 +65,7 @@ def loaded_backend(tiny_cache: Path) -> Iterator[Callable[..., Any]]:
 
     def make(**options: Any) -> TransformersBackend:
         instance = TransformersBackend(**options)
-        instance.load()
-        instance.loaded = True
+        instance.ensure_loaded()
         made.append(instance)
         return instance
 

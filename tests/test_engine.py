@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,13 +17,14 @@ from PIL import Image
 from policy_engine import (
     Backend,
     BackendError,
+    Batch,
     Capabilities,
     Decision,
     Generation,
     PolicyEngineError,
     PolicyError,
     PostProcessor,
-    Request,
+    StepContext,
     get_host,
     hookimpl,
     load_policy,
@@ -108,7 +109,7 @@ def test_children_platform_sends_failed_assessments_to_review(tmp_path: Path) ->
     broken = tmp_path / "broken.png"
     broken.write_bytes(png()[:40])
     decision = _children(rating="Safe").assess(broken)
-    assert decision.verdict.rating is None
+    assert decision.rating is None
     assert decision.verdict.error is not None and decision.verdict.error.kind == "image"
     assert [(a.name, a.params) for a in decision.actions] == [
         ("human_review", {"queue": "moderation", "priority": "high"})
@@ -155,7 +156,7 @@ class _Recorder(PostProcessor):
 
     log: list[str] = []
 
-    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+    def __call__(self, decision: Decision, context: StepContext) -> None:
         self.log.append(self.name)
         decision.note(self.name, "ran")
 
@@ -171,7 +172,7 @@ class _Second(_Recorder):
 class _Broken(PostProcessor):
     name = "test-broken"
 
-    def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+    def __call__(self, decision: Decision, context: StepContext) -> None:
         raise RuntimeError("boom")
 
 
@@ -216,7 +217,7 @@ def test_failing_post_processor_keeps_verdict_and_records_error() -> None:
         backend_options={"rating": "Unsafe", "category": "O1"},
     )
     decision = engine.assess(png())
-    assert decision.verdict.rating == "Unsafe"
+    assert decision.rating == "Unsafe"
     assert decision.trace[0].error and "RuntimeError: boom" in decision.trace[0].message
     assert _Recorder.log == ["test-first"]  # the chain goes on
     assert not decision.ok
@@ -231,7 +232,7 @@ def test_assess_many_preserves_order_and_survives_bad_items(tmp_path: Path) -> N
     decisions = list(Engine("llavaguard", "static").assess_many(items))
     assert [d.verdict.ok for d in decisions] == [True, False, True, False, False, True]
     assert decisions[1].verdict.source == str(tmp_path / "missing.png")
-    assert all(d.verdict.rating is None for d in decisions if not d.verdict.ok)
+    assert all(d.rating is None for d in decisions if not d.verdict.ok)
 
 
 class _BatchBackend(Backend):
@@ -242,12 +243,12 @@ class _BatchBackend(Backend):
     calls: list[int] = []
     fail: bool = False
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        self.calls.append(len(requests))
+    def generate(self, batch: Batch) -> list[Generation]:
+        self.calls.append(len(batch))
         if self.fail:
             raise BackendError("server unreachable", retryable=True)
         text = '{"rating": "Safe", "category": "NA: None applying", "rationale": "ok"}'
-        return [Generation(text=text, model="batch") for _ in requests]
+        return [Generation(text=text, model="batch") for _ in batch]
 
 
 def test_batches_follow_backend_capability() -> None:
@@ -255,7 +256,7 @@ def test_batches_follow_backend_capability() -> None:
     backend.calls = []
     decisions = list(Engine("llavaguard", backend).assess_many([png()] * 7))
     assert backend.calls == [3, 3, 1]
-    assert all(d.verdict.rating == "Safe" for d in decisions)
+    assert all(d.rating == "Safe" for d in decisions)
     backend.calls = []
     list(Engine("llavaguard", backend, batch_size=2).assess_many([png()] * 3))
     assert backend.calls == [2, 1]
@@ -274,7 +275,7 @@ class _OverlapBackend(Backend):
         self.lock = threading.Lock()
         self.barrier = threading.Barrier(2, timeout=10)
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def generate(self, batch: Batch) -> list[Generation]:
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
@@ -284,7 +285,7 @@ class _OverlapBackend(Backend):
         with self.lock:
             self.running -= 1
         answer = {"rating": "Unsafe", "category": "O1: Hate, Humiliation, Harassment"}
-        return [Generation(text=json.dumps(answer | {"rationale": "x"})) for _ in requests]
+        return [Generation(text=json.dumps(answer | {"rationale": "x"})) for _ in batch]
 
 
 @pytest.mark.parametrize("concurrent", [True, False])
@@ -293,7 +294,7 @@ def test_a_concurrent_backend_gets_overlapping_calls_and_order_holds(concurrent:
     items = [(png(), {"n": n}) for n in range(8)]
     decisions = list(Engine("llavaguard", backend).assess_many(items))
     assert [d.metadata["n"] for d in decisions] == list(range(8))
-    assert all(d.verdict.rating == "Unsafe" for d in decisions)
+    assert all(d.rating == "Unsafe" for d in decisions)
     assert backend.most == (2 if concurrent else 1)
 
 
@@ -356,7 +357,7 @@ def test_unknown_backend_lists_installed() -> None:
 def test_bad_backend_option_is_a_clear_error() -> None:
     with pytest.raises(PolicyEngineError, match="backend 'static': option rating: "):
         Engine("llavaguard", "static", backend_options={"rating": "Maybe"})
-    with pytest.raises(PolicyEngineError, match="option temprature: unknown option"):
+    with pytest.raises(PolicyEngineError, match=r"option temprature: unknown option \(options: "):
         Engine("llavaguard", "static", backend_options={"temprature": 0.2})
 
 
@@ -377,7 +378,7 @@ class _ShortBackend(Backend):
     name = "test-short"
     capabilities = Capabilities(batching=True, max_batch_size=4)
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def generate(self, batch: Batch) -> list[Generation]:
         return [Generation(text="{}")]
 
 
@@ -391,5 +392,39 @@ def test_wrong_answer_count_is_an_error_for_every_item_sync_and_async() -> None:
         assert len(decisions) == 2
         for decision in decisions:
             assert decision.verdict.error is not None
-            assert "returned 1 answers for 2 requests" in decision.verdict.error.message
+            assert "returned 1 answers for 2 images" in decision.verdict.error.message
             assert "decode_image" not in decision.metadata
+
+
+class _OutOfMemory(Backend):
+    """Raises what a CUDA backend raises when a batch does not fit: not a BackendError."""
+
+    name = "test-oom"
+    capabilities = Capabilities(batching=True, max_batch_size=2)
+
+    def generate(self, batch: Batch) -> list[Generation]:
+        if len(batch) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB at /secret/path")
+        return [Generation(text=SAFE_ANSWER)]
+
+
+SAFE_ANSWER = '{"rating": "Safe", "category": "NA: None applying", "rationale": "ok"}'
+
+
+def test_an_unexpected_backend_exception_is_an_error_verdict_not_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = Engine("llavaguard", _OutOfMemory())
+    decisions = list(engine.assess_many([png(), png(), png()]))  # batches of 2, then 1
+    assert [d.verdict.ok for d in decisions] == [False, False, True]
+    error = decisions[0].verdict.error
+    assert error is not None and error.kind == "backend" and not error.retryable
+    assert error.message == "backend 'test-oom' failed unexpectedly: RuntimeError (see the log)"
+    assert "/secret/path" not in error.message  # details go to the log, not into verdicts
+    assert "CUDA out of memory" in caplog.text
+    assert decisions[0].rating is None  # never a silent Safe
+
+    async def run_async() -> list[Decision]:
+        return [d async for d in engine.aassess_many([png(), png()])]
+
+    assert [d.verdict.ok for d in asyncio.run(run_async())] == [False, False]

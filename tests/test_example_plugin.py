@@ -142,8 +142,15 @@ def test_plugins_lists_the_example(site: Path, files: dict[str, Path]) -> None:
     assert example["distribution"] == "policy-engine-example-plugin"
     assert example["version"] == "0.1.0"
     assert example["builtin"] is False
-    assert example["hooks"] == ["observe_decision", "register_commands", "register_postprocessors"]
-    assert example["registered"] == {"post-processor": ["tag"]}
+    assert example["hooks"] == [
+        "observe_decision",
+        "register_backends",
+        "register_commands",
+        "register_postprocessors",
+    ]
+    assert example["registered"] == {"backend": ["example-colour"], "post-processor": ["tag"]}
+    assert example["commands"] == ["example-hello"]
+    assert example["unknown_hooks"] == []
     # The built-ins are still there, next to it.
     assert {"builtin-escalation", "builtin-formats", "builtin-static"} <= set(infos)
 
@@ -180,11 +187,11 @@ def test_assess_runs_tag_after_escalate_and_logs(site: Path, files: dict[str, Pa
     assert decision["verdict"]["category_id"] == "O2"
     # Policy order: escalate first, then tag.
     assert [(a["name"], a["by"]) for a in decision["actions"]] == [
-        ("block", "escalate:block"),
-        ("tag", "tag:violent"),
+        ("block", "block-violence"),
+        ("tag", "1:tag"),
     ]
     assert decision["actions"][1]["params"] == {"label": "violent"}
-    assert [t["step"] for t in decision["trace"]] == ["escalate:block", "tag:violent"]
+    assert [t["step"] for t in decision["trace"]] == ["block-violence", "1:tag"]
     assert "tagged 'violent'" in decision["trace"][1]["message"]
 
     logged = log.read_text(encoding="utf-8").splitlines()
@@ -329,7 +336,7 @@ def test_tag_only_unsafe(
     decision = engine.assess(_png())
     assert [a.name for a in decision.actions] == (["tag"] if tagged else [])
     assert len(decision.trace) == 1
-    assert decision.trace[0].step == "tag:x"
+    assert decision.trace[0].step == "0:tag"
     assert decision.ok
 
 

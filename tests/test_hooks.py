@@ -7,9 +7,7 @@ from __future__ import annotations
 import inspect
 import io
 import re
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 import pytest
@@ -18,12 +16,17 @@ from PIL import Image
 
 from policy_engine import (
     Backend,
+    Batch,
     Capabilities,
     Decision,
     Generation,
     PluginHost,
+    Policy,
+    PolicyEngineError,
     PostProcessor,
-    Request,
+    PromptFormat,
+    Register,
+    StepContext,
     get_host,
     hookimpl,
     hookspecs,
@@ -59,8 +62,9 @@ def test_hookspecs_are_the_known_api() -> None:
         "register_commands",
         "register_postprocessors",
         "register_prompt_formats",
+        "startup",
     ]
-    assert sorted(PluginHost(load_entry_points=False).pm.hook.__dict__) == HOOKS
+    assert PluginHost(load_entry_points=False).hook_names() == HOOKS
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -103,16 +107,16 @@ class Canned(Backend):
     name = "canned"
     capabilities = Capabilities(batching=True, max_batch_size=8)
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        self.seen = [r.compiled.policy.id for r in requests]
+    def generate(self, batch: Batch) -> list[Generation]:
+        self.seen = [batch.compiled.policy.id for _ in batch]
         answer = '{"rating": "Unsafe", "category": "O3: Sexual Content", "rationale": "canned"}'
-        return [Generation(text=answer, model="canned-1") for _ in requests]
+        return [Generation(text=answer, model="canned-1") for _ in batch]
 
 
 def test_hook_register_backends() -> None:
     class Plugin:
         @hookimpl
-        def register_backends(self, register):  # type: ignore[no-untyped-def]
+        def register_backends(self, register: Register[type[Backend]]) -> None:
             register(Canned)
 
     host = PluginHost()
@@ -122,8 +126,8 @@ def test_hook_register_backends() -> None:
         assert isinstance(engine.backend, Canned)
         assert engine.batch_size == 8  # the engine reads the registered class's capabilities
         decisions = list(engine.assess_many([png(), png()]))
-    assert [d.verdict.rating for d in decisions] == ["Unsafe", "Unsafe"]
-    assert decisions[0].verdict.category_id == "O3"
+    assert [d.rating for d in decisions] == ["Unsafe", "Unsafe"]
+    assert decisions[0].category_id == "O3"
     assert decisions[0].verdict.model == "canned-1"
     assert engine.backend.seen == ["llavaguard", "llavaguard"]
 
@@ -132,12 +136,12 @@ def test_hook_register_prompt_formats(tmp_path: Path) -> None:
     class Marked(GenericFormat):
         name = "marked"
 
-        def render(self, policy):  # type: ignore[no-untyped-def]
+        def render(self, policy: Policy) -> str:
             return "MARKED\n" + super().render(policy)
 
     class Plugin:
         @hookimpl
-        def register_prompt_formats(self, register):  # type: ignore[no-untyped-def]
+        def register_prompt_formats(self, register: Register[type[PromptFormat]]) -> None:
             register(Marked)
 
     host = PluginHost()
@@ -150,7 +154,7 @@ def test_hook_register_prompt_formats(tmp_path: Path) -> None:
     assert engine.compiled.prompt.startswith("MARKED\nYou are a content-safety reviewer.")
     decision = engine.assess(png())  # the static backend answers in the format's layout
     assert decision.verdict.ok
-    assert decision.verdict.category_id == "O1"
+    assert decision.category_id == "O1"
 
     # Without the plugin, the policy does not load, and the error names the installed formats.
     with pytest.raises(Exception, match="unknown prompt format 'marked'; installed: generic"):
@@ -161,19 +165,19 @@ def test_hook_register_postprocessors(tmp_path: Path) -> None:
     class Stamp(PostProcessor):
         name = "stamp"
 
-        def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
-            decision.add_action("stamp", by="stamp", mode=context["mode"])
-            decision.note("stamp", f"seen {len(decision.actions)} actions")
+        def __call__(self, decision: Decision, context: StepContext) -> None:
+            context.add_action("stamp", mode=context.mode)
+            context.note(f"seen {len(decision.actions)} actions")
 
     class Explode(PostProcessor):
         name = "explode"
 
-        def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+        def __call__(self, decision: Decision, context: StepContext) -> None:
             raise ValueError("boom")
 
     class Plugin:
         @hookimpl
-        def register_postprocessors(self, register):  # type: ignore[no-untyped-def]
+        def register_postprocessors(self, register: Register[type[PostProcessor]]) -> None:
             register(Stamp)
             register(Explode)
 
@@ -195,22 +199,23 @@ def test_hook_register_postprocessors(tmp_path: Path) -> None:
     # policy order, then the default failure policy (fail-closed: human review)
     assert [a.name for a in decision.actions] == ["block", "stamp", "human_review"]
     assert decision.actions[1].params == {"mode": "full"}
+    assert [a.by for a in decision.actions] == ["0:escalate", "2:stamp", "postprocess-failure"]
     assert [t.step for t in decision.trace] == [
-        "escalate:block",
+        "0:escalate",
         "fragile",
-        "stamp",
+        "2:stamp",
         "postprocess-failure",
     ]
     failure = decision.trace[1]
     assert failure.error and failure.message == "post-processor failed: ValueError: boom"
-    assert decision.verdict.rating == "Unsafe"  # a failing post-processor never loses the verdict
+    assert decision.rating == "Unsafe"  # a failing post-processor never loses the verdict
     assert not decision.ok
 
 
 def test_hook_register_commands() -> None:
     class Plugin:
         @hookimpl
-        def register_commands(self, cli):  # type: ignore[no-untyped-def]
+        def register_commands(self, cli: click.Group) -> None:
             @cli.command(name="hooktest-hello")
             @click.argument("who")
             def hello(who: str) -> None:
@@ -241,7 +246,7 @@ def test_hook_observe_decision() -> None:
 
     class Sink:
         @hookimpl
-        def observe_decision(self, decision):  # type: ignore[no-untyped-def]
+        def observe_decision(self, decision: Decision) -> None:
             seen.append(decision)
 
     host = get_host()
@@ -256,7 +261,35 @@ def test_hook_observe_decision() -> None:
         host.unregister("test-sink")
     assert seen == [decision, broken]
     assert seen[0] is decision  # the very object the engine returns, after post-processing
-    assert decision.verdict.rating == "Unsafe"
+    assert decision.rating == "Unsafe"
     assert not broken.verdict.ok  # error decisions are observed too
     Engine("llavaguard", "static").assess(png())
     assert len(seen) == 2  # unregistered: sees nothing more
+
+
+def test_hook_startup() -> None:
+    """Called once when the host loads, with the host; a PolicyEngineError there is the
+    configuration problem every later use reports."""
+    calls: list[PluginHost] = []
+
+    class Checks:
+        @hookimpl
+        def startup(self, host: PluginHost) -> None:
+            calls.append(host)
+            if len(calls) == 1:
+                return
+            raise PolicyEngineError("POLICY_ENGINE_EXAMPLE is not set")
+
+    host = PluginHost(load_entry_points=False)
+    host.pm.register(Checks(), name="checks")  # before loading, as an entry point would be
+    host.ensure_loaded()
+    host.ensure_loaded()
+    assert calls == [host]  # once, however often the host is asked
+
+    failing = PluginHost(load_entry_points=False)
+    calls.append(failing)  # the next call raises
+    failing.pm.register(Checks(), name="checks")
+    with pytest.raises(PolicyEngineError, match="POLICY_ENGINE_EXAMPLE is not set"):
+        failing.backends()
+    with pytest.raises(PolicyEngineError, match="POLICY_ENGINE_EXAMPLE is not set"):
+        failing.backends()  # every use says it, not only the first

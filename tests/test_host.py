@@ -8,7 +8,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,13 +19,13 @@ from support import run_cli, write_dist_info
 
 from policy_engine import (
     Backend,
+    Batch,
     Decision,
     Generation,
     PluginError,
     PluginHost,
     PostProcessor,
     PromptFormat,
-    Request,
     UnknownNameError,
     get_host,
     hookimpl,
@@ -54,8 +54,8 @@ class EchoBackend(Backend):
     name = "echo"
     description = "test backend"
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        return [Generation(error="echo never answers") for _ in requests]
+    def generate(self, batch: Batch) -> list[Generation]:
+        return [Generation(error="echo never answers") for _ in batch]
 
 
 class OtherEcho(Backend):
@@ -449,7 +449,7 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_allowlist_selects_third_party_plugins(
     third_party: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
     allow: str | None,
     expected: set[str],
 ) -> None:
@@ -464,9 +464,8 @@ def test_allowlist_selects_third_party_plugins(
         good = infos["good"]
         assert (good.distribution, good.version, good.builtin) == ("good-plugin", "1.2.3", False)
         assert host.backends()["third"].plugin == "good"
-    err = capsys.readouterr().err
     # Plugins outside the allowlist are never imported, so broken ones cost nothing.
-    assert ("broken" in err) == (allow is None)
+    assert ("broken" in caplog.text) == (allow is None)
 
 
 def test_blocklist_beats_allowlist(third_party: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -476,26 +475,24 @@ def test_blocklist_beats_allowlist(third_party: Path, monkeypatch: pytest.Monkey
 
 
 def test_a_plugin_that_fails_to_import_is_a_warning(
-    third_party: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    third_party: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("POLICY_ENGINE_PLUGINS", "broken,good")
     host = PluginHost()
     assert {"static", "third"} <= set(host.backends())
     assert "broken" not in {info.name for info in host.plugins()}
-    err = capsys.readouterr().err
-    assert "policy-engine: warning: plugin 'broken' failed to load" in err
-    assert "policy_engine_no_such_module_xyz" in err
+    assert "plugin 'broken' failed to load" in caplog.text
+    assert "policy_engine_no_such_module_xyz" in caplog.text
 
 
 def test_a_plugin_whose_hookimpl_does_not_match_the_spec_is_a_warning(
-    third_party: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    third_party: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("POLICY_ENGINE_PLUGINS", "mismatched,good")
     host = PluginHost()
     assert {info.name for info in host.plugins()} == BUILTINS | {"good"}
-    err = capsys.readouterr().err
-    assert "policy-engine: warning: plugin 'mismatched' failed to load" in err
-    assert "colour" in err
+    assert "plugin 'mismatched' failed to load" in caplog.text
+    assert "colour" in caplog.text
 
 
 def test_a_broken_plugin_does_not_break_the_cli(third_party: Path, tmp_path: Path) -> None:
@@ -513,8 +510,8 @@ def test_a_broken_plugin_does_not_break_the_cli(third_party: Path, tmp_path: Pat
         "third",
         "transformers",
     ]
-    assert "warning: plugin 'broken' failed to load" in result.stderr
-    assert "warning: plugin 'mismatched' failed to load" in result.stderr
+    assert "policy-engine: warning: plugin 'broken' failed to load" in result.stderr
+    assert "policy-engine: warning: plugin 'mismatched' failed to load" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -554,7 +551,7 @@ def test_trace_hooks_in_the_cli() -> None:
 
 
 def test_a_failing_sink_does_not_lose_the_decision(
-    default_host_plugin: list[str], capsys: pytest.CaptureFixture[str]
+    default_host_plugin: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     class Broken:
         @hookimpl
@@ -566,7 +563,7 @@ def test_a_failing_sink_does_not_lose_the_decision(
     class Working:
         @hookimpl
         def observe_decision(self, decision):  # type: ignore[no-untyped-def]
-            seen.append(decision.verdict.rating)
+            seen.append(decision.rating)
 
     # registered first, so pluggy's order calls it after the broken one
     get_host().register(Working(), name="working-sink")
@@ -574,8 +571,7 @@ def test_a_failing_sink_does_not_lose_the_decision(
     get_host().register(Broken(), name="broken-sink")
     default_host_plugin.append("broken-sink")
     decisions = list(Engine("llavaguard", "static").assess_many([png(), png()]))
-    assert [d.verdict.rating for d in decisions] == ["Safe", "Safe"]
-    err = capsys.readouterr().err
+    assert [d.rating for d in decisions] == ["Safe", "Safe"]
     warning = "plugin 'broken-sink': observe_decision failed: RuntimeError: sink is down"
-    assert err.count(warning) == 2
+    assert caplog.text.count(warning) == 2
     assert seen == ["Safe", "Safe"]  # the other sink still saw every decision

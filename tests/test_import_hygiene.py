@@ -56,6 +56,13 @@ BODIES = {
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n        main()\n    except SystemExit:\n        pass"
     ),
+    "assess-help": (
+        "from policy_engine.cli import main\n"
+        "sys.argv = ['policy-engine', 'assess', '--help']\n"
+        "import contextlib, io\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        main()\n    except SystemExit:\n        pass"
+    ),
     "tui-help": (
         "from policy_engine.cli import main\n"
         "sys.argv = ['policy-engine', 'tui', '--help']\n"
@@ -64,8 +71,8 @@ BODIES = {
         "    try:\n        main()\n    except SystemExit:\n        pass"
     ),
     "compile": (
-        "from policy_engine import compile_policy, load_policy\n"
-        "compile_policy(load_policy('llavaguard'))"
+        "from policy_engine import get_host, load_policy\n"
+        "get_host().compile(load_policy('llavaguard'))"
     ),
     "backends": (
         "from policy_engine.host import get_host\n"

@@ -27,8 +27,7 @@ from test_transformers_backend import (
     varied_images,
 )
 
-from policy_engine import Engine
-from policy_engine.compiler import compile_policy
+from policy_engine import Engine, get_host
 from policy_engine.loader import load_policy
 
 MODEL = "tiny-random-qwen"
@@ -59,7 +58,7 @@ def test_loads_the_qwen_classes(greedy: TransformersBackend) -> None:
     assert type(greedy.processor).__name__ == "Qwen2_5_VLProcessor"
     assert greedy.model_name == f"{MODEL} (random weights)"
     assert "<|vision_start|><|image_pad|><|vision_end|>" in greedy.prompt_text(
-        compile_policy(load_policy("llavaguard"))
+        get_host().compile(load_policy("llavaguard"))
     )
 
 
@@ -71,14 +70,14 @@ def test_every_answer_is_a_valid_verdict(sampler: TransformersBackend, mode: str
     assert len(decisions) == len(images)
     for decision in decisions:
         check_answer(decision, engine, mode)
-    assert {d.verdict.rating for d in decisions} <= {"Safe", "Unsafe"}
+    assert {d.rating for d in decisions} <= {"Safe", "Unsafe"}
 
 
 def test_scores_are_probabilities_and_agree_with_generation(greedy: TransformersBackend) -> None:
     images = usable_images(8)
     scorer = Engine("llavaguard", greedy, mode="score")
     judge = Engine("llavaguard", greedy, mode="verdict", batch_size=4)
-    labels = set(scorer.compiled.labels.values())
+    labels = {c.id for c in scorer.compiled.policy.categories}  # after Unsafe: a violated one
     for score, verdict in zip(scorer.assess_many(images), judge.assess_many(images), strict=True):
         p = score.verdict.p_unsafe
         assert p is not None and 0.0 <= p <= 1.0
@@ -135,12 +134,13 @@ def test_category_scores_equal_a_full_recomputation(
 ) -> None:
     """The KV-cache walk continues at the right 3-D RoPE positions (prompt length + rope delta)."""
     image = Image.effect_noise(size, 40).convert("RGB")
-    compiled = compile_policy(load_policy("llavaguard"))
+    compiled = get_host().compile(load_policy("llavaguard"))
     engine = Engine(compiled.policy, greedy, mode="score")
     walked = engine.assess(image).verdict.category_scores
     assert walked is not None
-    request = engine._prepare(image, None)
-    inputs = greedy._inputs([request], "score")  # type: ignore[list-item]
+    batch = engine._batch([engine._prepare(image, None)])
+    assert batch is not None
+    inputs = greedy._inputs(batch, "score")
     # these images make the rope delta non-zero: text after the image is not at its index
     _, deltas = greedy.model.model.get_rope_index(
         inputs["input_ids"],

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from policy_engine import compile_policy, load_policy
+from policy_engine import get_host, load_policy
 from policy_engine.audit.report import report_command, write_html
 from policy_engine.audit.report_text import render_text
 from policy_engine.audit.store import ResultRow, ResultStore
@@ -33,7 +33,7 @@ JPEG_PREFIX = "data:image/jpeg;base64,"
 def policy_meta(name: str = "llavaguard") -> dict[str, str]:
     """The meta an audit writes for a policy (every key is optional for the report)."""
     policy = load_policy(name)
-    compiled = compile_policy(policy)
+    compiled = get_host().compile(policy)
     described = {
         "id": policy.id,
         "version": policy.version,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from policy_engine import Backend, Capabilities, Engine, Generation, Request
+from policy_engine import Backend, Batch, Capabilities, Engine, Generation, StepContext
 from policy_engine.errors import PolicyError
 from policy_engine.host import PluginHost
 from policy_engine.loader import load_policy
@@ -27,21 +26,21 @@ class Scripted(Backend):
         super().__init__()
         self.answer = answer
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def generate(self, batch: Batch) -> list[Generation]:
         from policy_engine.compiler import AnswerLayout
 
         out = []
-        for request in requests:
+        for _ in batch:
             answer = dict(self.answer)
             scores = answer.pop("category_scores", None)
             p_unsafe = answer.pop("p_unsafe", None)
             if "error" in answer:
                 out.append(Generation(error=answer["error"]))
                 continue
-            labels = {v: k for k, v in request.compiled.labels.items()}
+            labels = {v: k for k, v in batch.compiled.labels.items()}
             answer["category"] = labels[answer.get("category", "NA")]
             answer.setdefault("rationale", "scripted")
-            layout: AnswerLayout = request.compiled.layout_for(request.mode)
+            layout: AnswerLayout = batch.compiled.layout_for(batch.mode)
             out.append(
                 Generation(text=layout.dumps(answer), p_unsafe=p_unsafe, category_scores=scores)
             )
@@ -108,8 +107,12 @@ def trace(decision: Decision) -> list[str]:
         ({"p_unsafe": {"min": 0.3, "max": 0.7}}, {"category": "O2", "p_unsafe": 0.5}, True),
         ({"p_unsafe": {"min": 0.3, "max": 0.7}}, {"category": "O2", "p_unsafe": 0.71}, False),
         ({"p_unsafe": {"min": 0.3}}, {"category": "O2"}, False),  # no score at all
-        ({"score": {"O4": {"min": 0.5}}}, {"category_scores": {"O4": 0.6, "NA": 0.4}}, True),
-        ({"score": {"O4": {"min": 0.5}}}, {"category_scores": {"O4": 0.2, "NA": 0.8}}, False),
+        ({"score": {"O4": {"min": 0.5}}}, {"category": "O4", "category_scores": {"O4": 0.6}}, True),
+        (
+            {"score": {"O4": {"min": 0.5}}},
+            {"category": "O2", "category_scores": {"O4": 0.2}},
+            False,
+        ),
         ({"error": True}, {"error": "server down"}, True),
         ({"error": True}, {"category": "O2"}, False),
         ({"rating": "Unsafe"}, {"error": "server down"}, False),
@@ -393,7 +396,7 @@ class Broken:
     class Raises(PostProcessor):
         name = "raises"
 
-        def __call__(self, decision: Decision, context: dict[str, Any]) -> None:
+        def __call__(self, decision: Decision, context: StepContext) -> None:
             raise RuntimeError("boom")
 
     from policy_engine import hookimpl
@@ -421,7 +424,7 @@ def test_a_raising_postprocessor_never_loses_the_verdict(tmp_path: Path, mode: s
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     engine = Engine(path, Scripted(rating="Unsafe", category="O2"), host=host)
     decision = engine.assess(tiny_png())
-    assert decision.verdict.rating == "Unsafe" and decision.verdict.category_id == "O2"
+    assert decision.rating == "Unsafe" and decision.category_id == "O2"
     errors = [t for t in decision.trace if t.error]
     assert [(t.step, t.message) for t in errors] == [
         ("flaky", "post-processor failed: RuntimeError: boom")

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,9 +38,8 @@ from PIL import Image
 from policy_engine.backends.static import StaticBackend
 from sglang_server import FakeSGLang
 
-from policy_engine import Capabilities, Generation, Request
+from policy_engine import Batch, Capabilities, Generation, get_host
 from policy_engine.cli import cli
-from policy_engine.compiler import compile_policy
 from policy_engine.errors import BackendUnavailableError
 from policy_engine.loader import load_policy
 from policy_engine.serve.accesslog import EventLog
@@ -115,13 +114,13 @@ class ColorBackend(StaticBackend):
         self.unsafe = StaticBackend(rating="Unsafe", category="O2", p_unsafe=0.8)
         self.safe = StaticBackend(rating="Safe", p_unsafe=0.1)
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def generate(self, batch: Batch) -> list[Generation]:
         out = []
-        for request in requests:
-            red = request.image.image.getpixel((0, 0))
+        for image in batch:
+            red = image.image.getpixel((0, 0))
             assert isinstance(red, tuple)
             backend = self.unsafe if red[0] > 128 and red[2] < 128 else self.safe
-            out.append(backend._answer(request))
+            out.append(backend._answer(batch))
         return out
 
 
@@ -151,7 +150,7 @@ class BrokenBackend(StaticBackend):
 
     name = "broken-test"
 
-    async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
+    async def agenerate(self, batch: Batch) -> list[Generation]:
         raise RuntimeError("internal detail 4242")
 
 
@@ -309,7 +308,7 @@ def test_health_readiness_and_policies() -> None:
     by_id = {p["id"]: p for p in listing["data"]}
     assert list(by_id) == ["llavaguard", "children-platform"]
     for policy_id, info in by_id.items():
-        compiled = compile_policy(load_policy(policy_id))
+        compiled = get_host().compile(load_policy(policy_id))
         assert info["hash"] == compiled.hash
         assert info["version"] == compiled.policy.version
         assert [c["id"] for c in info["categories"]] == [c.id for c in compiled.policy.categories]
@@ -370,7 +369,7 @@ def test_moderation_result_uses_the_policy_categories() -> None:
     assert extension["category_name"] == "Violence, Harm, or Cruelty"
     assert extension["p_unsafe"] == 0.8
     assert extension["policy_id"] == "llavaguard"
-    assert extension["policy_hash"] == compile_policy(load_policy("llavaguard")).hash
+    assert extension["policy_hash"] == get_host().compile(load_policy("llavaguard")).hash
 
 
 def test_moderation_of_several_images_flags_any_and_keeps_the_max() -> None:

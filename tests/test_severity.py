@@ -12,7 +12,16 @@ import pytest
 from PIL import Image
 from policy_engine.plugins.severity import Severity, SeverityParams
 
-from policy_engine import Decision, Policy, PolicyError, Verdict, compile_policy, load_policy
+from policy_engine import (
+    Decision,
+    Mode,
+    Policy,
+    PolicyError,
+    StepContext,
+    Verdict,
+    get_host,
+    load_policy,
+)
 from policy_engine.engine import Engine
 
 LLAVAGUARD = load_policy("llavaguard")
@@ -43,16 +52,14 @@ def run(
     *,
     metadata: dict[str, Any] | None = None,
     policy: Policy = LLAVAGUARD,
-    mode: str = "full",
-    compiled: bool = True,
+    mode: Mode = "full",
 ) -> Decision:
     """Validate and check the params like the loader does, then post-process one verdict."""
     parsed = SeverityParams.model_validate(params)
     assert Severity.check(parsed, policy) == []
     decision = Decision(verdict=v or verdict(policy=policy), metadata=metadata or {})
-    context: dict[str, Any] = {"metadata": metadata or {}, "mode": mode}
-    if compiled:
-        context["compiled"] = compile_policy(policy)
+    compiled = get_host().compile(policy)
+    context = StepContext("severity", mode, compiled, metadata or {}, decision)
     Severity(parsed, policy)(decision, context)
     return decision
 
@@ -68,14 +75,14 @@ def only_note(decision: Decision) -> str:
 
 def test_default_keeps_the_policy_level() -> None:
     decision = run({})
-    assert decision.verdict.severity == "high"
+    assert decision.severity == "high"
     assert only_note(decision) == "severity high kept: policy level of O2"
     assert decision.actions == []
 
 
 def test_source_policy_replaces_another_level() -> None:
     decision = run({"source": "policy"}, verdict(severity="low"))
-    assert decision.verdict.severity == "high"
+    assert decision.severity == "high"
     assert only_note(decision) == "severity low -> high: policy level of O2"
 
 
@@ -83,7 +90,7 @@ def test_source_policy_uses_the_policys_own_scale() -> None:
     policy = load_policy(STANDALONE)
     v = verdict(category="M3", severity=None, policy=policy)
     decision = run({}, v, policy=policy)
-    assert decision.verdict.severity == "minor"
+    assert decision.severity == "minor"
     assert only_note(decision) == "severity none -> minor: policy level of M3"
 
 
@@ -95,21 +102,14 @@ def _generic(extra_fields: list[str]) -> Policy:
 def test_source_model_keeps_the_models_level_when_asked() -> None:
     policy = _generic(["severity"])
     decision = run({"source": "model"}, verdict(severity="low", policy=policy), policy=policy)
-    assert decision.verdict.severity == "low"
+    assert decision.severity == "low"
     assert only_note(decision) == "severity low kept: the model's severity"
-
-
-def test_source_model_without_the_compiled_policy_reads_the_output_options() -> None:
-    policy = _generic(["severity"])
-    v = verdict(severity="low", policy=policy)
-    decision = run({"source": "model"}, v, policy=policy, compiled=False)
-    assert decision.verdict.severity == "low"
 
 
 def test_source_model_falls_back_when_the_format_did_not_ask() -> None:
     # The LlavaGuard format never asks for a severity: the verdict's level is the policy's.
     decision = run({"source": "model"}, verdict(severity="low"))
-    assert decision.verdict.severity == "high"
+    assert decision.severity == "high"
     assert only_note(decision) == (
         "severity low -> high: the model was not asked for a severity; policy level of O2"
     )
@@ -119,14 +119,14 @@ def test_source_model_falls_back_in_score_mode() -> None:
     policy = _generic(["severity"])
     v = verdict(severity="low", policy=policy, p_unsafe=0.9)
     decision = run({"source": "model"}, v, policy=policy, mode="score")
-    assert decision.verdict.severity == "high"
+    assert decision.severity == "high"
     assert "the model was not asked for a severity" in only_note(decision)
 
 
 def test_source_model_falls_back_when_the_answer_has_no_level() -> None:
     policy = _generic(["severity"])
     decision = run({"source": "model"}, verdict(severity=None, policy=policy), policy=policy)
-    assert decision.verdict.severity == "high"
+    assert decision.severity == "high"
     assert only_note(decision) == (
         "severity none -> high: the model gave no usable severity (None); policy level of O2"
     )
@@ -140,21 +140,21 @@ MINORS = {"floor": [{"level": "critical", "metadata": {"audience": "minors"}}]}
 
 def test_floor_raises_when_metadata_matches() -> None:
     decision = run(MINORS, metadata={"audience": "minors"})
-    assert decision.verdict.severity == "critical"
+    assert decision.severity == "critical"
     assert only_note(decision) == "severity high -> critical: floor critical for audience=minors"
 
 
 def test_floor_does_nothing_when_metadata_differs_or_is_missing() -> None:
     for metadata in ({"audience": "adults"}, {}):
         decision = run(MINORS, metadata=metadata)
-        assert decision.verdict.severity == "high"
+        assert decision.severity == "high"
         assert only_note(decision) == "severity high kept: policy level of O2"
 
 
 def test_floor_metadata_list_accepts_any_of_its_values() -> None:
     params = {"floor": [{"level": "critical", "metadata": {"audience": ["minors", "teens"]}}]}
-    assert run(params, metadata={"audience": "teens"}).verdict.severity == "critical"
-    assert run(params, metadata={"audience": "adults"}).verdict.severity == "high"
+    assert run(params, metadata={"audience": "teens"}).severity == "critical"
+    assert run(params, metadata={"audience": "adults"}).severity == "high"
     message = only_note(run(params, metadata={"audience": "minors"}))
     assert message == "severity high -> critical: floor critical for audience in [minors, teens]"
 
@@ -166,7 +166,7 @@ def test_floor_needs_every_metadata_key_and_the_category() -> None:
             {"level": "critical", "categories": ["O1"]},
         ]
     }
-    assert run(params, metadata={"audience": "minors"}).verdict.severity == "high"
+    assert run(params, metadata={"audience": "minors"}).severity == "high"
     both = run(params, metadata={"audience": "minors", "surface": "chat"})
     assert only_note(both) == (
         "severity high -> critical: floor critical for audience=minors, surface=chat"
@@ -177,7 +177,7 @@ def test_floor_needs_every_metadata_key_and_the_category() -> None:
 
 def test_floor_never_lowers() -> None:
     decision = run({"floor": [{"level": "medium"}]})
-    assert decision.verdict.severity == "high"
+    assert decision.severity == "high"
     assert only_note(decision) == "severity high kept: policy level of O2"
 
 
@@ -196,12 +196,12 @@ def test_ceiling_caps_and_never_raises() -> None:
     decision = run(
         params, verdict(category="O7", severity="critical"), metadata={"surface": "research"}
     )
-    assert decision.verdict.severity == "medium"
+    assert decision.severity == "medium"
     assert only_note(decision) == "severity critical -> medium: ceiling medium for surface=research"
     high = {"ceiling": [{"level": "high"}]}
     medium = run(high, verdict(category="O4", severity="medium"))
     assert only_note(medium) == "severity medium kept: policy level of O4"
-    assert run(params, verdict(category="O7", severity="critical")).verdict.severity == "critical"
+    assert run(params, verdict(category="O7", severity="critical")).severity == "critical"
 
 
 def test_lowest_matching_ceiling_wins() -> None:
@@ -216,12 +216,12 @@ def test_floor_wins_over_a_ceiling_that_also_matches() -> None:
         "ceiling": [{"level": "medium", "categories": ["O2"]}],
     }
     decision = run(params, metadata={"audience": "minors"})
-    assert decision.verdict.severity == "critical"
+    assert decision.severity == "critical"
     assert only_note(decision) == (
         "severity high -> critical: ceiling medium for category O2; "
         "floor critical for audience=minors"
     )
-    assert run(params).verdict.severity == "medium"
+    assert run(params).severity == "medium"
 
 
 def test_start_level_is_named_when_a_bound_also_applies() -> None:
@@ -244,7 +244,7 @@ def test_unsafe_without_a_policy_category_is_raised_by_a_floor() -> None:
         {"floor": [{"level": "high"}], "ceiling": [{"level": "low", "categories": ["O1"]}]},
         unsafe_na,
     )
-    assert decision.verdict.severity == "high"
+    assert decision.severity == "high"
     assert only_note(decision) == "severity none -> high: floor high for every verdict"
     no_category = run({}, verdict(category=None, severity=None))
     assert only_note(no_category) == "severity none kept: no category, so no policy level"
@@ -265,17 +265,21 @@ def test_safe_verdicts_are_left_alone() -> None:
         verdict(rating="Safe", category="NA", severity=None),
         metadata={"audience": "minors"},
     )
-    assert decision.verdict.severity is None
+    assert decision.severity is None
     assert only_note(decision) == "rating Safe: severity left alone"
 
 
 def test_error_verdicts_are_left_alone() -> None:
     from policy_engine.verdict import VerdictError
 
-    broken = verdict(rating=None, category=None, severity=None)
-    broken.error = VerdictError(kind="image", message="cannot decode")
+    broken = verdict(
+        rating=None,
+        category=None,
+        severity=None,
+        error=VerdictError(kind="image", message="cannot decode"),
+    )
     decision = run({"floor": [{"level": "critical"}]}, broken)
-    assert decision.verdict.severity is None
+    assert decision.severity is None
     assert only_note(decision) == "error verdict: severity left alone"
 
 
@@ -427,15 +431,15 @@ def test_engine_runs_severity_after_the_static_backend(tmp_path: Path) -> None:
     )
     engine = Engine(path, "static", backend_options={"rating": "Unsafe", "category": "O4"})
     minors = engine.assess(png(), {"audience": "minors"})
-    assert minors.verdict.severity == "critical"
+    assert minors.severity == "critical"
     assert [(t.step, t.message) for t in minors.trace] == [
-        ("severity", "severity medium -> critical: floor critical for audience=minors"),
-        ("escalate:block", "matched (rating Unsafe, category O4) -> block"),
+        ("0:severity", "severity medium -> critical: floor critical for audience=minors"),
+        ("1:escalate", "matched (rating Unsafe, category O4) -> block"),
     ]
     adults = engine.assess(png(), {"audience": "adults"})
-    assert adults.verdict.severity == "medium"
+    assert adults.severity == "medium"
     safe = Engine(path, "static").assess(png(), {"audience": "minors"})
-    assert safe.verdict.severity is None
+    assert safe.severity is None
     assert safe.trace[0].message == "rating Safe: severity left alone"
 
 
@@ -451,9 +455,9 @@ def test_engine_keeps_the_models_severity_from_a_generic_answer(tmp_path: Path) 
         {"rating": "Unsafe", "category": "O4: Nudity Content", "severity": "low", "rationale": "x"}
     )
     low = Engine(path, "static", backend_options={"raw": raw}).assess(png())
-    assert low.verdict.severity == "low"
+    assert low.severity == "low"
     assert low.trace[0].message == "severity low kept: the model's severity"
     raw = raw.replace('"low"', '"critical"')
     capped = Engine(path, "static", backend_options={"raw": raw}).assess(png())
-    assert capped.verdict.severity == "high"
+    assert capped.severity == "high"
     assert capped.trace[0].message == "severity critical -> high: ceiling high for every verdict"

@@ -33,8 +33,7 @@ from policy_engine.backends.sglang import SGLangBackend
 from sglang_server import FakeSGLang, Fault, toy_ids
 from support import run_cli
 
-from policy_engine import Engine
-from policy_engine.compiler import compile_policy
+from policy_engine import Engine, get_host
 from policy_engine.errors import BackendUnavailableError, PolicyEngineError
 from policy_engine.images import load_image
 from policy_engine.loader import load_policy
@@ -124,7 +123,7 @@ def by_image(bodies: list[dict[str, Any]], paths: list[Path]) -> list[dict[str, 
 def test_every_transport_and_mode_gives_valid_verdicts(
     target: str, transport: str, mode: str, images: list[Path]
 ) -> None:
-    compiled = compile_policy(load_policy("llavaguard"))
+    compiled = get_host().compile(load_policy("llavaguard"))
     with engine(target, transport, mode) as e:
         decisions = list(e.assess_many(images))
     assert [d.verdict.source for d in decisions] == [str(p) for p in images]
@@ -145,7 +144,7 @@ def test_every_transport_and_mode_gives_valid_verdicts(
 def test_openai_requests_carry_the_compiled_schema_nested(
     server: FakeSGLang, mode: str, images: list[Path]
 ) -> None:
-    compiled = compile_policy(load_policy("llavaguard"))
+    compiled = get_host().compile(load_policy("llavaguard"))
     with engine(server.url, "openai", mode) as e:
         list(e.assess_many(images[:2]))
     bodies = by_image(posted(server, "/v1/chat/completions"), images[:2])
@@ -171,7 +170,7 @@ def test_openai_requests_carry_the_compiled_schema_nested(
 def test_native_requests_carry_template_schema_and_budget(
     server: FakeSGLang, mode: str, images: list[Path]
 ) -> None:
-    compiled = compile_policy(load_policy("llavaguard"))
+    compiled = get_host().compile(load_policy("llavaguard"))
     with engine(server.url, "native", mode, greedy=True, max_new_tokens=700) as e:
         list(e.assess_many(images[:2]))
     bodies = posted(server, "/generate")
@@ -188,7 +187,7 @@ def test_native_requests_carry_template_schema_and_budget(
 
 
 def test_native_score_reads_the_two_rating_tokens(server: FakeSGLang, images: list[Path]) -> None:
-    compiled = compile_policy(load_policy("llavaguard"))
+    compiled = get_host().compile(load_policy("llavaguard"))
     with engine(server.url, "native", "score") as e:
         decisions = list(e.assess_many(images))
     safe_id = toy_ids(compiled.continuation("Safe"))[0]
@@ -214,7 +213,7 @@ def test_native_score_reads_the_two_rating_tokens(server: FakeSGLang, images: li
 def test_openai_score_prefills_the_answer_and_reads_top_logprobs(
     server: FakeSGLang, images: list[Path]
 ) -> None:
-    compiled = compile_policy(load_policy("llavaguard"))
+    compiled = get_host().compile(load_policy("llavaguard"))
     with engine(server.url, "openai", "score") as e:
         decisions = list(e.assess_many(images))
     bodies = by_image(posted(server, "/v1/chat/completions"), images)
@@ -564,7 +563,7 @@ def free_port() -> int:
 def test_another_policy_travels_whole_and_is_post_processed(
     server: FakeSGLang, images: list[Path]
 ) -> None:
-    compiled = compile_policy(load_policy("children-platform"))
+    compiled = get_host().compile(load_policy("children-platform"))
     with Engine(
         compiled.policy,
         "sglang",
@@ -578,7 +577,7 @@ def test_another_policy_travels_whole_and_is_post_processed(
         assert decision.verdict.policy_id == "children-platform"
         assert json.loads(body["sampling_params"]["json_schema"]) == compiled.schema
         assert compiled.prompt in body["text"]
-        if decision.verdict.rating == "Unsafe":  # the policy's rules act on what came back
+        if decision.rating == "Unsafe":  # the policy's rules act on what came back
             assert decision.actions, decision.trace
 
 

@@ -38,7 +38,7 @@ from sglang_server import (
     toy_tokens,
 )
 
-from policy_engine.compiler import compile_policy
+from policy_engine import get_host
 from policy_engine.loader import load_policy
 
 HERE = Path(__file__).resolve().parent
@@ -146,7 +146,7 @@ def fake(server: FakeSGLang) -> Iterator[FakeSGLang]:
 
 @pytest.fixture(scope="module")
 def compiled() -> Any:
-    return compile_policy(load_policy("llavaguard"))
+    return get_host().compile(load_policy("llavaguard"))
 
 
 @pytest.fixture(scope="module")

@@ -476,18 +476,28 @@ def test_engine_observer_in_process(
     assert sorted(lines) == sorted(d.model_dump_json(exclude_none=True) for d in decisions)
 
 
-def test_a_failing_log_is_a_warning_and_keeps_the_decision(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, png: Path, capsys: pytest.CaptureFixture[str]
+def test_a_log_that_cannot_be_written_at_start_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "file.txt").write_text("")
     monkeypatch.setenv(ENV_PATH, str(tmp_path / "file.txt" / "log.jsonl"))
+    with pytest.raises(PolicyEngineError, match="is not a directory"):
+        Engine("llavaguard", "static", host=PluginHost())  # the sinks plugin's startup hook
+
+
+def test_a_failing_log_is_a_warning_and_keeps_the_decision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, png: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(ENV_PATH, str(tmp_path / "fine.jsonl"))
     engine = Engine("llavaguard", "static", host=PluginHost())
-    assert engine.assess(png).verdict.rating == "Safe"
+    (tmp_path / "file.txt").write_text("")
+    monkeypatch.setenv(ENV_PATH, str(tmp_path / "file.txt" / "log.jsonl"))  # breaks later
+    assert engine.assess(png).rating == "Safe"
     warning = (
-        f"policy-engine: warning: decision log: cannot write decision log "
-        f"{tmp_path / 'file.txt' / 'log.jsonl'}: {tmp_path / 'file.txt'} is not a directory\n"
+        f"decision log: cannot write decision log "
+        f"{tmp_path / 'file.txt' / 'log.jsonl'}: {tmp_path / 'file.txt'} is not a directory"
     )
-    assert capsys.readouterr().err.count(warning) == 1
+    assert [r.getMessage() for r in caplog.records].count(warning) == 1
 
 
 # --- the real CLI ----------------------------------------------------------------------------

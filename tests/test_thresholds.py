@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,15 @@ from policy_engine.plugins.thresholds import Thresholds, ThresholdsParams
 
 from policy_engine import (
     Backend,
+    Batch,
     Capabilities,
     Decision,
     Generation,
     Policy,
     PolicyError,
-    Request,
+    StepContext,
     Verdict,
+    get_host,
     load_policy,
 )
 from policy_engine.engine import Engine
@@ -60,7 +61,8 @@ def run(params: dict[str, Any], v: Verdict, policy: Policy = LLAVAGUARD) -> Deci
     parsed = ThresholdsParams.model_validate(params)
     assert Thresholds.check(parsed, policy) == []
     decision = Decision(verdict=v)
-    Thresholds(parsed, policy)(decision, {"metadata": {}, "mode": "score"})
+    context = StepContext("thresholds", "score", get_host().compile(policy), {}, decision)
+    Thresholds(parsed, policy)(decision, context)
     return decision
 
 
@@ -71,8 +73,12 @@ def only_note(decision: Decision) -> str:
 
 
 def flags(decision: Decision) -> list[tuple[str, dict[str, Any]]]:
+    """(step:basis, params) of each flag; the step's id stamps it, the basis is a param."""
     assert all(a.name == "flag" for a in decision.actions)
-    return [(a.by, a.params) for a in decision.actions]
+    return [
+        (f"{a.by}:{a.params['basis']}", {k: v for k, v in a.params.items() if k != "basis"})
+        for a in decision.actions
+    ]
 
 
 # -- p_unsafe thresholds, action flag ----------------------------------------------------------
@@ -84,14 +90,14 @@ def test_default_threshold_flags_and_keeps_the_rating() -> None:
         ("thresholds:p_unsafe", {"category": "O2", "score": 0.7, "threshold": 0.5})
     ]
     assert only_note(decision) == "flag O2: p_unsafe 0.7 >= 0.5 (default, O2 by verdict)"
-    assert decision.verdict.rating == "Unsafe"
+    assert decision.rating == "Unsafe"
 
 
 def test_under_the_category_threshold_nothing_is_flagged_and_rating_stays() -> None:
     decision = run({"p_unsafe": {"O4": 0.8}}, verdict(category="O4", p_unsafe=0.7))
     assert decision.actions == []
     assert only_note(decision) == "no flag: p_unsafe 0.7 < 0.8 (O4 threshold)"
-    assert (decision.verdict.rating, decision.verdict.category_id) == ("Unsafe", "O4")
+    assert (decision.rating, decision.category_id) == ("Unsafe", "O4")
 
 
 def test_default_applies_to_categories_without_their_own_threshold() -> None:
@@ -110,7 +116,7 @@ def test_a_safe_verdict_is_flagged_with_the_top_category_score() -> None:
         ("thresholds:p_unsafe", {"category": "O7", "score": 0.35, "threshold": 0.3})
     ]
     assert only_note(decision) == "flag O7: p_unsafe 0.35 >= 0.3 (O7 threshold)"
-    assert decision.verdict.rating == "Safe"
+    assert decision.rating == "Safe"
 
 
 def test_ties_in_category_scores_go_to_the_first_category_in_policy_order() -> None:
@@ -149,17 +155,17 @@ def test_category_score_threshold_on_the_joint_probability() -> None:
         "flag O7: p_unsafe 0.3 < 0.5 (default, O7 by top category score); "
         "O7: 0.3 x 0.6 = 0.18 >= 0.15; O4: 0.3 x 0.4 = 0.12 < 0.15"
     )
-    assert decision.verdict.rating == "Safe"
+    assert decision.rating == "Safe"
 
 
 def test_every_reached_threshold_is_a_flag_highest_score_first() -> None:
     scores = {"O4": 0.3, "O7": 0.7}
     v = verdict(category="O4", p_unsafe=0.9, scores=scores)
     decision = run({"category_scores": {"O4": 0.2, "O7": 0.2}}, v)
-    assert [(a.by, a.params["category"]) for a in decision.actions] == [
-        ("thresholds:p_unsafe", "O4"),
-        ("thresholds:category_scores", "O7"),
-        ("thresholds:category_scores", "O4"),
+    assert [(a.by, a.params["basis"], a.params["category"]) for a in decision.actions] == [
+        ("thresholds", "p_unsafe", "O4"),
+        ("thresholds", "category_scores", "O7"),
+        ("thresholds", "category_scores", "O4"),
     ]
     assert only_note(decision).startswith("flag O4, O7: ")
 
@@ -188,7 +194,7 @@ def test_flip_safe_to_unsafe_with_the_flagged_category() -> None:
     scores = {"O4": 0.4, "O7": 0.6}
     v = verdict(rating="Safe", category="NA", p_unsafe=0.3, scores=scores)
     decision = run({"category_scores": {"O7": 0.15}, "action": "flip"}, v)
-    got = decision.verdict
+    got = decision
     assert (got.rating, got.category_id, got.category_name, got.severity) == (
         "Unsafe",
         "O7",
@@ -204,7 +210,7 @@ def test_flip_safe_to_unsafe_with_the_flagged_category() -> None:
 
 def test_flip_unsafe_to_safe_under_its_category_threshold() -> None:
     decision = run({"p_unsafe": {"O4": 0.8}, "action": "flip"}, verdict(p_unsafe=0.7))
-    got = decision.verdict
+    got = decision
     assert (got.rating, got.category_id, got.category_name, got.severity) == (
         "Safe",
         "NA",
@@ -214,28 +220,39 @@ def test_flip_unsafe_to_safe_under_its_category_threshold() -> None:
     assert (
         only_note(decision) == "rating Unsafe (O4) -> Safe (NA): p_unsafe 0.7 < 0.8 (O4 threshold)"
     )
+    # what the model said stays; the change is an override with the step and the reason
+    assert (decision.verdict.rating, decision.verdict.category_id) == ("Unsafe", "O4")
+    [override] = decision.overrides
+    assert override.step == "thresholds"
+    assert override.reason == "P(Unsafe) under the threshold: p_unsafe 0.7 < 0.8 (O4 threshold)"
+    assert override.changes == {
+        "rating": "Safe",
+        "category_id": "NA",
+        "category_name": "None applying",
+        "severity": None,
+    }
 
 
 def test_flip_keeps_a_verdict_on_the_right_side() -> None:
     params = {"p_unsafe": {"O4": 0.6}, "action": "flip"}
     unsafe = run(params, verdict(p_unsafe=0.7))
-    assert (unsafe.verdict.rating, unsafe.verdict.category_id) == ("Unsafe", "O4")
+    assert (unsafe.rating, unsafe.category_id) == ("Unsafe", "O4")
     assert only_note(unsafe) == "rating Unsafe (O4) kept: p_unsafe 0.7 >= 0.6 (O4 threshold)"
     safe = run(params, verdict(rating="Safe", category="NA", p_unsafe=0.4))
-    assert safe.verdict.rating == "Safe"
+    assert safe.rating == "Safe"
     assert only_note(safe) == "rating Safe (NA) kept: p_unsafe 0.4 < 0.5 (default, no category)"
 
 
 def test_flip_safe_to_unsafe_by_the_top_category_score() -> None:
     v = verdict(rating="Safe", category="NA", p_unsafe=0.4, scores={"O2": 0.9, "O4": 0.1})
     decision = run({"p_unsafe": {"O2": 0.3}, "action": "flip"}, v)
-    assert (decision.verdict.rating, decision.verdict.category_id) == ("Unsafe", "O2")
-    assert decision.verdict.severity == "high"
+    assert (decision.rating, decision.category_id) == ("Unsafe", "O2")
+    assert decision.severity == "high"
 
 
 def test_flip_without_any_category_leaves_the_category_unknown() -> None:
     decision = run({"action": "flip"}, verdict(rating="Safe", category="NA", p_unsafe=0.6))
-    got = decision.verdict
+    got = decision
     assert (got.rating, got.category_id, got.category_name, got.severity) == (
         "Unsafe",
         None,
@@ -253,7 +270,7 @@ def test_flip_without_any_category_leaves_the_category_unknown() -> None:
 def test_flip_recategorises_when_only_another_category_holds() -> None:
     v = verdict(category="O4", p_unsafe=0.7, scores={"O4": 0.5, "O7": 0.5})
     decision = run({"p_unsafe": {"O4": 0.8}, "category_scores": {"O7": 0.3}, "action": "flip"}, v)
-    assert (decision.verdict.rating, decision.verdict.category_id) == ("Unsafe", "O7")
+    assert (decision.rating, decision.category_id) == ("Unsafe", "O7")
     assert only_note(decision).startswith("rating Unsafe (O4) -> Unsafe (O7): ")
 
 
@@ -264,15 +281,19 @@ def test_flip_recategorises_when_only_another_category_holds() -> None:
 def test_verdicts_without_a_score_are_left_alone(action: str) -> None:
     decision = run({"action": action}, verdict(p_unsafe=None))
     assert decision.actions == []
-    assert decision.verdict.rating == "Unsafe"
+    assert decision.rating == "Unsafe"
     assert only_note(decision) == "no score: left alone"
 
 
 def test_error_verdicts_are_left_alone() -> None:
-    broken = verdict(rating=None, category=None, p_unsafe=None)
-    broken.error = VerdictError(kind="backend", message="timeout")
+    broken = verdict(
+        rating=None,
+        category=None,
+        p_unsafe=None,
+        error=VerdictError(kind="backend", message="timeout"),
+    )
     decision = run({"action": "flip"}, broken)
-    assert decision.verdict.rating is None
+    assert decision.rating is None
     assert only_note(decision) == "error verdict: left alone"
 
 
@@ -422,16 +443,20 @@ def test_engine_with_the_static_backend_flags_and_flips(tmp_path: Path) -> None:
     options = {"rating": "Unsafe", "category": "O4", "p_unsafe": 0.7}
     decision = Engine(flag, "static", backend_options=options).assess(png())
     assert [(a.name, a.by, a.params) for a in decision.actions] == [
-        ("flag", "thresholds:p_unsafe", {"category": "O4", "score": 0.7, "threshold": 0.6})
+        (
+            "flag",
+            "0:thresholds",
+            {"category": "O4", "score": 0.7, "threshold": 0.6, "basis": "p_unsafe"},
+        )
     ]
-    assert decision.verdict.rating == "Unsafe"
+    assert decision.rating == "Unsafe"
     flip = write(
         tmp_path,
         "  - name: thresholds\n    params: {p_unsafe: {O4: 0.8}, action: flip}\n"
         "  - name: escalate\n    params: {action: block}\n",
     )
     decision = Engine(flip, "static", backend_options=options).assess(png())
-    assert (decision.verdict.rating, decision.verdict.category_id) == ("Safe", "NA")
+    assert (decision.rating, decision.category_id) == ("Safe", "NA")
     assert decision.actions == []
     assert [t.message for t in decision.trace] == [
         "rating Unsafe (O4) -> Safe (NA): p_unsafe 0.7 < 0.8 (O4 threshold)",
@@ -443,7 +468,7 @@ def test_engine_in_score_mode_with_the_static_backend(tmp_path: Path) -> None:
     path = write(tmp_path, "  - name: thresholds\n    params: {category_scores: {O7: 0.1}}\n")
     engine = Engine(path, "static", mode="score", backend_options={"p_unsafe": 0.7})
     decision = engine.assess(png())
-    assert decision.verdict.rating == "Unsafe"  # the engine's own 0.5 cut
+    assert decision.rating == "Unsafe"  # the engine's own 0.5 cut
     assert decision.trace[0].message == (
         "flag no category: p_unsafe 0.7 >= 0.5 (default, no category); no category scores"
     )
@@ -456,7 +481,7 @@ class ScoringBackend(Backend):
     capabilities = Capabilities(scores=True)
     answers: list[tuple[float, dict[str, float]]] = []
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def generate(self, batch: Batch) -> list[Generation]:
         p_unsafe, scores = self.answers.pop(0)
         return [Generation(p_unsafe=p_unsafe, category_scores=scores, model="scoring")]
 
@@ -475,7 +500,7 @@ def test_engine_score_mode_with_category_scores_then_severity(tmp_path: Path) ->
     # Self-harm ranks second, but P(Unsafe and O7) = 0.4 x 0.3 = 0.12 reaches 0.1.
     backend.answers = [(0.4, {"O4": 0.6, "O7": 0.3, "NA": 0.1})]
     decision = engine.assess(png(), {"audience": "minors"})
-    got = decision.verdict
+    got = decision
     assert (got.rating, got.category_id, got.severity) == ("Unsafe", "O7", "critical")
     assert [t.message for t in decision.trace] == [
         "rating Safe (NA) -> Unsafe (O7): p_unsafe 0.4 < 0.9 (O4 threshold); "
@@ -485,7 +510,7 @@ def test_engine_score_mode_with_category_scores_then_severity(tmp_path: Path) ->
     # Nudity at 0.7 is over the engine's 0.5 but under its own 0.9: Safe.
     backend.answers = [(0.7, {"O4": 0.9, "O7": 0.05, "NA": 0.05})]
     decision = engine.assess(png())
-    assert (decision.verdict.rating, decision.verdict.category_id) == ("Safe", "NA")
+    assert (decision.rating, decision.category_id) == ("Safe", "NA")
     assert decision.trace[0].message.startswith("rating Unsafe (O4) -> Safe (NA): ")
     assert decision.trace[1].message == "rating Safe: severity left alone"
 

@@ -22,7 +22,7 @@ from policy_engine.backends.tiny import (
     tiny_model_path,
 )
 
-from policy_engine.compiler import compile_policy
+from policy_engine import get_host
 from policy_engine.errors import PolicyEngineError
 from policy_engine.loader import load_policy
 
@@ -82,7 +82,7 @@ def conversation(prompt: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def prompt() -> str:
-    return compile_policy(load_policy("llavaguard")).prompt
+    return get_host().compile(load_policy("llavaguard")).prompt
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,7 @@ def test_safe_and_unsafe_start_with_different_tokens(
 ) -> None:
     """Scoring from next-token logits needs the two ratings to differ at their first token."""
     tokenizer = loaded[name][0].tokenizer
-    prefix = compile_policy(load_policy("llavaguard")).layout.prefix()
+    prefix = get_host().compile(load_policy("llavaguard")).layout.prefix()
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
     firsts = []
     for rating in ("Safe", "Unsafe"):

@@ -26,8 +26,7 @@ from policy_engine.backends.tiny import tiny_model_path
 from policy_engine.backends.transformers import TransformersBackend
 from support import run_cli
 
-from policy_engine import Engine
-from policy_engine.compiler import compile_policy
+from policy_engine import Engine, get_host
 from policy_engine.errors import BackendUnavailableError, PolicyEngineError
 from policy_engine.loader import load_policy
 from policy_engine.verdict import Decision
@@ -109,7 +108,7 @@ def test_every_answer_is_a_valid_verdict_in_the_trained_layout(
     assert len(decisions) == 50
     for decision in decisions:
         check_answer(decision, engine, mode)
-    ratings = {d.verdict.rating for d in decisions}
+    ratings = {d.rating for d in decisions}
     assert ratings <= {"Safe", "Unsafe"}
 
 
@@ -128,7 +127,7 @@ def test_scores_are_probabilities_and_agree_with_greedy_ratings(
     judge = Engine("llavaguard", greedy, mode="verdict", batch_size=4)
     scored = list(scorer.assess_many(images))
     judged = list(judge.assess_many(images))
-    labels = set(scorer.compiled.labels.values())
+    labels = {c.id for c in scorer.compiled.policy.categories}  # after Unsafe: a violated one
     for score, verdict in zip(scored, judged, strict=True):
         p = score.verdict.p_unsafe
         assert p is not None and 0.0 <= p <= 1.0
@@ -149,6 +148,7 @@ def label_sequences(backend: TransformersBackend, compiled: Any) -> dict[str, li
             compiled.continuation("Unsafe", label), add_special_tokens=False
         )
         for label, category_id in compiled.labels.items()
+        if label in compiled.unsafe_labels  # after "Unsafe", only a violated category
     }
 
 
@@ -176,12 +176,13 @@ def test_category_scores_equal_a_full_recomputation(greedy: TransformersBackend)
     import torch
 
     image = varied_images(2)[1]
-    compiled = compile_policy(load_policy("llavaguard"))
+    compiled = get_host().compile(load_policy("llavaguard"))
     engine = Engine(compiled.policy, greedy, mode="score")
     walked = engine.assess(image).verdict.category_scores
     assert walked is not None
-    request = engine._prepare(image, None)
-    inputs = greedy._inputs([request], "score")  # type: ignore[list-item]
+    batch = engine._batch([engine._prepare(image, None)])
+    assert batch is not None
+    inputs = greedy._inputs(batch, "score")
     start = inputs["input_ids"].shape[1]
     sequences = label_sequences(greedy, compiled)
     expected = {}
@@ -324,8 +325,8 @@ def test_score_mode_names_the_most_likely_violated_category(greedy: Transformers
         assert verdict.category_name == policy.category(best).name
         assert verdict.severity == policy.category(best).severity
     for decision in safe.assess_many(images):
-        assert (decision.verdict.rating, decision.verdict.category_id) == ("Safe", "NA")
-        assert decision.verdict.severity is None
+        assert (decision.rating, decision.category_id) == ("Safe", "NA")
+        assert decision.severity is None
 
 
 def test_children_platform_acts_on_model_verdicts_end_to_end(
@@ -376,7 +377,7 @@ def test_hub_reachable_tells_an_open_port_from_a_closed_one(
 
 
 def test_unreachable_hub_fails_fast_without_hf_hub_offline(
-    tiny_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without HF_HUB_OFFLINE huggingface_hub would retry for minutes; we look in the cache."""
     import socket
@@ -391,17 +392,15 @@ def test_unreachable_hub_fails_fast_without_hf_hub_offline(
     with pytest.raises(BackendUnavailableError, match="--model PATH"):
         TransformersBackend(model="AIML-TUDA/no-such-checkpoint").load()
     # the probe failed, so loading went to the cache only (no minutes of download retries)
-    assert "the hub is unreachable; looking for" in capsys.readouterr().err
+    assert "the hub is unreachable; looking for" in caplog.text
 
 
 def test_a_budget_too_small_for_a_whole_answer_is_raised_and_said_once(
-    loaded_backend: Callable[..., TransformersBackend], capsys: pytest.CaptureFixture[str]
+    loaded_backend: Callable[..., TransformersBackend], caplog: pytest.LogCaptureFixture
 ) -> None:
     backend = loaded_backend(model="tiny-random", greedy=True, max_new_tokens=5)
     engine = Engine("llavaguard", backend, mode="verdict")
     for decision in engine.assess_many(varied_images(3)):
         check_answer(decision, engine, "verdict")  # whole answers despite 5 tokens asked for
-    warnings = [
-        line for line in capsys.readouterr().err.splitlines() if "token budget 5 raised to" in line
-    ]
+    warnings = [m for r in caplog.records if "token budget 5 raised to" in (m := r.getMessage())]
     assert len(warnings) == 1 and "mode verdict" in warnings[0]

@@ -331,7 +331,7 @@ def test_try_an_image_from_the_app_with_the_edited_policy(tmp_path: Path) -> Non
         await pilot.press("ctrl+r")
         await until(pilot, lambda: panel.last_decision is not None, "a decision")
         decision = panel.last_decision
-        assert decision is not None and decision.verdict.category_id == "O7"
+        assert decision is not None and decision.category_id == "O7"
         assert sorted(a.name for a in decision.actions) == ["block", "escalate"]
 
     drive(create_app(path), script, size=(100, 40))

@@ -31,10 +31,10 @@ from tui_support import drive as tui_drive
 from tui_support import until
 
 from policy_engine import (
+    Batch,
     Generation,
     PluginHost,
     Policy,
-    Request,
     get_host,
     hookimpl,
     load_policy,
@@ -129,7 +129,7 @@ def test_unsafe_self_harm_shows_rating_actions_and_trace(children: Policy, tmp_p
         panel = await try_image(pilot, app, path, "static", UNSAFE_O7)
         decision = panel.last_decision
         assert decision is not None and app.decisions == [decision]
-        assert decision.verdict.rating == "Unsafe" and decision.verdict.category_id == "O7"
+        assert decision.rating == "Unsafe" and decision.category_id == "O7"
         assert [a.name for a in decision.actions] == ["escalate", "block"]
         shown = text(panel.query_one("#decision", Static))
         assert "Unsafe  O7: Self-Harm" in shown
@@ -253,7 +253,10 @@ def test_bad_option_pair_is_an_error_not_a_crash(children: Policy, tmp_path: Pat
             panel.choice()
         # an option the backend does not have: reported by the backend, in one line
         panel = await try_image(pilot, app, path, "static", "colour=red")
-        assert status(panel) == "error: backend 'static': option colour: unknown option"
+        assert status(panel) == (
+            "error: backend 'static': option colour: unknown option "
+            "(options: category, model, p_unsafe, rating, rationale, raw)"
+        )
         assert panel.last_decision is None
         # values are read as YAML, quotes group words
         panel.picker.configure("static", "score", 'p_unsafe=0.25 rationale="two words"')
@@ -360,11 +363,11 @@ def gate_host(gate: Gate, *, scores: bool = True) -> PluginHost:
         def load(self) -> None:
             self.loads += 1
 
-        def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        def generate(self, batch: Batch) -> list[Generation]:
             if self.options.wait:
                 gate.entered.set()
                 gate.release.wait(timeout=60)
-            return super().generate(requests)
+            return super().generate(batch)
 
         def close(self) -> None:
             self.closed = True
@@ -430,7 +433,7 @@ def test_backend_is_reused_until_its_options_change(children: Policy, tmp_path: 
         second = app.cache.current
         assert second is not first and gate.made == [first, second]
         assert first.closed and not second.closed
-        assert len(app.decisions) == 3 and app.decisions[2].verdict.rating == "Unsafe"
+        assert len(app.decisions) == 3 and app.decisions[2].rating == "Unsafe"
         # the static built-in too: one instance across runs
         await try_image(pilot, app, path, "static", "")
         static = app.cache.current
@@ -583,7 +586,9 @@ def test_cancelling_the_test_run(tmp_path: Path) -> None:
     gate = Gate()
 
     async def script(pilot: Pilot[None], app: Harness) -> None:
-        app.query_one(TryPanel).picker.configure("gate", "full", "wait=true rating=Unsafe")
+        app.query_one(TryPanel).picker.configure(
+            "gate", "full", "wait=true rating=Unsafe category=O1"
+        )
         panel = app.query_one(TestPanel)
         panel.query_one("#cases", DataTable).focus()
         await pilot.press("ctrl+r")

@@ -33,7 +33,7 @@ from policy_engine import (
     PolicyEngineError,
     PolicyError,
     Problem,
-    compile_policy,
+    get_host,
     load_policy,
     load_policy_text,
     shipped_policies,
@@ -78,7 +78,7 @@ def analyse(text: str, path: Path, host: PluginHost | None = None) -> Analysis:
     """Load and compile `text` as the file at `path`, collecting problems instead of raising."""
     try:
         policy = load_policy_text(text, path, host=host)
-        compiled = compile_policy(policy, host=host)
+        compiled = (host or get_host()).compile(policy)
     except PolicyError as err:
         return Analysis(text, problems=list(err.problems))
     except PolicyEngineError as err:

@@ -22,7 +22,7 @@ from textual.widget import Widget
 from textual.widgets import DirectoryTree, Input, Label, Select
 
 from policy_engine import Backend, Mode, PluginHost, PolicyEngineError, get_host
-from policy_engine.cli import _parse_pairs
+from policy_engine.cli import parse_pairs
 
 MODES: tuple[str, ...] = get_args(Mode)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
@@ -54,7 +54,8 @@ def parse_options(text: str, what: str = "options") -> dict[str, Any]:
     except ValueError as err:  # an unbalanced quote
         raise PolicyEngineError(f"{what}: {err}") from None
     try:
-        return _parse_pairs(tuple(pairs), what)
+        values: dict[str, Any] = parse_pairs(tuple(pairs), what)
+        return values
     except click.BadParameter as err:
         raise PolicyEngineError(f"{what}: {err.message}") from None
 
@@ -104,9 +105,7 @@ class BackendCache:
             backend = self._backend
             # Loading under the lock: a second run waits for the weights instead of loading
             # them twice.
-            if not backend.loaded:
-                backend.load()
-                backend.loaded = True
+            backend.ensure_loaded()
             self._users[id(backend)] = self._users.get(id(backend), 0) + 1
         try:
             yield backend

@@ -63,12 +63,15 @@ def render_decision(decision: Decision) -> Content:
             f" ({verdict.error.kind}): {verdict.error.message}",
         ]
     else:
-        style = "bold $text-error" if verdict.rating == "Unsafe" else "bold $text-success"
-        parts.append((verdict.rating or "?", style))
-        if verdict.category_id:  # none in mode score without category scores
-            parts.append(f"  {verdict.category_id}: {verdict.category_name}")
-        if verdict.severity:
-            parts.append(f"  severity {verdict.severity}")
+        style = "bold $text-error" if decision.rating == "Unsafe" else "bold $text-success"
+        parts.append((decision.rating or "?", style))
+        if decision.category_id:  # none in mode score without category scores
+            parts.append(f"  {decision.category_id}: {decision.category_name}")
+        if decision.severity:
+            parts.append(f"  severity {decision.severity}")
+        if decision.overrides:
+            said = f"{verdict.rating} {verdict.category_id or ''}".rstrip()
+            parts.append((f"  (the model said {said})", "$text-muted"))
     if verdict.p_unsafe is not None:
         parts.append(f"  P(unsafe) {verdict.p_unsafe:.3f}")
     if verdict.model:
@@ -342,7 +345,7 @@ class TryPanel(RunningPanel):
         if verdict.error is not None:
             self.say(f"no verdict: {verdict.error.kind} error", error=True)
         else:
-            self.say(f"done: {verdict.rating} {verdict.category_id}")
+            self.say(f"done: {decision.rating} {decision.category_id}")
         self.post_message(self.Finished(decision))
 
 
@@ -491,7 +494,7 @@ def _outcome(result: CaseResult) -> tuple[str, str]:
     if verdict.error is not None:
         got = f"{verdict.error.kind} error"
     else:
-        got = _describe(verdict.rating, verdict.category_id, [a.name for a in decision.actions])
+        got = _describe(decision.rating, decision.category_id, [a.name for a in decision.actions])
     return got, "pass" if result.passed else "FAIL: " + "; ".join(result.failures)
 
 

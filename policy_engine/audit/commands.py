@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from ..cli import EngineChoice, engine_options
+from ..cli import EngineChoice, EngineCommand, engine_options
 from ..errors import PolicyEngineError
+from ..progress import Progress, wanted
 
 
-@click.command()
+@click.command(cls=EngineCommand)
 @click.argument("source", metavar="SOURCE")
 @engine_options()
 @click.option(
@@ -44,7 +44,7 @@ from ..errors import PolicyEngineError
 @click.option(
     "--progress/--no-progress",
     default=None,
-    help="A progress line on stderr (default: when stderr is a terminal).",
+    help="A progress bar on stderr (default: when stderr is a terminal).",
 )
 def audit(
     source: str,
@@ -56,7 +56,7 @@ def audit(
     id_column: str | None,
     durable: bool,
     progress: bool | None,
-    **params: Any,
+    engine: EngineChoice,
 ) -> None:
     """Judge every image of SOURCE into a resumable results file.
 
@@ -64,29 +64,35 @@ def audit(
     (`id`, `path`, other columns become metadata), or a Hugging Face dataset (save_to_disk
     folder or parquet files). Kill it at any moment and run the same command again: it
     continues, and every input ends up exactly once in the results.
+
+    Exit status 1 when rows are errors (each has its reason: `policy-engine report`).
     """
-    from .runner import Progress, audit_meta, check_resumable, run_audit
+    from .runner import audit_meta, check_resumable, run_audit
     from .sources import Shard, Source
     from .store import ResultStore
 
-    choice = EngineChoice.pop(params)
     the_shard = Shard.parse(shard)
     the_source = Source.open(source, image_column=image_column, id_column=id_column)
-    engine = choice.build(concurrency=concurrency)
-    show = progress if progress is not None else sys.stderr.isatty()
-    with ResultStore(out, create=True, durable=durable) as store, engine:
-        check_resumable(store, audit_meta(engine, the_source, the_shard))  # before loading
-        engine.load()
-        stats = run_audit(
-            engine,
-            the_source,
-            store,
-            shard=the_shard,
-            retry_errors=retry_errors,
-            metadata=choice.metadata,
-            progress=Progress() if show else None,
-        )
+    built = engine.build(concurrency=concurrency)
+    show = wanted(progress)
+    store = ResultStore(out, create=True, durable=durable)
+    with store, built:
+        check_resumable(store, audit_meta(built, the_source, the_shard))  # before loading
+        if show:
+            click.echo(f"loading backend {built.backend.name!r}…", err=True)
+        built.load()
+        with Progress(None, enabled=show) as bar:
+            stats = run_audit(
+                built,
+                the_source,
+                store,
+                shard=the_shard,
+                retry_errors=retry_errors,
+                metadata=engine.metadata,
+                progress=bar if show else None,
+            )
         total, errors = store.count(), store.count(errors_only=True)
+        retryable = store.count(errors_only=True, retryable=True)
     summary = {"results": str(out), "total": total, "errors": errors, "run": stats.to_dict()}
     click.echo(json.dumps(summary, ensure_ascii=False))
     if stats.interrupted:
@@ -102,11 +108,11 @@ def audit(
             err=True,
         )
     if errors:
-        click.echo(
-            f"{errors:,} of {total:,} rows are errors: `policy-engine report {out}` shows why, "
-            "`--retry-errors` re-runs them",
-            err=True,
-        )
+        hint = f"`policy-engine report {out}` shows why"
+        if retryable:
+            hint += f"; `--retry-errors` re-runs them ({retryable:,} may succeed on a new try)"
+        click.echo(f"error: {errors:,} of {total:,} rows are errors: {hint}", err=True)
+        sys.exit(1)
 
 
 @click.command()
@@ -162,11 +168,11 @@ def export_command(results: Path, target: Path, fmt: str | None, errors_only: bo
     click.echo(json.dumps({"rows": count, "target": str(target), "format": fmt}))
 
 
-@click.command(name="test")
+@click.command(name="test", cls=EngineCommand)
 @click.argument("policy", metavar="POLICY")
 @engine_options(policy=False)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per case on stdout.")
-def test_command(policy: str, as_json: bool, **params: Any) -> None:
+def test_command(policy: str, as_json: bool, engine: EngineChoice) -> None:
     """Run the test cases POLICY carries (its `tests:`) and exit 1 if any fails.
 
     Each case judges its image with the chosen backend and compares the rating, category and
@@ -175,13 +181,12 @@ def test_command(policy: str, as_json: bool, **params: Any) -> None:
     """
     from .policy_tests import run_policy_tests
 
-    choice = EngineChoice.pop(params, policy=policy)
-    engine = choice.build()
-    if not engine.policy.tests:
+    built = engine.with_policy(policy).build()
+    if not built.policy.tests:
         raise PolicyEngineError(f"{policy}: the policy has no tests (add a `tests:` list)")
-    with engine:
-        engine.load()
-        results = run_policy_tests(engine)
+    with built:
+        built.load()
+        results = run_policy_tests(built)
     failed = [r for r in results if not r.passed]
     for result in results:
         if as_json:

@@ -16,23 +16,22 @@ modules; the Engine (and with it Pillow) is imported when a backend actually run
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, get_args
 
 import click
-from click.core import ParameterSource
 
-from ..cli import engine_options
-from ..compiler import compile_policy
-from ..components import Backend, Mode
+from ..backend import Backend
+from ..cli import EngineChoice, EngineCommand, engine_options
 from ..errors import PolicyEngineError, PolicyError
 from ..host import PluginHost, get_host
 from ..loader import check_policy, load_policy, shipped_policies
 from ..policy import CategoryException, ExceptionStatus, Policy
+from ..progress import Progress
+from ..progress import wanted as progress_wanted
+from ..types import Mode
 from ..verdict import Decision
 from .eval_report import (
     CHANGED_SHOWN,
@@ -49,7 +48,6 @@ from .metrics import compare, difference, evaluate, exception_rate, ordered
 from .store import ResultRow, ResultStore
 
 if TYPE_CHECKING:
-    from ..cli import EngineChoice
     from ..engine import Engine
 
 EXCEPTION_REASON = "eval: policy exception rate"
@@ -74,28 +72,8 @@ def derive_exception_policy(
     exception = CategoryException(status=ExceptionStatus.NON_VIOLATING, reason=EXCEPTION_REASON)
     derived = policy.model_copy(update={"exceptions": {**policy.exceptions, category: exception}})
     check_policy(derived, host=host)
-    compile_policy(derived, host=host)
+    (host or get_host()).compile(derived)
     return derived
-
-
-class Progress:
-    """`[done/total] rate images/s` on stderr, rewritten in place."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled and total > 0
-        self.done = self.invalid = 0
-        self.started = time.monotonic()
-
-    def step(self, decision: Decision) -> None:
-        self.done += 1
-        self.invalid += not decision.verdict.ok
-        if not self.enabled:
-            return
-        rate = self.done / max(time.monotonic() - self.started, 1e-9)
-        note = f", {self.invalid} invalid" if self.invalid else ""
-        click.echo(f"\r[{self.done}/{self.total}] {rate:.2f} images/s{note}", err=True, nl=False)
-        if self.done == self.total:
-            click.echo("", err=True)
 
 
 def run_engine(
@@ -155,26 +133,14 @@ class EvalOptions:
     progress: bool | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], ctx: click.Context) -> EvalOptions:
-        """From the command's values (all but --format); `ctx` tells which were given."""
-        from ..cli import EngineChoice
-
-        values = dict(params)
-        engine = EngineChoice.pop(values)
-        flags = {param.name: param.opts[0] for param in ctx.command.params}
-        given = tuple(
-            flags[field.name]
-            for field in fields(EngineChoice)
-            if ctx.get_parameter_source(field.name) is ParameterSource.COMMANDLINE
-        )
-        return cls(engine=engine, given=given, **values)
-
-    @classmethod
     def from_args(cls, args: Sequence[str]) -> EvalOptions:
         """The options of the command line `policy-engine eval ARGS` (for scripts, tests)."""
+        from ..cli import engine_choice
+
         with eval_command.make_context("eval", list(args)) as ctx:
             params = {key: value for key, value in ctx.params.items() if key != "fmt"}
-            return cls.from_params(params, ctx)
+            engine = engine_choice(ctx, params)
+            return cls(engine=engine, given=engine.given, **params)
 
 
 def _check_combination(opts: EvalOptions) -> None:
@@ -217,9 +183,7 @@ def _labels_info(path: str, samples: Sequence[LabelledSample]) -> LabelsInfo:
 
 
 def _policy_info(policy: Policy, host: PluginHost) -> PolicyInfo:
-    return PolicyInfo(
-        id=policy.id, version=policy.version, hash=compile_policy(policy, host=host).hash
-    )
+    return PolicyInfo(id=policy.id, version=policy.version, hash=host.compile(policy).hash)
 
 
 def run_eval(opts: EvalOptions, *, host: PluginHost | None = None) -> EvalReport:
@@ -241,7 +205,7 @@ def _eval_predictions(opts: EvalOptions, host: PluginHost) -> EvalReport:
     if "--policy" not in opts.given and meta.get("policy_id") in shipped_policies():
         policy = load_policy(meta["policy_id"], host=host)
     else:
-        policy = load_policy(opts.engine.policy, host=host)
+        policy = load_policy(opts.engine.policy or "llavaguard", host=host)
     samples = read_labels(opts.labels, policy)
     wanted = {s.id for s in samples}
     order = [*(c.id for c in policy.categories), policy.none_category.id]
@@ -287,7 +251,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
     if choice.mode not in get_args(Mode):
         raise EvalError(f"unknown mode {choice.mode!r}; modes: {', '.join(get_args(Mode))}")
     mode = cast(Mode, choice.mode)
-    policy = load_policy(choice.policy, host=host)
+    policy = load_policy(choice.policy or "llavaguard", host=host)
     samples = read_labels(opts.labels, policy)
     base = Path(opts.labels).parent
     if opts.out is not None and Path(opts.out).exists():
@@ -306,8 +270,9 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
     # One backend instance (weights loaded once) shared by the engine of every policy: hence
     # not EngineChoice.build, whose Engine makes a backend of its own.
     backend: Backend = make_backend(choice.backend, backend_options, host)
-    show = opts.progress if opts.progress is not None else sys.stderr.isatty()
-    progress = Progress(len(samples) + len(exception_samples), show)
+    progress = Progress(
+        len(samples) + len(exception_samples), enabled=progress_wanted(opts.progress)
+    )
     store: ResultStore | None = None
     writer: _Writer | None = None
     try:
@@ -335,7 +300,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
         seq = iter(range(len(samples)))
 
         def record(sample: LabelledSample, decision: Decision) -> None:
-            progress.step(decision)
+            progress.update(decision)
             if writer is not None:
                 writer.add(ResultRow.from_decision(sample.id, next(seq), decision))
 
@@ -357,12 +322,13 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
                         derived_engine,
                         group,
                         base,
-                        lambda _, d: progress.step(d),
+                        lambda _, d: progress.update(d),
                         metadata=metadata,
                     )
                 )
             rate = exception_rate(exception_samples, derived_predictions, order)
     finally:
+        progress.close()
         backend.close()
         if store is not None:
             try:
@@ -389,7 +355,9 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
 # -- the command ----------------------------------------------------------------------------
 
 
-@click.command(name="eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    name="eval", cls=EngineCommand, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.argument("labels", metavar="LABELS.jsonl")
 @engine_options()
 @click.option(
@@ -427,10 +395,10 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
 @click.option(
     "--progress/--no-progress",
     default=None,
-    help="A progress line on stderr (default: when stderr is a terminal).",
+    help="A progress bar on stderr (default: when stderr is a terminal).",
 )
 @click.pass_context
-def eval_command(ctx: click.Context, /, fmt: str, **params: Any) -> None:
+def eval_command(ctx: click.Context, /, fmt: str, engine: EngineChoice, **params: Any) -> None:
     """Measure predictions against LABELS.jsonl (rating, category) with LlavaGuard's metrics.
 
     Either run a backend on the labelled images (with the options `assess` takes; --out to keep
@@ -438,7 +406,7 @@ def eval_command(ctx: click.Context, /, fmt: str, **params: Any) -> None:
     docs/eval.md.
     """
     try:
-        report = run_eval(EvalOptions.from_params(params, ctx))
+        report = run_eval(EvalOptions(engine=engine, given=engine.given, **params))
         if report.evaluation.coverage.valid == 0:
             _print(report, fmt)
             raise EvalFailure("no labelled sample has a valid prediction")
@@ -450,6 +418,14 @@ def eval_command(ctx: click.Context, /, fmt: str, **params: Any) -> None:
         click.echo(f"error: {err}", err=True)
         ctx.exit(err.exit_code)
     _print(report, fmt)
+    coverage = report.evaluation.coverage
+    if coverage.invalid:
+        click.echo(
+            f"error: {coverage.invalid} of {coverage.predicted} predictions are errors "
+            "(excluded from the metrics; the report lists their ids)",
+            err=True,
+        )
+        ctx.exit(1)
 
 
 def _print(report: EvalReport, fmt: str) -> None:

@@ -189,7 +189,7 @@ class Prediction:
     def from_decision(cls, decision: Decision) -> Prediction:
         verdict = decision.verdict
         error = verdict.error.message if verdict.error is not None else None
-        return cls(verdict.rating, verdict.category_id, verdict.p_unsafe, error)
+        return cls(decision.rating, decision.category_id, verdict.p_unsafe, error)
 
 
 def read_predictions(

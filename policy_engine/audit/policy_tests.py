@@ -30,16 +30,16 @@ class CaseResult:
         return self.case.image if not self.case.image.startswith("data:") else "a data: URL"
 
     def to_dict(self) -> dict[str, Any]:
-        verdict = self.decision.verdict
+        decision = self.decision
         return {
             "case": self.index + 1,
             "name": self.case.name,
             "image": self.case.image if not self.case.image.startswith("data:") else "data:…",
             "passed": self.passed,
             "failures": self.failures,
-            "rating": verdict.rating,
-            "category": verdict.category_id,
-            "actions": [a.name for a in self.decision.actions],
+            "rating": decision.rating,
+            "category": decision.category_id,
+            "actions": [a.name for a in decision.actions],
         }
 
 
@@ -49,10 +49,10 @@ def check_case(case: PolicyTest, decision: Decision) -> list[str]:
     if verdict.error is not None:
         return [f"{verdict.error.kind} error: {verdict.error.message}"]
     failures = []
-    if case.rating is not None and verdict.rating != case.rating:
-        failures.append(f"rating {verdict.rating}, expected {case.rating}")
-    if case.category is not None and verdict.category_id != case.category:
-        failures.append(f"category {verdict.category_id}, expected {case.category}")
+    if case.rating is not None and decision.rating != case.rating:
+        failures.append(f"rating {decision.rating}, expected {case.rating}")
+    if case.category is not None and decision.category_id != case.category:
+        failures.append(f"category {decision.category_id}, expected {case.category}")
     if case.actions is not None:
         got = sorted(a.name for a in decision.actions)
         if got != sorted(case.actions):

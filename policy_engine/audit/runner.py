@@ -10,18 +10,21 @@ whatever the dataset's size.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 from ..engine import Engine, batched
+from ..progress import Progress
 from .sources import Shard, Source, SourceItem
 from .store import ResultRow, ResultStore, StoreError
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256
 WHOLE = Shard()
@@ -104,10 +107,9 @@ def check_resumable(store: ResultStore, meta: dict[str, str]) -> None:
                 "use another --out"
             )
     if existing.get("backend_options") != meta["backend_options"]:
-        print(
-            "policy-engine: note: continuing with other backend options than the earlier run "
-            f"(was {existing.get('backend_options')})",
-            file=sys.stderr,
+        log.warning(
+            "continuing with other backend options than the earlier run (was %s)",
+            existing.get("backend_options"),
         )
 
 
@@ -131,7 +133,7 @@ def run_audit(
     store.set_meta({**meta, "started": store.meta.get("started", str(time.time()))})
     stats = AuditStats()
     if progress is not None:
-        progress.start(stats, _counter(source, shard, store, retry_errors, stats))
+        _counter(source, shard, store, retry_errors, stats).start()
     pending: deque[SourceItem] = deque()
 
     def todo() -> Iterator[tuple[Any, dict[str, Any]]]:
@@ -148,17 +150,17 @@ def run_audit(
 
     rows: list[ResultRow] = []
     last_commit = time.monotonic()
+    progress_total_set = False
     try:
         for decision in engine.assess_many(todo()):
             item = pending.popleft()
             seconds = decision.verdict.timings.get("generate")
             rows.append(ResultRow.from_decision(item.id, item.seq, decision, seconds, item.source))
             stats.assessed += 1
-            verdict = decision.verdict
-            if verdict.ok:
-                stats.ratings[verdict.rating or "?"] += 1
-                if verdict.rating == "Unsafe" and verdict.category_id:
-                    stats.categories[verdict.category_id] += 1
+            if decision.verdict.ok:
+                stats.ratings[decision.rating or "?"] += 1
+                if decision.rating == "Unsafe" and decision.category_id:
+                    stats.categories[decision.category_id] += 1
             else:
                 stats.errors += 1
             now = time.monotonic()
@@ -166,14 +168,15 @@ def run_audit(
                 store.write(rows)
                 rows, last_commit = [], now
             if progress is not None:
-                progress.update()
+                if stats.total is not None and not progress_total_set:
+                    progress.set_total(stats.total)  # counted in the background
+                    progress_total_set = True
+                progress.update(decision)
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
         if rows:
             store.write(rows)
-        if progress is not None:
-            progress.finish()
     if not stats.interrupted and not retry_errors:
         total = store.count()
         stats.duplicates = max(0, stats.seen - total)
@@ -205,61 +208,3 @@ def _counter(
             stats.total = None
 
     return threading.Thread(target=count, name="policy-engine-count", daemon=True)
-
-
-class Progress:
-    """One line on stderr: done/total, rate, ETA, running counts per rating and category."""
-
-    def __init__(self, stream: TextIO | None = None, interval: float = 0.25) -> None:
-        self.stream = stream or sys.stderr
-        self.interval = interval
-        self.stats: AuditStats | None = None
-        self._last = 0.0
-        self._width = 0
-
-    def start(self, stats: AuditStats, counter: threading.Thread) -> None:
-        self.stats = stats
-        counter.start()
-
-    def update(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.stats is None or (not force and now - self._last < self.interval):
-            return
-        self._last = now
-        line = self.line()
-        pad = max(0, self._width - len(line))
-        self._width = len(line)
-        self.stream.write("\r" + line + " " * pad)
-        self.stream.flush()
-
-    def line(self) -> str:
-        stats = self.stats
-        assert stats is not None
-        rate = stats.assessed / max(stats.seconds, 1e-9)
-        if stats.total:
-            share = min(stats.assessed / stats.total, 1.0)
-            left = max(stats.total - stats.assessed, 0) / rate if rate > 0 else None
-            head = f"[{stats.assessed:,}/{stats.total:,} {share:6.1%}]"
-            eta = f" ETA {_clock(left)}" if left is not None else ""
-        else:
-            head, eta = f"[{stats.assessed:,}]", ""
-        counts = " ".join(f"{k} {v:,}" for k, v in sorted(stats.ratings.items()))
-        cats = " ".join(f"{k}:{v:,}" for k, v in stats.categories.most_common(6))
-        errors = f" errors {stats.errors:,}" if stats.errors else ""
-        skipped = f" (skipped {stats.skipped:,} done)" if stats.skipped else ""
-        parts = [f"{head} {rate:,.1f} img/s{eta}{skipped}", f"{counts}{errors}".strip(), cats]
-        return " | ".join(p for p in parts if p)
-
-    def finish(self) -> None:
-        if self.stats is not None:
-            self.update(force=True)
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

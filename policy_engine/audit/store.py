@@ -89,9 +89,9 @@ class ResultRow:
             seq=seq,
             source=source or verdict.source or item_id,
             ok=verdict.ok,
-            rating=verdict.rating,
-            category_id=verdict.category_id,
-            severity=verdict.severity,
+            rating=decision.rating,
+            category_id=decision.category_id,
+            severity=decision.severity,
             p_unsafe=verdict.p_unsafe,
             actions=[a.name for a in decision.actions],
             error_kind=error.kind if error else None,
@@ -207,8 +207,11 @@ class ResultStore:
         record = self.db.execute("SELECT * FROM results WHERE id = ?", (item_id,)).fetchone()
         return _row(record) if record else None
 
-    def count(self, *, errors_only: bool = False) -> int:
-        where = " WHERE ok = 0" if errors_only else ""
+    def count(self, *, errors_only: bool = False, retryable: bool = False) -> int:
+        """Rows; `errors_only`: error rows; `retryable` too: those a new try may fix."""
+        where = " WHERE ok = 0" if errors_only or retryable else ""
+        if retryable:
+            where += " AND json_extract(decision, '$.verdict.error.retryable') = 1"
         return int(self.db.execute(f"SELECT COUNT(*) FROM results{where}").fetchone()[0])
 
     def close(self) -> None:

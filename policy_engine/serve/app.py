@@ -25,10 +25,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from .. import __version__
-from ..components import Mode
 from ..engine import Engine
 from ..engine import Item as EngineItem
 from ..errors import PolicyEngineError
+from ..types import Mode
 from ..verdict import Decision
 from .accesslog import AccessLogMiddleware, EventLog
 from .context import request_context

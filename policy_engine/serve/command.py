@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..cli import POLICY_HELP, EngineChoice, engine_options
+from ..cli import POLICY_HELP, EngineChoice, EngineCommand, engine_options
 from ..errors import BackendUnavailableError, PolicyEngineError
 from .settings import DEFAULT_API_KEY_ENV, ServeSettings, api_keys_from_env, is_loopback
 
@@ -50,7 +50,7 @@ LOG_CONFIG: dict[str, Any] = {
 }
 
 
-@click.command(name="serve")
+@click.command(name="serve", cls=EngineCommand)
 @click.option(
     "--policy",
     "-p",
@@ -134,7 +134,7 @@ def serve_command(
     max_body_mb: float,
     max_pixels: int | None,
     shutdown_timeout: float,
-    **params: Any,
+    engine: EngineChoice,
 ) -> None:
     """Serve policies over HTTP: OpenAI-compatible /v1/moderations and the native /v1/assess.
 
@@ -156,7 +156,8 @@ def serve_command(
         ) from None
     from .accesslog import EventLog
 
-    choice = EngineChoice.pop(params, policy=(policies or ("llavaguard",))[0])
+    choice = engine.with_policy((policies or ("llavaguard",))[0])
+    choice.check_flags()
     settings = ServeSettings(
         host=host,
         port=port,

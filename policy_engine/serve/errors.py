@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..components import plain_message
+from ..errors import plain_message
 from .context import request_context
 
 MODERATIONS_PATH = "/v1/moderations"

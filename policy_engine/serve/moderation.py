@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Sequence
 
 from ..compiler import CompiledPolicy
-from ..verdict import Decision, Verdict
+from ..verdict import Decision
 from .errors import ApiError
 from .models import (
     ImageJudgement,
@@ -72,41 +72,44 @@ def _unit(value: float) -> float:
     return 0.0 if not math.isfinite(value) else min(1.0, max(0.0, value))
 
 
-def flagged_categories(verdict: Verdict, ids: Sequence[str]) -> set[str]:
-    if verdict.rating != "Unsafe":
+def flagged_categories(decision: Decision, ids: Sequence[str]) -> set[str]:
+    """The categories of an Unsafe Decision (its final category, and the model's list)."""
+    if decision.rating != "Unsafe":
         return set()
-    found = {verdict.category_id, *(verdict.categories or [])}
+    found = {decision.category_id, *(decision.verdict.categories or [])}
     return {c for c in ids if c in found}
 
 
-def category_scores(verdict: Verdict, ids: Sequence[str]) -> dict[str, float]:
+def category_scores(decision: Decision, ids: Sequence[str]) -> dict[str, float]:
+    verdict = decision.verdict
     p_unsafe = verdict.p_unsafe
     if verdict.category_scores:
         scale = p_unsafe if p_unsafe is not None else 1.0
         return {c: _unit(verdict.category_scores.get(c, 0.0) * scale) for c in ids}
-    flagged = flagged_categories(verdict, ids)
-    if verdict.category_id is not None and verdict.category_id in ids and p_unsafe is not None:
-        flagged.add(verdict.category_id)  # a Safe verdict may still name the closest category
+    flagged = flagged_categories(decision, ids)
+    category_id = decision.category_id
+    if category_id is not None and category_id in ids and p_unsafe is not None:
+        flagged.add(category_id)  # a Safe verdict may still name the closest category
     value = p_unsafe if p_unsafe is not None else 1.0
     return {c: _unit(value) if c in flagged else 0.0 for c in ids}
 
 
 def _judgement(decision: Decision) -> ImageJudgement:
-    verdict = decision.verdict
-    assert verdict.rating is not None, "error verdicts are answered before results are built"
+    rating = decision.rating
+    assert rating is not None, "error verdicts are answered before results are built"
     return ImageJudgement(
-        rating=verdict.rating,
-        category_id=verdict.category_id,
-        category_name=verdict.category_name,
-        p_unsafe=verdict.p_unsafe,
+        rating=rating,
+        category_id=decision.category_id,
+        category_name=decision.category_name,
+        p_unsafe=decision.verdict.p_unsafe,
         actions=list(decision.actions),
     )
 
 
 def _weight(decision: Decision) -> tuple[bool, float]:
-    verdict = decision.verdict
-    unsafe = verdict.rating == "Unsafe"
-    score = verdict.p_unsafe if verdict.p_unsafe is not None else (1.0 if unsafe else 0.0)
+    p_unsafe = decision.verdict.p_unsafe
+    unsafe = decision.rating == "Unsafe"
+    score = p_unsafe if p_unsafe is not None else (1.0 if unsafe else 0.0)
     return unsafe, score
 
 
@@ -117,8 +120,8 @@ def moderation_result(compiled: CompiledPolicy, decisions: Sequence[Decision]) -
     flagged: set[str] = set()
     scores = dict.fromkeys(ids, 0.0)
     for decision in decisions:
-        flagged |= flagged_categories(decision.verdict, ids)
-        for c, value in category_scores(decision.verdict, ids).items():
+        flagged |= flagged_categories(decision, ids)
+        for c, value in category_scores(decision, ids).items():
             scores[c] = max(scores[c], value)
     judgements = [_judgement(d) for d in decisions]
     deciding = max(range(len(decisions)), key=lambda i: (*_weight(decisions[i]), -i))
@@ -130,7 +133,7 @@ def moderation_result(compiled: CompiledPolicy, decisions: Sequence[Decision]) -
         images=judgements,
     )
     return ModerationResult(
-        flagged=any(d.verdict.rating == "Unsafe" for d in decisions),
+        flagged=any(d.rating == "Unsafe" for d in decisions),
         categories={c: c in flagged for c in ids},
         category_scores=scores,
         category_applied_input_types={c: ["image"] if c in flagged else [] for c in ids},

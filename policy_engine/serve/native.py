@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from ..components import MODES
+from ..types import MODES
 from .errors import ApiError, validation_message
 from .models import AssessRequest, AssessUpload, ModeName, check_depth
 

@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..components import MODES, Backend, Mode
+from ..backend import Backend
 from ..engine import Engine, make_backend
 from ..errors import PolicyEngineError
 from ..host import PluginHost, get_host
 from ..images import DEFAULT_MAX_PIXELS
 from ..loader import load_policy
 from ..policy import Policy
+from ..types import MODES, Mode
 
 
 class ModeUnavailableError(PolicyEngineError):
@@ -108,9 +109,7 @@ class EnginePool:
         """Load the backend (weights, connections), once. Blocking: run it in a thread.
         On failure `error` holds the message and the exception propagates."""
         try:
-            if not self.backend.loaded:
-                self.backend.load()
-                self.backend.loaded = True
+            self.backend.ensure_loaded()
         except PolicyEngineError as err:
             self.error, self.failure = err.message, err
             raise
