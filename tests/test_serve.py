@@ -802,6 +802,50 @@ def test_metrics_count_what_happened() -> None:
     assert metric(samples, "policy_engine_requests_in_flight") == 0
 
 
+def test_two_apps_keep_their_own_metrics() -> None:
+    """One registry per app: two services in one process neither clash nor share a series,
+    and nothing lands in prometheus-client's process-global registry."""
+    import prometheus_client
+
+    with (
+        serving(EnginePool(["llavaguard"], ColorBackend())) as first,
+        serving(EnginePool(["children-platform"], ColorBackend())) as second,
+    ):
+        first.post("/v1/assess", json={"image": RED})
+        first.post("/v1/assess", json={"image": RED})
+        second.post("/v1/assess", json={"image": BLUE})
+        one = parse_prometheus(first.get("/metrics").text)
+        two = parse_prometheus(second.get("/metrics").text)
+    verdicts = "policy_engine_verdicts_total"
+    assert metric(one, verdicts, policy="llavaguard", rating="Unsafe", category="O2") == 2
+    assert metric(two, verdicts, policy="llavaguard", rating="Unsafe", category="O2") == 0
+    assert metric(two, verdicts, policy="children-platform", rating="Safe", category="NA") == 1
+    assert metric(one, verdicts, policy="children-platform", rating="Safe", category="NA") == 0
+    requests = "policy_engine_http_requests_total"
+    assert metric(one, requests, method="POST", route="/v1/assess", status="200") == 2
+    assert metric(two, requests, method="POST", route="/v1/assess", status="200") == 1
+    global_names = {
+        sample.name for family in prometheus_client.REGISTRY.collect() for sample in family.samples
+    }
+    assert not any(name.startswith("policy_engine_") for name in global_names)
+
+
+def test_metrics_speak_openmetrics_when_asked_and_show_no_created_series() -> None:
+    with serving() as api:
+        api.post("/v1/assess", json={"image": RED})
+        text = api.get("/metrics")
+        open_metrics = api.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+    assert text.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "_created" not in text.text
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert open_metrics.text.endswith("# EOF\n")
+    assert "_created" not in open_metrics.text
+    unsafe = r'^policy_engine_verdicts_total\{[^}]*rating="Unsafe"[^}]*\} 1\.0$'
+    assert re.search(unsafe, open_metrics.text, re.M)
+
+
 def test_hostile_inputs_never_crash_the_service() -> None:
     image = '"image": "' + RED + '"'
     texts = [

@@ -34,7 +34,7 @@ from .accesslog import AccessLogMiddleware, EventLog
 from .context import request_context
 from .errors import ApiError, install_handlers
 from .limits import OPEN_PATHS, GuardMiddleware, Limiter
-from .metrics import CONTENT_TYPE, ServiceMetrics
+from .metrics import ServiceMetrics
 from .models import (
     AssessRequest,
     AssessResponse,
@@ -284,15 +284,20 @@ def create_app(
         response_class=Response,
         responses={
             200: {
-                "description": "Prometheus text exposition format 0.0.4.",
-                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format 0.0.4, or OpenMetrics when "
+                "the Accept header asks for it.",
+                "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/openmetrics-text": {"schema": {"type": "string"}},
+                },
             },
             **errors(),
         },
     )
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         """Requests, latencies, verdicts per category, errors (Prometheus text)."""
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+        body, content_type = service.metrics.render(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v1/policies", response_model=PolicyList, tags=["policies"], responses=errors())
     async def policies() -> Response:
