@@ -2,9 +2,11 @@
 
     app = create_app(ServeSettings(), EnginePool(["llavaguard"], "static"))
 
-The app's lifespan starts loading the pool's backend in a worker thread (the service answers
-`/healthz` at once, `/readyz` and the assessment endpoints say 503 until the backend is loaded)
-and closes it at shutdown, after uvicorn has drained in-flight requests. Assessments use the
+The app's lifespan starts loading the pool's backend in a worker thread, then warms it up (one
+assessment per policy and mode, `readiness.py`); the service answers `/healthz` at once,
+`/readyz` and the assessment endpoints say 503 until both are done. Once ready, `/readyz` (and
+the `backend_ready` metric) also follow the backend's cached health probe. The lifespan closes
+the backend at shutdown, after uvicorn has drained in-flight requests. Assessments use the
 engine's async API, so the event loop stays free while images are judged.
 
 Middleware, outermost first: access log (request id, deadline clock, last-resort 500), guards
@@ -18,7 +20,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -52,12 +54,12 @@ from .models import (
 from .moderation import image_urls, moderation_response
 from .native import REQUEST_BODY, read_item
 from .pool import EnginePool, ModeUnavailableError
+from .readiness import HealthProbe, State, Status, warm_up
 from .settings import ServeSettings
 
 ASSESS_PATHS = frozenset({"/v1/moderations", "/v1/assess", "/v1/assess/batch"})
 ROUTES = frozenset({*ASSESS_PATHS, "/v1/policies", "/healthz", "/readyz", "/metrics"})
 ROUTES_LOGGED = ROUTES | {"/openapi.json"}
-State = Literal["loading", "ready", "failed", "stopping"]
 
 _DESCRIPTIONS = {
     400: "Invalid request (malformed JSON, text-only moderation input, unsupported mode...).",
@@ -68,7 +70,7 @@ _DESCRIPTIONS = {
     422: "Invalid request body, or an image that cannot be decoded or has too many pixels.",
     429: "The service is at capacity: retry after Retry-After seconds.",
     502: "The backend failed to judge an image.",
-    503: "The backend is not loaded (yet).",
+    503: "The backend is not loaded and warmed up (yet), or it failed.",
     504: "The request did not finish within the service's timeout.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
@@ -95,28 +97,92 @@ class Service:
         self.log = log
         self.on_load_error = on_load_error
         self.state: State = "loading"
+        self.error: str | None = None  # why the state is "failed"
         self.limiter = Limiter(settings.max_concurrency, settings.max_queue)
+        self.health = HealthProbe(pool.backend.health, settings.health_cache, self._health_changed)
         self.metrics = ServiceMetrics(
             in_flight=lambda: self.limiter.running,
             queued=lambda: self.limiter.waiting,
-            ready=lambda: 1 if self.state == "ready" else 0,
+            ready=lambda: 1 if self.state == "ready" and self.health.reason is None else 0,
         )
 
     async def load(self) -> None:
+        """Load the backend, warm it up, then say ready (or why not)."""
         backend = self.pool.backend.name
         self.log.emit("backend_loading", backend=backend)
         try:
             await asyncio.to_thread(self.pool.load)
         except Exception as err:
             message = self.pool.error or f"{type(err).__name__}: {err}"
-            self.state = "failed"
+            self._fail(message)
             self.log.emit("backend_failed", level="error", backend=backend, error=message)
             if self.on_load_error is not None:
                 self.on_load_error(message)
             return
-        if self.state == "loading":
+        if self.settings.warmup and self.state == "loading":
+            self.state = "warming_up"
+            if not await self.warm_up():
+                return
+        if self.state in ("loading", "warming_up"):
             self.state = "ready"
         self.log.emit("ready", backend=backend, policies=list(self.pool.policies))
+
+    async def warm_up(self) -> bool:
+        """One assessment per (policy, mode); False (and state "failed") after a fault."""
+        started = time.perf_counter()
+        results = await warm_up(
+            self.pool,
+            metadata=self.settings.default_metadata,
+            timeout=self.settings.timeout,
+            stopping=lambda: self.state == "stopping",
+        )
+        seconds = round(time.perf_counter() - started, 3)
+        for result in results:
+            if result.error is not None:
+                self.log.emit(
+                    "warmup_failed",
+                    level="error" if result.fault else "warning",
+                    policy=result.policy,
+                    mode=result.mode,
+                    fault=result.fault,
+                    error=result.error,
+                )
+        fault = next((r for r in results if r.fault), None)
+        failed = sum(1 for r in results if r.error is not None)
+        self.log.emit(
+            "warmup",
+            level="error" if fault else "info",
+            backend=self.pool.backend.name,
+            seconds=seconds,
+            assessments=len(results),
+            failed=failed,
+        )
+        if fault is None:
+            return True
+        self._fail(f"warm-up ({fault.policy}, {fault.mode}): {fault.error}")
+        return False
+
+    def _fail(self, message: str) -> None:
+        if self.state != "stopping":
+            self.state = "failed"
+        self.error = message
+
+    def _health_changed(self, reason: str | None) -> None:
+        backend = self.pool.backend.name
+        if reason is None:
+            self.log.emit("backend_healthy", backend=backend)
+        else:
+            self.log.emit("backend_unhealthy", level="warning", backend=backend, error=reason)
+
+    async def readiness(self) -> tuple[Status, str | None]:
+        """(status, reason) for /readyz: the lifecycle state, and once ready the health
+        probe (cached for `settings.health_cache` seconds)."""
+        if self.state != "ready":
+            return self.state, self.error
+        reason = await self.health.check()
+        if reason is not None and self.state == "ready":
+            return "unavailable", reason
+        return self.state, None
 
     def engine(self, policy: str | None, mode: Mode | None, param: str) -> Engine:
         """The engine for a request; 404 for an unknown policy, 400 for an unusable mode."""
@@ -140,7 +206,7 @@ class Service:
             return
         self.metrics.reject("not_ready")
         if self.state == "failed":
-            raise ApiError(503, "backend_unavailable", f"the backend failed: {self.pool.error}")
+            raise ApiError(503, "backend_unavailable", f"the backend failed: {self.error}")
         raise ApiError(
             503, "not_ready", f"the service is {self.state}", headers={"Retry-After": "5"}
         )
@@ -212,7 +278,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.limiter.reset()
-        service.state = "loading"
+        service.health.reset()
+        service.state, service.error = "loading", None
         loading = asyncio.create_task(service.load())
         try:
             yield
@@ -269,14 +336,20 @@ def create_app(
         "/readyz",
         response_model=Readiness,
         tags=["health"],
-        responses={503: {"model": Readiness, "description": "Loading, failed or stopping."}},
+        responses={
+            503: {
+                "model": Readiness,
+                "description": "Loading, warming up, unavailable, failed or stopping.",
+            }
+        },
     )
     async def readyz() -> Response:
-        """The backend is loaded and requests can be judged (no key needed)."""
+        """The backend is loaded, warmed up and answers its health probe (no key needed)."""
+        status, reason = await service.readiness()
         # the reason is for operators: behind keys, it stays in the server log
-        error = pool.error if not settings.auth or pool.error is None else "see the server log"
-        body = Readiness(status=service.state, backend=pool.backend.name, error=error)
-        return json_response(body, 200 if service.state == "ready" else 503)
+        error = reason if not settings.auth or reason is None else "see the server log"
+        body = Readiness(status=status, backend=pool.backend.name, error=error)
+        return json_response(body, 200 if status == "ready" else 503)
 
     @app.get(
         "/metrics",
@@ -296,6 +369,7 @@ def create_app(
     )
     async def metrics(request: Request) -> Response:
         """Requests, latencies, verdicts per category, errors (Prometheus text)."""
+        await service.readiness()  # backend_ready follows a fresh enough health probe
         body, content_type = service.metrics.render(request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
 

@@ -123,6 +123,19 @@ LOG_CONFIG: dict[str, Any] = {
     show_default=True,
     help="Seconds to let in-flight requests finish on SIGTERM/SIGINT.",
 )
+@click.option(
+    "--health-cache",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds /readyz reuses the backend's last health probe (0: probe every time).",
+)
+@click.option(
+    "--no-warmup",
+    is_flag=True,
+    help="Say ready as soon as the backend is loaded, without judging a generated image once "
+    "per policy and mode first.",
+)
 def serve_command(
     policies: tuple[str, ...],
     host: str,
@@ -134,6 +147,8 @@ def serve_command(
     max_body_mb: float,
     max_pixels: int | None,
     shutdown_timeout: float,
+    health_cache: float,
+    no_warmup: bool,
     **params: Any,
 ) -> None:
     """Serve policies over HTTP: OpenAI-compatible /v1/moderations and the native /v1/assess.
@@ -168,6 +183,8 @@ def serve_command(
         max_body_bytes=max(1, int(max_body_mb * 1024 * 1024)),
         shutdown_timeout=shutdown_timeout,
         default_metadata=choice.metadata,
+        health_cache=health_cache,
+        warmup=not no_warmup,
     )
     pool = _build_pool(choice, policies or ("llavaguard",), settings, max_pixels)
     sock = _bind(host, port)
