@@ -91,11 +91,13 @@ class Service:
         pool: EnginePool,
         log: EventLog,
         on_load_error: Callable[[str], None] | None,
+        on_loaded: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.log = log
         self.on_load_error = on_load_error
+        self.on_loaded = on_loaded
         self.state: State = "loading"
         self.error: str | None = None  # why the state is "failed"
         self.limiter = Limiter(settings.max_concurrency, settings.max_queue)
@@ -111,7 +113,7 @@ class Service:
         backend = self.pool.backend.name
         self.log.emit("backend_loading", backend=backend)
         try:
-            await asyncio.to_thread(self.pool.load)
+            await asyncio.to_thread(self._load)
         except Exception as err:
             message = self.pool.error or f"{type(err).__name__}: {err}"
             self._fail(message)
@@ -126,6 +128,11 @@ class Service:
         if self.state in ("loading", "warming_up"):
             self.state = "ready"
         self.log.emit("ready", backend=backend, policies=list(self.pool.policies))
+
+    def _load(self) -> None:
+        self.pool.load()
+        if self.on_loaded is not None:
+            self.on_loaded()
 
     async def warm_up(self) -> bool:
         """One assessment per (policy, mode); False (and state "failed") after a fault."""
@@ -266,14 +273,17 @@ def create_app(
     *,
     log: EventLog | None = None,
     on_load_error: Callable[[str], None] | None = None,
+    on_loaded: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The service as an ASGI app (no socket: tests drive it with starlette's TestClient).
 
     `pool` must not be loaded or used elsewhere: the app loads it at startup and closes it at
     shutdown. `log` receives the JSON event lines (default: stderr). `on_load_error(message)`
-    is called if loading the backend fails (the command stops the server then).
+    is called if loading the backend fails (the command stops the server then);
+    `on_loaded()` in the loading thread once the backend is loaded, before the warm-up (the
+    command switches libraries the backend imported over to its JSON log).
     """
-    service = Service(settings, pool, log or EventLog(), on_load_error)
+    service = Service(settings, pool, log or EventLog(), on_load_error, on_loaded)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
