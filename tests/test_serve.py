@@ -1406,6 +1406,27 @@ def test_json_logging_routes_records_and_stderr_then_restores() -> None:
     assert "ValueError: boom 77" in records[2]["traceback"]
 
 
+def test_json_logging_takes_over_transformers_own_handler() -> None:
+    hf_logging = pytest.importorskip("transformers.utils.logging")
+    library = logging.getLogger("transformers")
+    hf_logging.get_verbosity()  # its own handler in place, as after `import transformers`
+    before = (library.handlers[:], library.propagate, hf_logging.is_progress_bar_enabled())
+    stream = io.StringIO()
+    with JsonLogging(EventLog(stream)) as logs:
+        logs.quiet_libraries()  # again, as after loading a backend: idempotent
+        hf_logging.get_logger("transformers.modeling_utils").warning("weights were missing")
+        assert not hf_logging.is_progress_bar_enabled()
+        assert library.handlers == [] and library.propagate
+    (record,) = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert (record["logger"], record["level"], record["message"]) == (
+        "transformers.modeling_utils",
+        "warning",
+        "weights were missing",
+    )
+    after = (library.handlers, library.propagate, hf_logging.is_progress_bar_enabled())
+    assert after == before
+
+
 def test_serve_log_is_json_lines_only_with_library_noise() -> None:
     with serve_process(["--backend", "noisy-test"], child=NOISY_CHILD) as (url, lines):
         assert httpx.post(url + "/v1/assess", json={"image": RED}).status_code == 200

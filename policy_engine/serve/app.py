@@ -125,9 +125,9 @@ class Service:
             self.state = "warming_up"
             if not await self.warm_up():
                 return
-        if self.state in ("loading", "warming_up"):
+        if self.state in ("loading", "warming_up"):  # not "stopping" meanwhile
             self.state = "ready"
-        self.log.emit("ready", backend=backend, policies=list(self.pool.policies))
+            self.log.emit("ready", backend=backend, policies=list(self.pool.policies))
 
     def _load(self) -> None:
         self.pool.load()

@@ -200,15 +200,23 @@ class JsonLogging:
             hf = sys.modules.get("transformers.utils.logging")
             if hf is not None and "transformers" not in self._quieted:
                 self._quieted.add("transformers")
-                progress = hf.is_progress_bar_enabled()
-                hf.disable_progress_bar()
-                hf.disable_default_handler()
-                hf.enable_propagation()
-                self._undo.append(lambda: _restore_transformers(hf, progress))
+                library = logging.getLogger("transformers")
+                try:
+                    hf.get_verbosity()  # sets up its handler if nothing did yet
+                    handlers, propagate = library.handlers[:], library.propagate
+                    progress = hf.is_progress_bar_enabled()
+                    hf.disable_progress_bar()
+                    hf.disable_default_handler()
+                    hf.enable_propagation()
+                except Exception as err:  # its API moved: its lines still reach the stand-in
+                    logging.getLogger(__name__).warning(
+                        "cannot route transformers' logging: %s: %s", type(err).__name__, err
+                    )
+                    return
 
+                def restore() -> None:
+                    library.handlers, library.propagate = handlers, propagate
+                    if progress:
+                        hf.enable_progress_bar()
 
-def _restore_transformers(hf: Any, progress: bool) -> None:
-    hf.disable_propagation()
-    hf.enable_default_handler()
-    if progress:
-        hf.enable_progress_bar()
+                self._undo.append(restore)
