@@ -477,6 +477,31 @@ def test_one_health_probe_at_a_time_shared_by_the_callers_waiting_for_it() -> No
     assert len(running) == 1
 
 
+def test_a_hanging_health_probe_is_unhealthy_and_never_started_twice() -> None:
+    release = threading.Event()
+    started: list[int] = []
+
+    def hang() -> str | None:
+        started.append(1)
+        assert release.wait(60)
+        return None
+
+    async def scenario() -> list[str | None]:
+        probe = HealthProbe(hang, ttl=0, timeout=0.05)
+        answers = [await probe.check(), await probe.check()]  # the first probe still hangs
+        release.set()
+        for _ in range(1000):  # until the hung probe's answer arrives
+            answers.append(await probe.check())
+            if answers[-1] is None:
+                break
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert answers[:2] == ["the health probe gave no answer within 0.05 s"] * 2
+    assert answers[-1] is None
+    assert len(started) == 1
+
+
 def test_a_failing_health_probe_is_a_reason() -> None:
     def broken() -> str | None:
         raise OSError("probe\nexploded")

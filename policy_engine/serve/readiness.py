@@ -34,6 +34,7 @@ Status = State | Literal["unavailable"]
 """What /readyz says: a lifecycle state, or "unavailable" (ready, but the probe fails)."""
 WARMUP_SIDE = 384  # pixels: one native tile of LlavaGuard's vision tower
 _MAX_REASON = 300  # characters of a reason kept
+PROBE_TIMEOUT = 10.0  # seconds a health probe may take before it counts as unhealthy
 
 
 def one_line(text: str) -> str:
@@ -46,7 +47,9 @@ class HealthProbe:
     """`probe()` cached for `ttl` seconds, run off the event loop, one at a time.
 
     `reason` is the last answer (None: healthy, the state before the first probe).
-    `on_change(reason)` is called when the answer changes (for the log).
+    `on_change(reason)` is called when the answer changes (for the log). A probe that gives no
+    answer within `timeout` seconds counts as unhealthy; it is not started again while it
+    still runs (its thread cannot be stopped), so a hanging backend never piles up threads.
     """
 
     def __init__(
@@ -54,18 +57,22 @@ class HealthProbe:
         probe: Callable[[], str | None],
         ttl: float,
         on_change: Callable[[str | None], None] | None = None,
+        timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.probe = probe
         self.ttl = ttl
         self.on_change = on_change
+        self.timeout = timeout
         self.reason: str | None = None
-        self.probes = 0  # how many probes ran (tests and logs)
+        self.probes = 0  # how many probes were started (tests and logs)
         self._checked: float | None = None  # time.monotonic() of the last answer
         self._lock: asyncio.Lock | None = None
+        self._running: asyncio.Task[str | None] | None = None
 
     def reset(self) -> None:
         """Forget the event loop and the cached answer (a new loop serves the app)."""
         self._lock = None
+        self._running = None
         self._checked = None
         self.reason = None
 
@@ -76,12 +83,18 @@ class HealthProbe:
         async with self._lock:  # callers arriving during a probe share its answer
             if self._checked is not None and time.monotonic() - self._checked < self.ttl:
                 return self.reason
+            if self._running is None:
+                self._running = asyncio.create_task(asyncio.to_thread(self.probe))
+                self.probes += 1
             try:
-                answer = await asyncio.to_thread(self.probe)
+                answer = await asyncio.wait_for(asyncio.shield(self._running), self.timeout)
+            except TimeoutError:
+                answer = f"the health probe gave no answer within {self.timeout:g} s"
             except Exception as err:  # a buggy probe must not break readiness
                 answer = f"health probe failed: {type(err).__name__}: {err}"
+            if self._running.done():
+                self._running = None
             reason = None if answer is None else one_line(str(answer)) or "unhealthy"
-            self.probes += 1
             self._checked = time.monotonic()
             changed, self.reason = reason != self.reason, reason
         if changed and self.on_change is not None:
