@@ -8,20 +8,16 @@ loopback SGLang fake (tests/sglang_server.py) as a slow backend.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
-import logging
 import math
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,11 +35,10 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
-from policy_engine.backends.sglang import SGLangBackend
 from policy_engine.backends.static import StaticBackend
 from sglang_server import FakeSGLang
 
-from policy_engine import Capabilities, Decision, Generation, PluginHost, Request, hookimpl
+from policy_engine import Capabilities, Generation, Request
 from policy_engine.cli import cli
 from policy_engine.compiler import compile_policy
 from policy_engine.errors import BackendUnavailableError
@@ -51,9 +46,7 @@ from policy_engine.loader import load_policy
 from policy_engine.serve.accesslog import EventLog
 from policy_engine.serve.app import create_app
 from policy_engine.serve.command import serve_command
-from policy_engine.serve.logs import JsonLogging
 from policy_engine.serve.pool import EnginePool
-from policy_engine.serve.readiness import HealthProbe
 from policy_engine.serve.settings import ServeSettings, is_loopback
 
 KEY = "pe-test-key-5f1c"
@@ -160,59 +153,6 @@ class BrokenBackend(StaticBackend):
 
     async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
         raise RuntimeError("internal detail 4242")
-
-
-class ProbedBackend(StaticBackend):
-    """A backend whose health the test sets (`problem`), that records the (policy, mode) of
-    each request it answers and, while `gate` is clear, waits before answering."""
-
-    name = "probed-test"
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.problem: str | None = None
-        self.probes = 0
-        self.calls: list[tuple[str, str]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def health(self) -> str | None:
-        self.probes += 1
-        return self.problem
-
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        self.calls.extend((r.compiled.policy.id, r.mode) for r in requests)
-        assert self.gate.wait(60)
-        return super().generate(requests)
-
-
-def probed_pool(
-    policies: Sequence[str] = ("llavaguard",), observed: list[Decision] | None = None
-) -> tuple[EnginePool, ProbedBackend]:
-    """A pool whose backend is ProbedBackend, registered by name through a test plugin host
-    (with an observer that collects every Decision into `observed`)."""
-    seen = observed if observed is not None else []
-
-    class Plugin:
-        @hookimpl
-        def register_backends(self, register):  # type: ignore[no-untyped-def]
-            register(ProbedBackend)
-
-        @hookimpl
-        def observe_decision(self, decision):  # type: ignore[no-untyped-def]
-            seen.append(decision)
-
-    host = PluginHost()
-    host.register(Plugin(), name="probed-test-plugin")
-    options = {"rating": "Unsafe", "category": "O2"}
-    pool = EnginePool(list(policies), "probed-test", backend_options=options, host=host)
-    assert isinstance(pool.backend, ProbedBackend)
-    return pool, pool.backend
-
-
-def events(log: io.StringIO, name: str) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in log.getvalue().splitlines()]
-    return [line for line in lines if line["event"] == name]
 
 
 class Contract:
@@ -409,206 +349,6 @@ def test_a_backend_that_fails_to_load_is_reported(keys: tuple[str, ...]) -> None
     assert refused.json()["error"]["code"] == "backend_unavailable"
     assert failures == ["no GPU at 10.0.0.7"]
     assert '"event":"backend_failed"' in log.getvalue() and "10.0.0.7" in log.getvalue()
-
-
-def test_readyz_follows_the_backend_health_probe() -> None:
-    pool, backend = probed_pool()
-    log = io.StringIO()
-    with serving(pool, ServeSettings(health_cache=0), log=log) as api:
-        assert api.get("/readyz").json()["status"] == "ready"
-        backend.problem = "no answer from http://10.0.0.7:30000/health"
-        down = api.get("/readyz")
-        down_metrics = parse_prometheus(api.get("/metrics").text)
-        judged = api.post("/v1/assess", json={"image": RED})  # not refused: see docs/serve.md
-        backend.problem = None
-        up = api.get("/readyz")
-        up_metrics = parse_prometheus(api.get("/metrics").text)
-    assert down.status_code == 503
-    assert down.json() == {
-        "status": "unavailable",
-        "backend": "probed-test",
-        "error": "no answer from http://10.0.0.7:30000/health",
-    }
-    assert metric(down_metrics, "policy_engine_backend_ready") == 0
-    assert judged.status_code == 200
-    assert up.status_code == 200 and up.json()["status"] == "ready"
-    assert metric(up_metrics, "policy_engine_backend_ready") == 1
-    (unhealthy,) = events(log, "backend_unhealthy")
-    assert unhealthy["level"] == "warning" and "10.0.0.7" in unhealthy["error"]
-    assert len(events(log, "backend_healthy")) == 1
-
-
-def test_the_health_probe_is_cached_and_its_reason_kept_behind_keys() -> None:
-    pool, backend = probed_pool()
-    settings = ServeSettings(api_keys=(KEY,), health_cache=3600)
-    with serving(pool, settings, key=KEY) as api:
-        backend.problem = "no answer from http://10.0.0.7:30000/health"
-        answers = [api.get("/readyz") for _ in range(5)]
-        probes = backend.probes
-    # the first answer is reused for an hour: the change above is not seen yet
-    assert [a.status_code for a in answers] == [200] * 5
-    assert probes == 1
-    pool, backend = probed_pool()
-    backend.problem = "no answer from http://10.0.0.7:30000/health"
-    with serving(pool, settings, key=KEY, ready=False) as api:
-        wait_for(lambda: api.get("/readyz").json()["status"] == "unavailable")
-        hidden = api.get("/readyz").json()
-    assert hidden["error"] == "see the server log"
-
-
-def test_one_health_probe_at_a_time_shared_by_the_callers_waiting_for_it() -> None:
-    entered, release = threading.Event(), threading.Event()
-    running: list[int] = []
-
-    def slow() -> str | None:
-        running.append(1)
-        entered.set()
-        assert release.wait(60)
-        return "down"
-
-    async def scenario() -> list[str | None]:
-        probe = HealthProbe(slow, ttl=3600)
-        tasks = [asyncio.create_task(probe.check()) for _ in range(4)]
-        await asyncio.to_thread(entered.wait, 60)  # meanwhile, the other three are waiting
-        release.set()
-        return list(await asyncio.gather(*tasks))
-
-    assert asyncio.run(scenario()) == ["down"] * 4
-    assert len(running) == 1
-
-
-def test_a_hanging_health_probe_is_unhealthy_and_never_started_twice() -> None:
-    release = threading.Event()
-    started: list[int] = []
-
-    def hang() -> str | None:
-        started.append(1)
-        assert release.wait(60)
-        return None
-
-    async def scenario() -> list[str | None]:
-        probe = HealthProbe(hang, ttl=0, timeout=0.05)
-        answers = [await probe.check(), await probe.check()]  # the first probe still hangs
-        release.set()
-        for _ in range(1000):  # until the hung probe's answer arrives
-            answers.append(await probe.check())
-            if answers[-1] is None:
-                break
-        return answers
-
-    answers = asyncio.run(scenario())
-    assert answers[:2] == ["the health probe gave no answer within 0.05 s"] * 2
-    assert answers[-1] is None
-    assert len(started) == 1
-
-
-def test_a_failing_health_probe_is_a_reason() -> None:
-    def broken() -> str | None:
-        raise OSError("probe\nexploded")
-
-    async def scenario() -> str | None:
-        return await HealthProbe(broken, ttl=0).check()
-
-    assert asyncio.run(scenario()) == "health probe failed: OSError: probe exploded"
-
-
-def test_warm_up_judges_every_policy_and_mode_before_ready() -> None:
-    observed: list[Decision] = []
-    pool, backend = probed_pool(["llavaguard", "children-platform"], observed)
-    backend.gate.clear()
-    log = io.StringIO()
-    with serving(pool, log=log, ready=False) as api:
-        wait_for(lambda: api.get("/readyz").json()["status"] == "warming_up")
-        refused = api.post("/v1/assess", json={"image": RED})
-        backend.gate.set()
-        wait_for(lambda: api.get("/readyz").status_code == 200)
-        warm = list(backend.calls)
-        samples = parse_prometheus(api.get("/metrics").text)
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
-    assert warm == [
-        (policy, mode)
-        for policy in ("llavaguard", "children-platform")
-        for mode in ("full", "verdict", "score")
-    ]
-    # warm-up verdicts reach no observer (sinks, decision logs) and no metric
-    assert observed == []
-    assert not [k for k in samples if k[0] == "policy_engine_verdicts_total"]
-    (done,) = events(log, "warmup")
-    assert done["assessments"] == 6 and done["failed"] == 0 and done["seconds"] >= 0
-    names = [line["event"] for line in map(json.loads, log.getvalue().splitlines())]
-    assert names.index("backend_loading") < names.index("warmup") < names.index("ready")
-
-
-def test_no_warm_up_when_switched_off() -> None:
-    pool, backend = probed_pool()
-    with serving(pool, ServeSettings(warmup=False)) as api:
-        assert api.get("/readyz").status_code == 200
-        calls = list(backend.calls)
-        api.post("/v1/assess", json={"image": RED})
-    assert calls == []
-    assert backend.calls == [("llavaguard", "full")]
-
-
-def test_a_warm_up_fault_keeps_the_service_unready() -> None:
-    failures: list[str] = []
-    log = io.StringIO()
-    pool = EnginePool(["llavaguard", "children-platform"], BrokenBackend())
-    app = create_app(ServeSettings(), pool, log=EventLog(log), on_load_error=failures.append)
-    with TestClient(app) as client:
-        wait_for(lambda: client.get("/readyz").json()["status"] == "failed")
-        readiness = client.get("/readyz")
-        refused = client.post("/v1/assess", json={"image": RED})
-        samples = parse_prometheus(client.get("/metrics").text)
-    assert readiness.status_code == 503
-    assert readiness.json()["error"] == (
-        "warm-up (llavaguard, full): RuntimeError: internal detail 4242"
-    )
-    assert refused.status_code == 503
-    assert refused.json()["error"]["code"] == "backend_unavailable"
-    assert metric(samples, "policy_engine_backend_ready") == 0
-    assert failures == []  # the process stays up, unready: the reason is in /readyz and the log
-    (failed,) = events(log, "warmup_failed")  # the first fault ends the warm-up
-    assert failed["level"] == "error" and failed["fault"] is True
-    assert (failed["policy"], failed["mode"]) == ("llavaguard", "full")
-    (done,) = events(log, "warmup")
-    assert done["level"] == "error" and done["assessments"] == 1
-    assert events(log, "ready") == []
-
-
-def test_an_unparseable_warm_up_answer_is_logged_and_the_service_ready() -> None:
-    log = io.StringIO()
-    with serving(backend_options={"raw": "not a verdict"}, log=log) as api:
-        assert api.get("/readyz").json()["status"] == "ready"
-    failed = events(log, "warmup_failed")
-    assert [(f["mode"], f["level"], f["fault"]) for f in failed] == [
-        ("full", "warning", False),
-        ("verdict", "warning", False),
-    ]
-    assert "no JSON object" in failed[0]["error"]
-    (done,) = events(log, "warmup")
-    assert done["level"] == "info" and (done["assessments"], done["failed"]) == (3, 2)
-
-
-@pytest.mark.skipif(
-    "health" not in vars(SGLangBackend),
-    reason="needs SGLangBackend.health (being written on another branch)",
-)
-def test_readyz_turns_503_when_the_sglang_server_stops() -> None:
-    fake = FakeSGLang().start()
-    try:
-        pool = EnginePool(["llavaguard"], "sglang", backend_options={"url": [fake.url]})
-        log = io.StringIO()
-        with serving(pool, ServeSettings(health_cache=1.0), log=log) as api:
-            assert fake.counts["/v1/chat/completions"] >= 2  # the warm-up reached the server
-            fake.stop()
-            wait_for(lambda: api.get("/readyz").status_code == 503)
-            readiness = api.get("/readyz").json()
-            samples = parse_prometheus(api.get("/metrics").text)
-    finally:
-        fake.stop()
-    assert readiness["status"] == "unavailable" and readiness["error"]
-    assert metric(samples, "policy_engine_backend_ready") == 0
-    assert events(log, "backend_unhealthy")
 
 
 # -- /v1/moderations ---------------------------------------------------------------------------
@@ -1322,165 +1062,6 @@ def test_graceful_shutdown_drains_in_flight_requests() -> None:
     assert [r["status"] for r in served] == [200, 200, 200]
     assert records[-1]["event"] in {"server", "stopped"}
     assert any(r["event"] == "stopped" for r in records)
-
-
-NOISY_CHILD = (
-    """\
-import logging, sys, warnings
-from policy_engine import get_host, hookimpl
-from policy_engine.backends.static import StaticBackend
-
-class Noisy(StaticBackend):
-    name = "noisy-test"
-
-    def load(self):
-        print("a plain print to stderr", file=sys.stderr)
-        sys.stderr.write("\\rloading 10%\\rloading 100%\\n")
-        warnings.warn("a library's warning", UserWarning)
-        logging.getLogger("policy_engine.backends.noisy").info("the project's own info")
-        logging.getLogger("transformers.modeling_utils").warning("a third-party warning")
-        logging.getLogger("httpx").info("HTTP Request: GET (third-party info: not shown)")
-
-class Plugin:
-    @hookimpl
-    def register_backends(self, register):
-        register(Noisy)
-
-get_host().register(Plugin(), name="noisy-test-plugin")
-"""
-    + CHILD
-)
-
-
-@contextmanager
-def serve_process(
-    args: Sequence[str], env: dict[str, str] | None = None, child: str = CHILD
-) -> Iterator[tuple[str, list[str]]]:
-    """The command in a subprocess on a free port: (URL once ready, its stderr lines so far).
-    Stopped with SIGTERM on exit; the lines are complete once the context has left."""
-    command = [sys.executable, "-c", child, "--port", "0", *args]
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
-    )
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in process.stderr or ():
-            lines.append(line)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        wait_for(lambda: any('"listening"' in line for line in lines) or process.poll() is not None)
-        assert process.poll() is None, "".join(lines)
-        url = json.loads(next(line for line in lines if '"listening"' in line))["url"]
-        # a model loads and warms up: a generous bound on attempts, not a timing assertion
-        wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, attempts=6000, pause=0.05)
-        yield url, lines
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 0, "".join(lines)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        reader.join(timeout=10)
-
-
-def json_lines(lines: list[str]) -> list[dict[str, Any]]:
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            raise AssertionError(f"not a JSON line in serve's log: {line!r}") from None
-        assert line.endswith("\n") and "\n" not in line[:-1]
-        assert isinstance(records[-1], dict)
-        assert {"time", "level", "event"} <= set(records[-1])
-    return records
-
-
-def test_json_logging_routes_records_and_stderr_then_restores() -> None:
-    stream = io.StringIO()
-    root = logging.getLogger()
-    handlers, level, stderr, showwarning = (
-        root.handlers[:],
-        root.level,
-        sys.stderr,
-        (warnings.showwarning),
-    )
-    with JsonLogging(EventLog(stream)):
-        print("half a ", end="", file=sys.stderr)
-        print("line", file=sys.stderr)
-        logging.getLogger("httpx").info("third-party info")
-        logging.getLogger("httpx").warning("third-party warning")
-        try:
-            raise ValueError("boom 77")
-        except ValueError:
-            logging.getLogger("policy_engine.serve.test").exception("it failed")
-        sys.stderr.write("an unfinished line")
-    assert (root.handlers, root.level, sys.stderr) == (handlers, level, stderr)
-    assert warnings.showwarning is showwarning
-    records = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [(r["logger"], r["level"], r["message"]) for r in records] == [
-        ("stderr", "warning", "half a line"),
-        ("httpx", "warning", "third-party warning"),
-        ("policy_engine.serve.test", "error", "it failed"),
-        ("stderr", "warning", "an unfinished line"),
-    ]
-    assert all(r["event"] == "log" for r in records)
-    assert "ValueError: boom 77" in records[2]["traceback"]
-
-
-def test_json_logging_takes_over_transformers_own_handler() -> None:
-    hf_logging = pytest.importorskip("transformers.utils.logging")
-    library = logging.getLogger("transformers")
-    hf_logging.get_verbosity()  # its own handler in place, as after `import transformers`
-    before = (library.handlers[:], library.propagate, hf_logging.is_progress_bar_enabled())
-    stream = io.StringIO()
-    with JsonLogging(EventLog(stream)) as logs:
-        logs.quiet_libraries()  # again, as after loading a backend: idempotent
-        hf_logging.get_logger("transformers.modeling_utils").warning("weights were missing")
-        assert not hf_logging.is_progress_bar_enabled()
-        assert library.handlers == [] and library.propagate
-    (record,) = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert (record["logger"], record["level"], record["message"]) == (
-        "transformers.modeling_utils",
-        "warning",
-        "weights were missing",
-    )
-    after = (library.handlers, library.propagate, hf_logging.is_progress_bar_enabled())
-    assert after == before
-
-
-def test_serve_log_is_json_lines_only_with_library_noise() -> None:
-    with serve_process(["--backend", "noisy-test"], child=NOISY_CHILD) as (url, lines):
-        assert httpx.post(url + "/v1/assess", json={"image": RED}).status_code == 200
-    records = json_lines(lines)
-    logged = {(r.get("logger"), r["level"], r.get("message")) for r in records}
-    assert ("stderr", "warning", "a plain print to stderr") in logged
-    assert ("stderr", "warning", "loading 100%") in logged  # a redrawn line: its last state
-    assert ("policy_engine.backends.noisy", "info", "the project's own info") in logged
-    assert ("transformers.modeling_utils", "warning", "a third-party warning") in logged
-    warned = [r for r in records if r.get("logger") == "py.warnings"]
-    assert len(warned) == 1 and "UserWarning: a library's warning" in warned[0]["message"]
-    assert not any("HTTP Request" in line for line in lines)
-    assert not any("loading 10%" in line for line in lines)
-    events = [r["event"] for r in records]
-    assert {"listening", "backend_loading", "warmup", "ready", "access", "stopped"} <= set(events)
-    assert any(r["event"] == "server" and r["logger"].startswith("uvicorn") for r in records)
-
-
-def test_serve_log_is_json_lines_only_with_the_tiny_random_model(tiny_models: Path) -> None:
-    env = {"POLICY_ENGINE_CACHE": str(tiny_models), "HF_HUB_OFFLINE": "1"}
-    args = ["--model", "tiny-random", "--mode", "verdict", "-o", "max_new_tokens=40"]
-    with serve_process(args, env=env) as (url, lines):
-        answer = httpx.post(url + "/v1/assess", json={"image": RED}, timeout=300)
-        assert answer.status_code == 200
-    records = json_lines(lines)
-    random_weights = [r for r in records if "RANDOM weights" in r.get("message", "")]
-    assert random_weights and random_weights[0]["level"] == "warning"
-    (warmup,) = [r for r in records if r["event"] == "warmup"]
-    assert warmup["assessments"] == 3 and warmup["seconds"] > 0
 
 
 def refused(port: int) -> bool:
