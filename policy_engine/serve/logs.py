@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
@@ -166,8 +167,10 @@ class JsonLogging:
             previous = logger.level
             logger.setLevel(logging.INFO)
             self._undo.append(functools.partial(logger.setLevel, previous))
+        showwarning = warnings.showwarning
         logging.captureWarnings(True)
-        self._undo.append(lambda: logging.captureWarnings(False))
+        if warnings.showwarning is not showwarning:  # not already captured by the embedder
+            self._undo.append(functools.partial(logging.captureWarnings, False))
         for key, value in QUIET_ENV.items():
             if key not in os.environ:
                 os.environ[key] = value
