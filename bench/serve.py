@@ -19,6 +19,14 @@ throughput over the in-process engine's calls per second. With a backend that ta
 everything above the engine call is the service's overhead; with a model it is a constant on
 top of the model's latency. Server and client share this machine's cores, so at 16 and 64
 clients the client's own CPU is part of what limits throughput. Nothing here is asserted.
+
+    .venv/bin/python bench/serve.py --first-request    # tiny-random, with and without warm-up
+    .venv/bin/python bench/serve.py --first-request --model PATH --mode verdict -o greedy=true
+
+`--first-request` measures what the warm-up buys: the server with a model (default `tiny-random`,
+built offline on first use) is started twice, with and without `--no-warmup`; each time it
+prints the seconds from start to ready, the warm-up's own seconds (its log line), the latency
+of the first `/v1/assess` after ready and the median of the next five.
 """
 
 from __future__ import annotations
@@ -117,17 +125,19 @@ def client_main(args: argparse.Namespace) -> None:
 
 
 # -- the server and its metrics ---------------------------------------------------------------
-def start_server(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`policy-engine serve --port 0` with the static backend; its URL once ready."""
-    command = [sys.executable, "-c", SERVER, "serve", *STATIC, "--port", "0"]
+def start_server(
+    log: Path, args: list[str] = STATIC, attempts: int = 600
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`policy-engine serve --port 0` with `args` (the static backend); its URL once ready."""
+    command = [sys.executable, "-c", SERVER, "serve", *args, "--port", "0"]
     with log.open("wb") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     pause = threading.Event()
-    for _ in range(600):
+    for _ in range(attempts):
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             if '"listening"' in line:
                 url = json.loads(line)["url"]
-                wait_ready(url, process)
+                wait_ready(url, process, attempts)
                 return process, url
         if process.poll() is not None:
             break
@@ -136,9 +146,9 @@ def start_server(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit(f"the server did not start:\n{log.read_text(errors='replace')}")
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+def wait_ready(url: str, process: subprocess.Popen[bytes], attempts: int = 600) -> None:
     pause = threading.Event()
-    for _ in range(600):
+    for _ in range(attempts):
         try:
             with urllib.request.urlopen(url + "/readyz") as reply:
                 if reply.status == 200:
@@ -219,6 +229,52 @@ def engine_costs(url: str, seconds: float) -> tuple[float, float]:
     return sync, asynchronous
 
 
+# -- the first request after ready, with and without warm-up ------------------------------------
+def post(url: str, payload: bytes) -> float:
+    """Seconds for one POST (a 200 expected)."""
+    request = urllib.request.Request(
+        url, data=payload, headers={"Content-Type": "application/json"}
+    )
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        reply.read()
+        if reply.status != 200:
+            raise SystemExit(f"{url}: status {reply.status}")
+    return time.perf_counter() - started
+
+
+def first_request(model: str, mode: str, options: list[str]) -> None:
+    payload = json.dumps({"image": data_url()}).encode()
+    shown_options = " ".join(f"-o {o}" for o in options) or "none"
+    print(f"model: {model}, mode: {mode}, options: {shown_options}; image: 64x64 PNG of noise")
+    print(f"{'warm-up':<10}{'to ready s':>12}{'warm-up s':>11}{'first ms':>11}{'next p50 ms':>13}")
+    for warm in (True, False):
+        command = ["--model", model, "--mode", mode, *(f"-o{o}" for o in options)]
+        command += [] if warm else ["--no-warmup"]
+        with tempfile.TemporaryDirectory() as folder:
+            log = Path(folder) / "server.log"
+            started = time.perf_counter()
+            process, url = start_server(log, command, attempts=12_000)
+            ready = time.perf_counter() - started
+            try:
+                first = post(url + "/v1/assess", payload)
+                later = sorted(post(url + "/v1/assess", payload) for _ in range(5))
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+            records = [json.loads(line) for line in log.read_text().splitlines()]
+        warmups = [r["seconds"] for r in records if r["event"] == "warmup"]
+        shown = f"{warmups[0]:.2f}" if warmups else "-"
+        print(
+            f"{'on' if warm else 'off':<10}{ready:>12.2f}{shown:>11}"
+            f"{first * 1000:>11.0f}{later[2] * 1000:>13.0f}"
+        )
+    print(
+        "to ready: process start to /readyz 200 (model load, and the warm-up when on); "
+        "first: the first /v1/assess after ready; next p50: the median of the five after it."
+    )
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
@@ -249,6 +305,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    parser.add_argument(
+        "--first-request",
+        action="store_true",
+        help="measure the first request after ready, with and without warm-up",
+    )
+    parser.add_argument("--model", default="tiny-random", help="with --first-request")
+    parser.add_argument("--mode", default="full", help="with --first-request")
+    parser.add_argument(
+        "-o", "--option", action="append", default=[], help="with --first-request: KEY=VALUE"
+    )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", choices=sorted(PATHS), help=argparse.SUPPRESS)
@@ -256,6 +322,9 @@ def main() -> None:
     if args.client:
         args.clients = args.clients[0]
         client_main(args)
+        return
+    if args.first_request:
+        first_request(args.model, args.mode, args.option)
         return
 
     image = data_url()

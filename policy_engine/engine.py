@@ -202,8 +202,49 @@ class Engine:
                 generations = self._failed(batch, err)
         return list(self._finish(prepared, generations, time.perf_counter() - started))
 
+    # -- warm-up ---------------------------------------------------------------------------
+    def warm_up(self, image: ImageSource | None = None) -> Verdict:
+        """Judge one image (default: a small grey one) through the backend and the parser only:
+        no post-processing, no observers, so no sink or queue ever sees it. For warming a
+        model (or a server's caches) before serving. Loads the backend if needed."""
+        self.load()
+        prepared = self._prepare(image if image is not None else _grey(), None, observe=False)
+        batch = self._batch([prepared])
+        if batch is None:
+            assert prepared.decision is not None
+            return prepared.decision.verdict
+        return self._only_verdict(prepared, self._generate(batch))
+
+    async def awarm_up(self, image: ImageSource | None = None) -> Verdict:
+        """Async twin of `warm_up`."""
+        await asyncio.to_thread(self.load)
+        source = image if image is not None else _grey()
+        prepared = await asyncio.to_thread(self._prepare, source, None, observe=False)
+        batch = self._batch([prepared])
+        if batch is None:
+            assert prepared.decision is not None
+            return prepared.decision.verdict
+        try:
+            generations = self._checked(batch, await self.backend.agenerate(batch))
+        except Exception as err:  # any fault becomes the item's error verdict
+            generations = self._failed(batch, err)
+        return self._only_verdict(prepared, generations)
+
+    def _only_verdict(self, prepared: _Prepared, generations: list[Generation]) -> Verdict:
+        assert prepared.image is not None
+        return build_verdict(
+            self.compiled,
+            self.mode,
+            generations[0],
+            source=prepared.image.source,
+            score_threshold=self.score_threshold,
+            lenient=self.lenient,
+        )
+
     # -- internals -------------------------------------------------------------------------
-    def _prepare(self, item: Item, default_metadata: dict[str, Any] | None) -> _Prepared:
+    def _prepare(
+        self, item: Item, default_metadata: dict[str, Any] | None, *, observe: bool = True
+    ) -> _Prepared:
         source, metadata = item if isinstance(item, tuple) else (item, None)
         metadata = dict(metadata if metadata is not None else default_metadata or {})
         started = time.perf_counter()
@@ -213,6 +254,8 @@ class Engine:
             verdict = error_verdict(
                 self.compiled, "image", err.message, source=describe_source(source)
             )
+            if not observe:
+                return _Prepared(metadata, decision=Decision(verdict=verdict, metadata=metadata))
             return _Prepared(metadata, decision=self._postprocess(verdict, metadata))
         return _Prepared(metadata, image=image, decode_seconds=time.perf_counter() - started)
 
@@ -315,6 +358,12 @@ class Engine:
 
 
 T = TypeVar("T")
+
+
+def _grey() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (128, 128, 128))
 
 
 def make_backend(

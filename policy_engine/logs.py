@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 ROOT = "policy_engine"
@@ -37,3 +38,18 @@ def log_to_stderr(level: int = logging.INFO) -> None:
     handler.setFormatter(_Formatter())
     logger.addHandler(handler)
     logger.setLevel(level)
+
+
+def detach_stderr() -> Callable[[], None]:
+    """Take the CLI's stderr handler off (an embedder such as serve routes the records itself);
+    returns the function that puts it back."""
+    logger = logging.getLogger(ROOT)
+    ours = [h for h in logger.handlers if isinstance(h, _Stderr)]
+    for handler in ours:
+        logger.removeHandler(handler)
+
+    def restore() -> None:
+        for handler in ours:
+            logger.addHandler(handler)
+
+    return restore

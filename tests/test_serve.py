@@ -38,7 +38,7 @@ from PIL import Image
 from policy_engine.backends.static import StaticBackend
 from sglang_server import FakeSGLang
 
-from policy_engine import Batch, Capabilities, Generation, get_host
+from policy_engine import Batch, Capabilities, Engine, Generation, get_host
 from policy_engine.cli import cli
 from policy_engine.errors import BackendUnavailableError
 from policy_engine.loader import load_policy
@@ -801,6 +801,50 @@ def test_metrics_count_what_happened() -> None:
     assert metric(samples, "policy_engine_requests_in_flight") == 0
 
 
+def test_two_apps_keep_their_own_metrics() -> None:
+    """One registry per app: two services in one process neither clash nor share a series,
+    and nothing lands in prometheus-client's process-global registry."""
+    import prometheus_client
+
+    with (
+        serving(EnginePool(["llavaguard"], ColorBackend())) as first,
+        serving(EnginePool(["children-platform"], ColorBackend())) as second,
+    ):
+        first.post("/v1/assess", json={"image": RED})
+        first.post("/v1/assess", json={"image": RED})
+        second.post("/v1/assess", json={"image": BLUE})
+        one = parse_prometheus(first.get("/metrics").text)
+        two = parse_prometheus(second.get("/metrics").text)
+    verdicts = "policy_engine_verdicts_total"
+    assert metric(one, verdicts, policy="llavaguard", rating="Unsafe", category="O2") == 2
+    assert metric(two, verdicts, policy="llavaguard", rating="Unsafe", category="O2") == 0
+    assert metric(two, verdicts, policy="children-platform", rating="Safe", category="NA") == 1
+    assert metric(one, verdicts, policy="children-platform", rating="Safe", category="NA") == 0
+    requests = "policy_engine_http_requests_total"
+    assert metric(one, requests, method="POST", route="/v1/assess", status="200") == 2
+    assert metric(two, requests, method="POST", route="/v1/assess", status="200") == 1
+    global_names = {
+        sample.name for family in prometheus_client.REGISTRY.collect() for sample in family.samples
+    }
+    assert not any(name.startswith("policy_engine_") for name in global_names)
+
+
+def test_metrics_speak_openmetrics_when_asked_and_show_no_created_series() -> None:
+    with serving() as api:
+        api.post("/v1/assess", json={"image": RED})
+        text = api.get("/metrics")
+        open_metrics = api.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+    assert text.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "_created" not in text.text
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert open_metrics.text.endswith("# EOF\n")
+    assert "_created" not in open_metrics.text
+    unsafe = r'^policy_engine_verdicts_total\{[^}]*rating="Unsafe"[^}]*\} 1\.0$'
+    assert re.search(unsafe, open_metrics.text, re.M)
+
+
 def test_hostile_inputs_never_crash_the_service() -> None:
     image = '"image": "' + RED + '"'
     texts = [
@@ -838,10 +882,31 @@ def test_hostile_inputs_never_crash_the_service() -> None:
                     json.loads(answer.text)  # valid JSON, even with odd metadata echoed
 
 
-def test_the_last_resort_handler_hides_details() -> None:
+def test_a_backend_that_raises_gives_error_verdicts_without_its_details(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The engine turns an unexpected backend exception into error verdicts; the exception's
+    text (internal detail) stays in the log."""
     log = io.StringIO()
     pool = EnginePool(["llavaguard"], BrokenBackend())
-    app = create_app(ServeSettings(), pool, log=EventLog(log))
+    app = create_app(ServeSettings(warmup=False), pool, log=EventLog(log))
+    with TestClient(app) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200)
+        answer = client.post("/v1/assess", json={"image": RED})
+    assert "4242" not in answer.text and "Traceback" not in answer.text
+    assert "failed unexpectedly: RuntimeError" in answer.text
+    assert "internal detail 4242" in caplog.text  # serve's JSON log carries it (test_serve_logs)
+
+
+def test_the_last_resort_handler_hides_details(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:  # a bug in the engine itself
+        raise RuntimeError("internal detail 4242")
+        yield  # pragma: no cover - an async generator that fails at once
+
+    monkeypatch.setattr(Engine, "aassess_many", broken)
+    log = io.StringIO()
+    pool = EnginePool(["llavaguard"], StaticBackend())
+    app = create_app(ServeSettings(warmup=False), pool, log=EventLog(log))
     with TestClient(app) as client:
         wait_for(lambda: client.get("/readyz").status_code == 200)
         answer = client.post("/v1/assess", json={"image": RED})
@@ -911,7 +976,8 @@ def test_official_openai_client() -> None:
 def test_saturation_answers_429_with_retry_after() -> None:
     with FakeSGLang(service_time=3.0) as fake:
         pool = EnginePool(["llavaguard"], "sglang", backend_options={"url": [fake.url]})
-        settings = ServeSettings(max_concurrency=2, max_queue=0)
+        # no warm-up: it would wait on the slow server and add to its request counts
+        settings = ServeSettings(max_concurrency=2, max_queue=0, warmup=False)
         app = create_app(settings, pool, log=EventLog(io.StringIO()))
         with live_server(app) as url, ThreadPoolExecutor(2) as threads:
             body = {"image": RED, "mode": "verdict"}
@@ -941,7 +1007,8 @@ def test_saturation_answers_429_with_retry_after() -> None:
 def test_deadline_answers_504() -> None:
     with FakeSGLang(service_time=5.0) as fake:
         pool = EnginePool(["llavaguard"], "sglang", backend_options={"url": [fake.url]})
-        with serving(pool, ServeSettings(timeout=0.5)) as api:
+        # no warm-up: with a 0.5 s deadline on a 5 s server it is a fault (never ready)
+        with serving(pool, ServeSettings(timeout=0.5, warmup=False)) as api:
             native = api.post("/v1/assess", json={"image": RED})
             moderation = api.post("/v1/moderations", json={"input": [image_part(RED)]})
             samples = parse_prometheus(api.get("/metrics").text)
@@ -973,6 +1040,7 @@ def test_graceful_shutdown_drains_in_flight_requests() -> None:
             "verdict",
             "--shutdown-timeout",
             "60",
+            "--no-warmup",  # it would wait on the slow server and add to its request counts
         ]
         process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         lines: list[str] = []

@@ -1,9 +1,10 @@
 """The HTTP service: `policy-engine serve` (see docs/serve.md).
 
-Importing this package (or its modules `command`, `settings`, `context`, `pool`) never imports
-FastAPI, Starlette or uvicorn: the CLI registers the command at start-up and `policy-engine
---help` must stay light. The web stack is imported by `policy_engine.serve.app` and the modules
-only it uses (`models`, `errors`, `limits`, `accesslog`, `moderation`, `native`).
+Importing this package (or its modules `command`, `settings`, `context`, `pool`, `readiness`)
+never imports FastAPI, Starlette, uvicorn or prometheus-client: the CLI registers the command at
+start-up and `policy-engine --help` must stay light. The web stack is imported by
+`policy_engine.serve.app` and the modules only it (or the running command) uses (`models`,
+`errors`, `limits`, `accesslog`, `metrics`, `service`, `moderation`, `native`, `logs`).
 
 Building the service without a socket (tests, embedding)::
 

@@ -6,14 +6,15 @@
 - `X-Request-ID`: echoed when the client sends a sane one, generated otherwise, on every answer.
 - The last resort: an exception no handler took becomes a 500 JSON answer without details,
   logged (with its traceback) under the request id. The tests prove no input reaches it.
-- `JsonFormatter` renders uvicorn's own messages as the same kind of JSON line.
+
+`EventLog` is where every JSON line goes; `logs.py` routes logging records and stray stderr
+output of the command into it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import sys
 import threading
@@ -48,29 +49,14 @@ class EventLog:
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
         record = {"time": _now(), "level": level, "event": event, **fields}
-        line = json.dumps(record, ensure_ascii=True, default=str, separators=(",", ":"))
+        self.write(json.dumps(record, ensure_ascii=True, default=str, separators=(",", ":")))
+
+    def write(self, line: str) -> None:
+        """Write one JSON line (already rendered) and flush."""
         stream = self.stream or sys.stderr
         with self._lock:
             stream.write(line + "\n")
             stream.flush()
-
-
-class JsonFormatter(logging.Formatter):
-    """A logging record as one JSON line in the EventLog's shape (for uvicorn's loggers)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "event": "server",
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(data, ensure_ascii=True, default=str, separators=(",", ":"))
 
 
 def _short(text: str) -> str:

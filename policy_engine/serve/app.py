@@ -2,9 +2,11 @@
 
     app = create_app(ServeSettings(), EnginePool(["llavaguard"], "static"))
 
-The app's lifespan starts loading the pool's backend in a worker thread (the service answers
-`/healthz` at once, `/readyz` and the assessment endpoints say 503 until the backend is loaded)
-and closes it at shutdown, after uvicorn has drained in-flight requests. Assessments use the
+The app's lifespan starts loading the pool's backend in a worker thread, then warms it up (one
+assessment per policy and mode, `readiness.py`); the service answers `/healthz` at once,
+`/readyz` and the assessment endpoints say 503 until both are done. Once ready, `/readyz` (and
+the `backend_ready` metric) also follow the backend's cached health probe. The lifespan closes
+the backend at shutdown, after uvicorn has drained in-flight requests. Assessments use the
 engine's async API, so the event loop stays free while images are judged.
 
 Middleware, outermost first: access log (request id, deadline clock, last-resort 500), guards
@@ -15,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -27,14 +28,12 @@ from pydantic import BaseModel
 from .. import __version__
 from ..engine import Engine
 from ..engine import Item as EngineItem
-from ..errors import PolicyEngineError
 from ..types import Mode
 from ..verdict import Decision
 from .accesslog import AccessLogMiddleware, EventLog
 from .context import request_context
 from .errors import ApiError, install_handlers
-from .limits import OPEN_PATHS, GuardMiddleware, Limiter
-from .metrics import CONTENT_TYPE, ServiceMetrics
+from .limits import OPEN_PATHS, GuardMiddleware
 from .models import (
     AssessRequest,
     AssessResponse,
@@ -51,13 +50,13 @@ from .models import (
 )
 from .moderation import image_urls, moderation_response
 from .native import REQUEST_BODY, read_item
-from .pool import EnginePool, ModeUnavailableError
+from .pool import EnginePool
+from .service import Service
 from .settings import ServeSettings
 
 ASSESS_PATHS = frozenset({"/v1/moderations", "/v1/assess", "/v1/assess/batch"})
 ROUTES = frozenset({*ASSESS_PATHS, "/v1/policies", "/healthz", "/readyz", "/metrics"})
 ROUTES_LOGGED = ROUTES | {"/openapi.json"}
-State = Literal["loading", "ready", "failed", "stopping"]
 
 _DESCRIPTIONS = {
     400: "Invalid request (malformed JSON, text-only moderation input, unsupported mode...).",
@@ -68,7 +67,7 @@ _DESCRIPTIONS = {
     422: "Invalid request body, or an image that cannot be decoded or has too many pixels.",
     429: "The service is at capacity: retry after Retry-After seconds.",
     502: "The backend failed to judge an image.",
-    503: "The backend is not loaded (yet).",
+    503: "The backend is not loaded and warmed up (yet), or it failed.",
     504: "The request did not finish within the service's timeout.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
@@ -78,108 +77,6 @@ def json_response(model: BaseModel, status: int = 200) -> Response:
     """`model` as JSON, ASCII-escaped: no input can make encoding the answer fail."""
     body = json.dumps(model.model_dump(mode="json"), ensure_ascii=True, separators=(",", ":"))
     return Response(body.encode(), status_code=status, media_type="application/json")
-
-
-class Service:
-    """What the routes share: settings, the pool, guards, metrics, the event log."""
-
-    def __init__(
-        self,
-        settings: ServeSettings,
-        pool: EnginePool,
-        log: EventLog,
-        on_load_error: Callable[[str], None] | None,
-    ) -> None:
-        self.settings = settings
-        self.pool = pool
-        self.log = log
-        self.on_load_error = on_load_error
-        self.state: State = "loading"
-        self.limiter = Limiter(settings.max_concurrency, settings.max_queue)
-        self.metrics = ServiceMetrics(
-            in_flight=lambda: self.limiter.running,
-            queued=lambda: self.limiter.waiting,
-            ready=lambda: 1 if self.state == "ready" else 0,
-        )
-
-    async def load(self) -> None:
-        backend = self.pool.backend.name
-        self.log.emit("backend_loading", backend=backend)
-        try:
-            await asyncio.to_thread(self.pool.load)
-        except Exception as err:
-            message = self.pool.error or f"{type(err).__name__}: {err}"
-            self.state = "failed"
-            self.log.emit("backend_failed", level="error", backend=backend, error=message)
-            if self.on_load_error is not None:
-                self.on_load_error(message)
-            return
-        if self.state == "loading":
-            self.state = "ready"
-        self.log.emit("ready", backend=backend, policies=list(self.pool.policies))
-
-    def engine(self, policy: str | None, mode: Mode | None, param: str) -> Engine:
-        """The engine for a request; 404 for an unknown policy, 400 for an unusable mode."""
-        policy_id = policy if policy is not None else self.pool.default
-        try:
-            return self.pool.engine(policy_id, mode)
-        except KeyError:
-            known = ", ".join(self.pool.policies)
-            code = "model_not_found" if param == "model" else "policy_not_found"
-            raise ApiError(
-                404, code, f"no policy {policy_id!r} is loaded; policies: {known}", param=param
-            ) from None
-        except ModeUnavailableError as err:
-            where = param.rsplit(".", 1)[0] + ".mode" if "." in param else "mode"
-            raise ApiError(400, "mode_unavailable", err.message, param=where) from None
-        except PolicyEngineError as err:
-            raise ApiError(400, "invalid_request", err.message, param=param) from None
-
-    def require_ready(self) -> None:
-        if self.state == "ready":
-            return
-        self.metrics.reject("not_ready")
-        if self.state == "failed":
-            raise ApiError(503, "backend_unavailable", f"the backend failed: {self.pool.error}")
-        raise ApiError(
-            503, "not_ready", f"the service is {self.state}", headers={"Retry-After": "5"}
-        )
-
-    async def judge(
-        self, request: Request, groups: Sequence[tuple[Engine, list[EngineItem]]]
-    ) -> list[list[Decision]]:
-        """Judge each group with its engine inside one concurrency slot and the request's
-        deadline (504 when it passes, while waiting or while judging)."""
-        ctx = request_context(request.scope)
-        loop = asyncio.get_running_loop()
-        deadline = ctx.deadline if ctx else loop.time() + self.settings.timeout
-        timer = asyncio.timeout_at(deadline)
-        try:
-            async with timer, self.limiter.slot():
-                started = time.perf_counter()
-                results = await asyncio.gather(*(_collect(e, items) for e, items in groups))
-                seconds = time.perf_counter() - started
-        except TimeoutError:
-            if not timer.expired():
-                raise
-            self.metrics.reject("timeout")
-            raise ApiError(
-                504, "timeout", f"no answer within {self.settings.timeout:g} s"
-            ) from None
-        for (engine, _), decisions in zip(groups, results, strict=True):
-            self.metrics.decisions(engine.policy.id, engine.mode, decisions, seconds)
-        return results
-
-    def metadata(self, given: dict[str, Any]) -> dict[str, Any]:
-        return {**self.settings.default_metadata, **given}
-
-
-async def _collect(engine: Engine, items: list[EngineItem]) -> list[Decision]:
-    stream = engine.aassess_many(items)
-    try:
-        return [decision async for decision in stream]
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]  # an async generator
 
 
 def _note_policy(request: Request, policy_ids: Sequence[str]) -> None:
@@ -200,19 +97,23 @@ def create_app(
     *,
     log: EventLog | None = None,
     on_load_error: Callable[[str], None] | None = None,
+    on_loaded: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The service as an ASGI app (no socket: tests drive it with starlette's TestClient).
 
     `pool` must not be loaded or used elsewhere: the app loads it at startup and closes it at
     shutdown. `log` receives the JSON event lines (default: stderr). `on_load_error(message)`
-    is called if loading the backend fails (the command stops the server then).
+    is called if loading the backend fails (the command stops the server then);
+    `on_loaded()` in the loading thread once the backend is loaded, before the warm-up (the
+    command switches libraries the backend imported over to its JSON log).
     """
-    service = Service(settings, pool, log or EventLog(), on_load_error)
+    service = Service(settings, pool, log or EventLog(), on_load_error, on_loaded)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.limiter.reset()
-        service.state = "loading"
+        service.health.reset()
+        service.state, service.error = "loading", None
         loading = asyncio.create_task(service.load())
         try:
             yield
@@ -269,14 +170,20 @@ def create_app(
         "/readyz",
         response_model=Readiness,
         tags=["health"],
-        responses={503: {"model": Readiness, "description": "Loading, failed or stopping."}},
+        responses={
+            503: {
+                "model": Readiness,
+                "description": "Loading, warming up, unavailable, failed or stopping.",
+            }
+        },
     )
     async def readyz() -> Response:
-        """The backend is loaded and requests can be judged (no key needed)."""
+        """The backend is loaded, warmed up and answers its health probe (no key needed)."""
+        status, reason = await service.readiness()
         # the reason is for operators: behind keys, it stays in the server log
-        error = pool.error if not settings.auth or pool.error is None else "see the server log"
-        body = Readiness(status=service.state, backend=pool.backend.name, error=error)
-        return json_response(body, 200 if service.state == "ready" else 503)
+        error = reason if not settings.auth or reason is None else "see the server log"
+        body = Readiness(status=status, backend=pool.backend.name, error=error)
+        return json_response(body, 200 if status == "ready" else 503)
 
     @app.get(
         "/metrics",
@@ -284,15 +191,21 @@ def create_app(
         response_class=Response,
         responses={
             200: {
-                "description": "Prometheus text exposition format 0.0.4.",
-                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format 0.0.4, or OpenMetrics when "
+                "the Accept header asks for it.",
+                "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/openmetrics-text": {"schema": {"type": "string"}},
+                },
             },
             **errors(),
         },
     )
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         """Requests, latencies, verdicts per category, errors (Prometheus text)."""
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+        await service.readiness()  # backend_ready follows a fresh enough health probe
+        body, content_type = service.metrics.render(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v1/policies", response_model=PolicyList, tags=["policies"], responses=errors())
     async def policies() -> Response:

@@ -8,6 +8,11 @@ and build the backend (not loaded); bind the socket; then serve, loading the bac
 background (`/readyz` says when it is done). Every failure up to here is one line on stderr.
 SIGTERM or SIGINT stop accepting connections, let in-flight requests finish (at most
 `--shutdown-timeout` seconds), close the backend and exit 0.
+
+Logging: from the policies' loading on, everything on stderr is one JSON object per line
+(`logs.JsonLogging`): the events, the access log, uvicorn's, the project's and third-party
+libraries' log records, Python warnings and whatever else writes to `sys.stderr`. Only a failed
+start ends with the CLI's one-line `error: ...`.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import contextlib
 import math
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -28,26 +34,10 @@ from .settings import DEFAULT_API_KEY_ENV, ServeSettings, api_keys_from_env, is_
 
 if TYPE_CHECKING:
     from .accesslog import EventLog
+    from .logs import JsonLogging
     from .pool import EnginePool
 
 INSTALL_HINT = "pip install 'policy-engine[serve]'"
-LOG_CONFIG: dict[str, Any] = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "policy_engine.serve.accesslog.JsonFormatter"}},
-    "handlers": {
-        "stderr": {
-            "class": "logging.StreamHandler",
-            "formatter": "json",
-            "stream": "ext://sys.stderr",
-        }
-    },
-    "loggers": {
-        "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
-        "uvicorn.error": {"level": "INFO"},
-        "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
-    },
-}
 
 
 @click.command(name="serve", cls=EngineCommand)
@@ -123,6 +113,19 @@ LOG_CONFIG: dict[str, Any] = {
     show_default=True,
     help="Seconds to let in-flight requests finish on SIGTERM/SIGINT.",
 )
+@click.option(
+    "--health-cache",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds /readyz reuses the backend's last health probe (0: probe every time).",
+)
+@click.option(
+    "--no-warmup",
+    is_flag=True,
+    help="Say ready as soon as the backend is loaded, without judging a generated image once "
+    "per policy and mode first.",
+)
 def serve_command(
     policies: tuple[str, ...],
     host: str,
@@ -134,6 +137,8 @@ def serve_command(
     max_body_mb: float,
     max_pixels: int | None,
     shutdown_timeout: float,
+    health_cache: float,
+    no_warmup: bool,
     engine: EngineChoice,
 ) -> None:
     """Serve policies over HTTP: OpenAI-compatible /v1/moderations and the native /v1/assess.
@@ -149,12 +154,14 @@ def serve_command(
         )
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise BackendUnavailableError(
-            f"the HTTP service needs FastAPI and uvicorn: {INSTALL_HINT}"
+            f"the HTTP service needs FastAPI, uvicorn and prometheus-client: {INSTALL_HINT}"
         ) from None
     from .accesslog import EventLog
+    from .logs import JsonLogging
 
     choice = engine.with_policy((policies or ("llavaguard",))[0])
     choice.check_flags()
@@ -169,20 +176,24 @@ def serve_command(
         max_body_bytes=max(1, int(max_body_mb * 1024 * 1024)),
         shutdown_timeout=shutdown_timeout,
         default_metadata=choice.metadata,
+        health_cache=health_cache,
+        warmup=not no_warmup,
     )
-    pool = _build_pool(choice, policies or ("llavaguard",), settings, max_pixels)
-    sock = _bind(host, port)
-    log = EventLog()
-    bound = sock.getsockname()
-    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    log.emit(
-        "listening",
-        url=f"http://{shown}:{bound[1]}",
-        policies=list(pool.policies),
-        backend=pool.backend.name,
-        auth=settings.auth,
-    )
-    _run(settings, pool, sock, log)
+    log = EventLog(sys.stderr)
+    # from here on, stderr is JSON lines only (until a start-up error's one `error:` line)
+    with JsonLogging(log) as logs:
+        pool = _build_pool(choice, policies or ("llavaguard",), settings, max_pixels)
+        sock = _bind(host, port)
+        bound = sock.getsockname()
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        log.emit(
+            "listening",
+            url=f"http://{shown}:{bound[1]}",
+            policies=list(pool.policies),
+            backend=pool.backend.name,
+            auth=settings.auth,
+        )
+        _run(settings, pool, sock, log, logs)
 
 
 def _build_pool(
@@ -206,6 +217,7 @@ def _build_pool(
         mode=choice.mode,  # type: ignore[arg-type]
         batch_size=choice.batch_size,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+        lenient=choice.lenient,
     )
 
 
@@ -228,7 +240,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(settings: ServeSettings, pool: EnginePool, sock: socket.socket, log: EventLog) -> None:
+def _run(
+    settings: ServeSettings,
+    pool: EnginePool,
+    sock: socket.socket,
+    log: EventLog,
+    logs: JsonLogging,
+) -> None:
     import uvicorn
 
     from .app import create_app
@@ -254,7 +272,13 @@ def _run(settings: ServeSettings, pool: EnginePool, sock: socket.socket, log: Ev
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, pool, log=log, on_load_error=stop_on_load_error)
+    app = create_app(
+        settings,
+        pool,
+        log=log,
+        on_load_error=stop_on_load_error,
+        on_loaded=logs.quiet_libraries,  # the backend may have imported chatty libraries
+    )
     config = uvicorn.Config(
         app,
         http="h11",
@@ -262,7 +286,7 @@ def _run(settings: ServeSettings, pool: EnginePool, sock: socket.socket, log: Ev
         loop="asyncio",
         lifespan="on",
         access_log=False,
-        log_config=LOG_CONFIG,
+        log_config=None,  # uvicorn's loggers propagate to the root logger: JsonLogging
         server_header=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )

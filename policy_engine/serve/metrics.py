@@ -1,5 +1,13 @@
-"""Prometheus metrics, hand-rolled: counters, gauges and histograms in the text exposition
-format (version 0.0.4), no client library.
+"""Prometheus metrics on prometheus-client, one registry per app.
+
+Every `ServiceMetrics` owns its `CollectorRegistry`: two apps in one process (tests, an embedder
+serving several pools) never share a series nor clash on a name, and nothing is registered in
+the library's process-global default registry. `/metrics` is the library's exposition of that
+registry, with content negotiation (`render`): the text format 0.0.4 by default, OpenMetrics
+when the scraper asks for it.
+
+The series are the ones the hand-written exposition had: the library's `_created` series
+(one per counter and histogram child) are left out, so a scrape shows the same names as before.
 
 Label values come from a closed set wherever a client could otherwise invent new ones: routes
 are the service's route templates ("other" for anything else), policies are loaded policy ids,
@@ -8,140 +16,36 @@ categories are the policy's ids.
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 
 from ..verdict import Decision
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-Labels = tuple[str, ...]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+PREFIX = "policy_engine_"
 
 
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+class ServiceRegistry(CollectorRegistry):
+    """A registry whose scrape leaves out the `_created` series.
 
+    The library's own switch (`disable_created_metrics`) is process-global; this one is per
+    registry, so an embedder's other metrics keep theirs.
+    """
 
-def _labels(names: Sequence[str], values: Labels, extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
-        self._lock = threading.Lock()
-
-    def header(self) -> Iterator[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.kind}"
-
-    def samples(self) -> Iterator[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self.values: dict[Labels, float] = {}
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        with self._lock:
-            self.values[labels] = self.values.get(labels, 0.0) + amount
-
-    def get(self, *labels: str) -> float:
-        return self.values.get(labels, 0.0)
-
-    def samples(self) -> Iterator[str]:
-        with self._lock:
-            items = sorted(self.values.items())
-        for labels, value in items:
-            yield f"{self.name}{_labels(self.labelnames, labels)} {_number(value)}"
-
-
-class Gauge(_Metric):
-    """A gauge read from a function when the metrics are rendered."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        super().__init__(name, help_text)
-        self.read = read
-
-    def samples(self) -> Iterator[str]:
-        yield f"{self.name} {_number(float(self.read()))}"
-
-
-class _Series:
-    __slots__ = ("buckets", "count", "sum")
-
-    def __init__(self, size: int) -> None:
-        self.buckets = [0] * size  # cumulative counts, one per upper bound
-        self.count = 0
-        self.sum = 0.0
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labelnames: Sequence[str] = (),
-        buckets: Sequence[float] = LATENCY_BUCKETS,
-    ) -> None:
-        super().__init__(name, help_text, labelnames)
-        self.bounds = tuple(sorted(buckets))
-        self.series: dict[Labels, _Series] = {}
-
-    def observe(self, value: float, *labels: str) -> None:
-        with self._lock:
-            series = self.series.get(labels)
-            if series is None:
-                series = self.series[labels] = _Series(len(self.bounds))
-            for index, bound in enumerate(self.bounds):
-                if value <= bound:
-                    series.buckets[index] += 1
-            series.count += 1
-            series.sum += value
-
-    def samples(self) -> Iterator[str]:
-        with self._lock:
-            items = [
-                (labels, list(s.buckets), s.count, s.sum)
-                for labels, s in sorted(self.series.items())
-            ]
-        for labels, buckets, count, total in items:
-            for bound, cumulative in zip(self.bounds, buckets, strict=True):
-                le = f'le="{_number(bound)}"'
-                yield f"{self.name}_bucket{_labels(self.labelnames, labels, le)} {cumulative}"
-            inf = 'le="+Inf"'
-            yield f"{self.name}_bucket{_labels(self.labelnames, labels, inf)} {count}"
-            yield f"{self.name}_sum{_labels(self.labelnames, labels)} {_number(total)}"
-            yield f"{self.name}_count{_labels(self.labelnames, labels)} {count}"
+    def collect(self) -> Iterable[Metric]:
+        for family in super().collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class ServiceMetrics:
-    """The service's metrics, with one method per thing that happens."""
+    """The service's metrics, with one method per thing that happens.
+
+    `in_flight`, `queued` and `ready` are read when the registry is scraped.
+    """
 
     def __init__(
         self,
@@ -150,82 +54,89 @@ class ServiceMetrics:
         queued: Callable[[], float] = lambda: 0,
         ready: Callable[[], float] = lambda: 0,
     ) -> None:
-        p = "policy_engine_"
+        self.registry = ServiceRegistry(auto_describe=True)
+        p, registry = PREFIX, self.registry
         self.requests = Counter(
             p + "http_requests_total",
             "HTTP requests answered, by method, route and status.",
             ("method", "route", "status"),
+            registry=registry,
         )
         self.latency = Histogram(
             p + "http_request_duration_seconds",
             "Time from a request's arrival to its answer, by route.",
             ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.assess_latency = Histogram(
             p + "assessment_duration_seconds",
             "Time spent judging the images of one request (after admission), by policy and mode.",
             ("policy", "mode"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.verdicts = Counter(
             p + "verdicts_total",
             "Verdicts, by policy, rating (Safe, Unsafe or error) and category id.",
             ("policy", "rating", "category"),
+            registry=registry,
         )
         self.actions = Counter(
-            p + "actions_total", "Actions decided by post-processors.", ("policy", "action")
+            p + "actions_total",
+            "Actions decided by post-processors.",
+            ("policy", "action"),
+            registry=registry,
         )
         self.errors = Counter(
             p + "assessment_errors_total",
             "Images that could not be judged, by policy and error kind (image, backend, "
             "output, config).",
             ("policy", "kind"),
+            registry=registry,
         )
         self.rejected = Counter(
             p + "requests_rejected_total",
             "Requests refused by the service's guards, by reason (unauthorized, too_large, "
             "saturated, timeout, not_ready).",
             ("reason",),
+            registry=registry,
         )
-        self.gauges = [
-            Gauge(p + "requests_in_flight", "Requests being assessed.", in_flight),
-            Gauge(p + "requests_queued", "Admitted requests waiting for a slot.", queued),
-            Gauge(p + "backend_ready", "1 once the backend is loaded.", ready),
-        ]
+        gauges = (
+            ("requests_in_flight", "Requests being assessed.", in_flight),
+            ("requests_queued", "Admitted requests waiting for a slot.", queued),
+            (
+                "backend_ready",
+                "1 while /readyz says ready: the backend loaded, warmed up and reachable.",
+                ready,
+            ),
+        )
+        for name, help_text, read in gauges:
+            Gauge(p + name, help_text, registry=registry).set_function(read)
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.inc(method, route, str(status))
-        self.latency.observe(seconds, route)
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
 
     def reject(self, reason: str) -> None:
-        self.rejected.inc(reason)
+        self.rejected.labels(reason).inc()
 
     def decisions(
         self, policy: str, mode: str, decisions: Sequence[Decision], seconds: float
     ) -> None:
-        self.assess_latency.observe(seconds, policy, mode)
+        self.assess_latency.labels(policy, mode).observe(seconds)
         for decision in decisions:
             verdict = decision.verdict
             if verdict.error is not None:
-                self.verdicts.inc(policy, "error", "none")
-                self.errors.inc(policy, verdict.error.kind)
+                self.verdicts.labels(policy, "error", "none").inc()
+                self.errors.labels(policy, verdict.error.kind).inc()
             else:
-                self.verdicts.inc(policy, verdict.rating or "none", verdict.category_id or "none")
+                rating, category = verdict.rating or "none", verdict.category_id or "none"
+                self.verdicts.labels(policy, rating, category).inc()
             for action in decision.actions:
-                self.actions.inc(policy, action.name)
+                self.actions.labels(policy, action.name).inc()
 
-    def render(self) -> str:
-        lines: list[str] = []
-        metrics: list[_Metric] = [
-            self.requests,
-            self.latency,
-            self.assess_latency,
-            self.verdicts,
-            self.actions,
-            self.errors,
-            self.rejected,
-            *self.gauges,
-        ]
-        for metric in metrics:
-            lines.extend(metric.header())
-            lines.extend(metric.samples())
-        return "\n".join(lines) + "\n"
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition the scraper's Accept header asks for, and its content type."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

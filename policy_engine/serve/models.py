@@ -144,9 +144,15 @@ class Health(_Model):
 
 
 class Readiness(_Model):
-    status: Literal["ready", "loading", "failed", "stopping"]
+    status: Literal["ready", "loading", "warming_up", "unavailable", "failed", "stopping"] = Field(
+        description="`ready`: loaded, warmed up and the backend answers its health probe; "
+        "`unavailable`: loaded but the probe fails (it may recover); `failed`: loading or "
+        "warm-up failed (it will not recover)."
+    )
     backend: str
-    error: str | None = Field(default=None, description="Why loading the backend failed.")
+    error: str | None = Field(
+        default=None, description="Why the service is not ready (unavailable or failed)."
+    )
 
 
 # -- OpenAI-compatible moderation ----------------------------------------------------------------

@@ -48,8 +48,10 @@ class EnginePool:
         batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         host: PluginHost | None = None,
+        lenient: bool = False,
     ) -> None:
         self.host = host or get_host()
+        self.lenient = lenient
         if mode not in MODES:
             raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         self.backend: Backend = make_backend(backend, backend_options, self.host)
@@ -101,6 +103,7 @@ class EnginePool:
                     batch_size=self.batch_size,
                     max_pixels=self.max_pixels,
                     host=self.host,
+                    lenient=self.lenient,
                 )
                 self._engines[key] = engine
             return engine

@@ -27,6 +27,10 @@ class ServeSettings:
     - `shutdown_timeout`: seconds the command drains in-flight requests on SIGTERM/SIGINT.
     - `default_metadata`: request metadata every assessment starts from (`--meta`); a
       request's own metadata overrides it key by key.
+    - `health_cache`: seconds `/readyz` and `/metrics` reuse the backend's last health probe
+      (`Backend.health()`); 0 probes on every call (still one probe at a time).
+    - `warmup`: judge a generated image once per (policy, mode) after loading the backend,
+      before `/readyz` says ready (`--no-warmup` turns it off).
 
     `host`, `port`, `api_key_env` and `shutdown_timeout` are the command's business;
     `create_app` reads the rest. The pixel limit is the pool's (`EnginePool(max_pixels=...)`):
@@ -43,6 +47,8 @@ class ServeSettings:
     max_body_bytes: int = 20 * 1024 * 1024
     shutdown_timeout: float = 30.0
     default_metadata: dict[str, object] = field(default_factory=dict)
+    health_cache: float = 5.0
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -51,6 +57,8 @@ class ServeSettings:
             raise ValueError("max_queue must not be negative")
         if self.timeout <= 0 or self.max_body_bytes < 1:
             raise ValueError("timeout and max_body_bytes must be positive")
+        if self.health_cache < 0:
+            raise ValueError("health_cache must not be negative")
 
     @property
     def auth(self) -> bool:
