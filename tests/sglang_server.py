@@ -88,7 +88,8 @@ FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
 
 @dataclass(frozen=True)
 class Fault:
-    """One injected failure, consumed by the next matching POST request (before validation)."""
+    """One injected failure, consumed by the next matching request (before validation): any
+    POST when `path` is None, else the next request to `path` (a GET route too)."""
 
     kind: FaultKind
     path: str | None = None  # only requests to this path; None = any POST
@@ -188,6 +189,7 @@ class FakeSGLang(LoopbackServer):
         self.received: list[Received] = []
         self.prompts: list[str] = []  # the chat prompts as rendered, in order
         self.counts: collections.Counter[str] = collections.Counter()
+        self.gets: collections.Counter[str] = collections.Counter()  # GET requests by path
         self.max_in_flight = 0
         self.max_busy_slots = 0  # the highest number of generation slots held at once
         self._lock = threading.Lock()
@@ -219,6 +221,7 @@ class FakeSGLang(LoopbackServer):
             self.received.clear()
             self.prompts.clear()
             self.counts.clear()
+            self.gets.clear()
             self._faults.clear()
             self.max_in_flight = self._in_flight
             self.max_busy_slots = self._busy
@@ -233,12 +236,12 @@ class FakeSGLang(LoopbackServer):
         # http_server.py: /health and /health_generate share a handler, as do the deprecated
         # /get_* info routes and their successors; /tokenize is an alias of /v1/tokenize
         for path in ("/health", "/health_generate"):
-            app.router.add_get(path, self._health)
+            app.router.add_get(path, self._get(self._health))
         for path in ("/model_info", "/get_model_info"):
-            app.router.add_get(path, self._model_info)
+            app.router.add_get(path, self._get(self._model_info))
         for path in ("/server_info", "/get_server_info"):
-            app.router.add_get(path, self._server_info)
-        app.router.add_get("/v1/models", self._models)
+            app.router.add_get(path, self._get(self._server_info))
+        app.router.add_get("/v1/models", self._get(self._models))
         for path in ("/tokenize", "/v1/tokenize"):
             app.router.add_post(path, self._post(self._tokenize))
         app.router.add_post("/generate", self._post(self._generate))
@@ -259,10 +262,10 @@ class FakeSGLang(LoopbackServer):
             return web.json_response({"error": "Unauthorized"}, status=401)
         return await handler(request)
 
-    def _take_fault(self, path: str) -> Fault | None:
+    def _take_fault(self, path: str, *, post: bool = True) -> Fault | None:
         with self._lock:
             for index, fault in enumerate(self._faults):
-                if fault.path is None or fault.path == path:
+                if (fault.path is None and post) or fault.path == path:
                     del self._faults[index]
                     return fault
         return None
@@ -281,6 +284,27 @@ class FakeSGLang(LoopbackServer):
             finally:
                 with self._lock:
                     self._busy -= 1
+
+    def _get(
+        self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """A GET route, counted, that a fault injected for its path can fail."""
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            with self._lock:
+                self.gets[request.path] += 1
+            fault = self._take_fault(request.path, post=False)
+            if fault is not None:
+                if fault.kind == "slow":
+                    await asyncio.sleep(fault.delay)
+                else:
+                    response = await self._apply_fault(request, fault)
+                    if response is None:
+                        raise asyncio.CancelledError
+                    return response
+            return await handler(request)
+
+        return wrapped
 
     def _post(self, handler: _Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def wrapped(request: web.Request) -> web.StreamResponse:
