@@ -49,25 +49,15 @@ as a subprocess on a machine where it is installed.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
-import os
-import shlex
-import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any, TypeVar
 
 from policy_engine import Backend, Capabilities, Generation, Request, hookimpl, parse_verdict
 from policy_engine.errors import (
@@ -80,18 +70,17 @@ from policy_engine.images import LoadedImage
 
 from . import scores, servers
 from .chat_templates import (
-    JINJA_SOURCES,
     TEMPLATES,
     ChatTemplate,
     JinjaTemplate,
-    guess_template,
     template_for,
 )
-from .http_client import BadReply, Failed, HttpClient, Settings, normalize_url
+from .http_client import BadReply, Failed, HttpClient, Settings
 from .servers import ServerInfo
+from .sglang_launch import Launcher
+from .sglang_options import SGLangOptions
 
 INSTALL_HINT = "pip install 'policy-engine[sglang]'"
-DEFAULT_LAUNCH_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV"
 # SGLang conversation templates under which its OpenAI path closes a prefilled assistant turn
 SGLANG_CLOSES = frozenset(
     {"chatml"} | {name for name, t in TEMPLATES.items() if not t.sglang_continues()}
@@ -102,109 +91,6 @@ SCHEMA_FIX = (
 )
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
-
-
-# -- options ---------------------------------------------------------------------------------
-class SGLangOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: list[str] = Field(
-        default_factory=list,
-        description="Server URL(s): several are balanced; a router URL is one. "
-        "Comma-separated or a list.",
-    )
-    transport: Literal["openai", "native"] = Field(
-        default="openai",
-        description="openai: /v1/chat/completions (SGLang, vLLM, ...); native: SGLang /generate.",
-    )
-    server: Literal["auto", "sglang", "vllm", "openai"] = Field(
-        default="auto",
-        description="What answers at url: auto asks its info routes; sglang and vllm take their "
-        "extra fields (top_k, continue_final_message); openai: OpenAI's fields only.",
-    )
-    model: str | None = Field(
-        default=None,
-        description="Served model name (default: asked from the server); with launch, the "
-        "checkpoint to serve.",
-    )
-    chat_template: str = Field(
-        default="auto",
-        description="native only: chatml-llava, vicuna_v1.1, qwen2-vl, a Jinja file or a "
-        "checkpoint directory; auto: the server's, else from the served model's path.",
-    )
-    api_key_env: str = Field(
-        default="POLICY_ENGINE_SGLANG_API_KEY",
-        description="Environment variable that holds the API key (sent as a Bearer token).",
-    )
-    concurrency: int = Field(default=64, ge=1, le=4096, description="Requests in flight.")
-    list_batch: int = Field(
-        default=1,
-        ge=1,
-        le=256,
-        description="native only: images per /generate call (one behind SGLang's router).",
-    )
-    balance: Literal["least-in-flight", "round-robin"] = "least-in-flight"
-    timeout: float = Field(default=120.0, gt=0, description="Seconds per attempt.")
-    connect_timeout: float = Field(default=10.0, gt=0)
-    deadline: float = Field(
-        default=600.0, gt=0, description="Seconds per request, all attempts included."
-    )
-    retries: int = Field(default=5, ge=0, description="Attempts after the first.")
-    backoff: float = Field(default=0.5, ge=0, description="First retry delay (doubles).")
-    backoff_max: float = Field(default=20.0, ge=0)
-    greedy: bool = Field(default=False, description="temperature 0: reproducible audits.")
-    temperature: float = Field(default=0.2, gt=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int = Field(default=50, ge=0, description="0: off. Sent to SGLang and vLLM only.")
-    max_new_tokens: int | None = Field(
-        default=None, ge=1, description="Token budget; default: the policy's (500)."
-    )
-    image_format: Literal["PNG", "JPEG", "WEBP"] = Field(
-        default="PNG", description="How images travel (PNG: lossless)."
-    )
-    max_side: int | None = Field(
-        default=None,
-        ge=16,
-        description="Shrink images whose longer side exceeds this before sending (aspect kept): "
-        "less bandwidth for photos the server's processor would shrink anyway.",
-    )
-    top_logprobs: int = Field(
-        default=20, ge=2, le=20, description="score mode: top logprobs of the first token to read."
-    )
-    min_rating_mass: float = Field(
-        default=scores.DEFAULT_FLOOR,
-        gt=0.0,
-        le=1.0,
-        description="score mode: the least share of the first answer token's probability the "
-        "two ratings must hold; below it the item is an error (a closed assistant turn or a "
-        "wrong chat template).",
-    )
-    score_answers: bool = Field(
-        default=False,
-        description="full/verdict: also ask P(Unsafe) (one 1-token request per image, sent "
-        "alongside; SGLang reuses the cached prompt) for rules and thresholds that use it.",
-    )
-    launch: bool = Field(
-        default=False, description="Start `python -m sglang.launch_server` (needs sglang, a GPU)."
-    )
-    launch_port: int = Field(default=30000, ge=1, le=65535)
-    launch_command: str | None = Field(
-        default=None,
-        description="Replaces the launch command; {python}, {model}, {port} are filled in.",
-    )
-    launch_timeout: float = Field(default=900.0, gt=0)
-
-    @field_validator("url", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("url")
-    @classmethod
-    def _check_urls(cls, value: list[str]) -> list[str]:
-        return [normalize_url(url) for url in value]
 
 
 @dataclass
@@ -245,13 +131,11 @@ class SGLangBackend(Backend):
         self.model_name = self.options.model or ""
         self.template: ChatTemplate | JinjaTemplate | None = None
         self.server = ServerInfo("openai")
-        self.process: subprocess.Popen[bytes] | None = None
+        self.launcher: Launcher | None = None
         self.http: HttpClient | None = None
         self._lists = True  # whether /generate takes a list of texts here
         self._texts: dict[tuple[str, str], str] = {}
         self._warned: set[str] = set()
-        self._log_path: Path | None = None
-        self._launch_dir: Path | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -278,7 +162,7 @@ class SGLangBackend(Backend):
         try:
             self.http.open()
             if opts.launch:
-                self._launch(self.http)
+                self._launcher().start(self.http)
             self.http.run(self.http.check_health())
             self.http.run(self._discover(self.http))
         except BaseException:
@@ -302,12 +186,8 @@ class SGLangBackend(Backend):
         if self.http is not None:
             self.http.close()
             self.http = None
-        if self.process is not None:
-            _terminate(self.process)
-            self.process = None
-        if self._launch_dir is not None:
-            shutil.rmtree(self._launch_dir, ignore_errors=True)
-            self._launch_dir = None
+        if self.launcher is not None:
+            self.launcher.stop()
         self.loaded = False
 
     async def _discover(self, http: HttpClient) -> None:
@@ -389,67 +269,18 @@ class SGLangBackend(Backend):
 
     # -- launch ----------------------------------------------------------------------------
     def launch_command(self) -> list[str]:
-        """The command `launch` runs (SGLang's server, or `launch_command`). A template that
-        SGLang's OpenAI path would close (chatml-llava) is given as its Jinja twin, written to a
-        temporary directory, so that score mode works over both transports."""
-        opts = self.options
-        model = opts.model or DEFAULT_LAUNCH_MODEL
-        port = urllib.parse.urlsplit(self.urls[0]).port or opts.launch_port
-        if opts.launch_command:
-            text = opts.launch_command.format(python=sys.executable, model=model, port=port)
-            return shlex.split(text)
-        if importlib.util.find_spec("sglang") is None:
-            raise BackendUnavailableError(
-                "--launch needs the sglang package, which runs on a GPU machine: "
-                "pip install 'sglang[all]' there, or start a server yourself and pass --url"
-            )
-        command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model]
-        command += ["--host", "127.0.0.1", "--port", str(port)]
-        template = opts.chat_template if opts.chat_template in TEMPLATES else guess_template(model)
-        if template in JINJA_SOURCES:
-            if self._launch_dir is None:
-                self._launch_dir = Path(tempfile.mkdtemp(prefix="policy-engine-sglang-"))
-            twin = self._launch_dir / f"{template}.jinja"
-            twin.write_text(JINJA_SOURCES[template], encoding="utf-8")
-            command += ["--chat-template", str(twin)]
-        elif template:
-            command += ["--chat-template", template]
-        return command
+        """The command `launch` runs (see sglang_launch.Launcher.command)."""
+        return self._launcher().command()
 
-    def _launch(self, http: HttpClient) -> None:
-        command = self.launch_command()
-        handle, name = tempfile.mkstemp(prefix="policy-engine-sglang-", suffix=".log")
-        self._log_path = Path(name)
-        print(
-            f"policy-engine: starting {shlex.join(command)} (log: {name})",
-            file=sys.stderr,
-        )
-        try:
-            self.process = subprocess.Popen(
-                command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        except OSError as err:
-            raise BackendUnavailableError(f"cannot start {command[0]}: {err.strerror}") from None
-        finally:
-            os.close(handle)
-        http.run(self._await_launch(http))
+    def _launcher(self) -> Launcher:
+        if self.launcher is None:
+            self.launcher = Launcher(self.options, self.urls[0])
+        return self.launcher
 
-    async def _await_launch(self, http: HttpClient) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.options.launch_timeout
-        url = self.urls[0] + "/health"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BackendUnavailableError(
-                    f"the launched server exited with status {self.process.returncode}: "
-                    f"{_tail(self._log_path)}"
-                )
-            if await http.healthy(http.pool.endpoints[0]) is None:
-                return
-            await asyncio.sleep(0.5)
-        raise BackendError(
-            f"the launched server did not answer {url} within {self.options.launch_timeout:g}s"
-        )
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The launched server's process, while it runs."""
+        return self.launcher.process if self.launcher is not None else None
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
@@ -785,24 +616,6 @@ def _with_score(answer: Generation, score: Generation) -> Generation:
         model=answer.model,
         timings=answer.timings,
     )
-
-
-def _tail(path: Path | None, lines: int = 5) -> str:
-    if path is None or not path.exists():
-        return "(no log)"
-    text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    return " | ".join(text[-lines:]) or "(empty log)"
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @hookimpl

@@ -598,6 +598,40 @@ def test_launch_explains_what_is_missing(tmp_path: Path) -> None:
         crashing.load()
 
 
+def test_launch_serves_each_checkpoint_so_that_score_mode_continues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """chatml-llava goes as its Jinja twin (SGLang's openai path would close the prefill);
+    vicuna_v1.1 and qwen2-vl, which SGLang continues, by name. (sglang itself needs a GPU
+    machine: only its presence is pretended here.)"""
+    import importlib.util
+
+    from policy_engine.backends import sglang_launch
+    from policy_engine.backends.chat_templates import JINJA_SOURCES
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        sglang_launch.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "sglang" else real(name, *a),
+    )
+    backend = SGLangBackend(launch=True, model="AIML-TUDA/LlavaGuard-v1.2-7B-OV")
+    command = backend.launch_command()
+    assert command[1:3] == ["-m", "sglang.launch_server"]
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    twin = Path(command[command.index("--chat-template") + 1])
+    assert twin.name == "chatml-llava.jinja"
+    assert twin.read_text() == JINJA_SOURCES["chatml-llava"]
+    backend.close()
+    assert not twin.exists()  # the temporary directory goes with the backend
+    for model, name in (
+        ("AIML-TUDA/LlavaGuard-7B", "vicuna_v1.1"),
+        ("x/QwenGuard-v1.2-3B", "qwen2-vl"),
+    ):
+        command = SGLangBackend(launch=True, model=model).launch_command()
+        assert command[command.index("--chat-template") + 1] == name
+
+
 def free_port() -> int:
     import socket
 
