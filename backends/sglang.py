@@ -214,8 +214,9 @@ class SGLangBackend(Backend):
             if opts.list_batch > 1:
                 self._warn_once(
                     "lists",
-                    f"list_batch={opts.list_batch} is not used: SGLang's router takes one text "
-                    "per /generate, so each image travels alone (the router spreads them)",
+                    f"policy-engine: list_batch={opts.list_batch} is not used: SGLang's router "
+                    "takes one text per /generate, so each image travels alone (the router "
+                    "spreads them)",
                 )
 
     async def _served_model(self, http: HttpClient) -> str:
