@@ -56,6 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -177,10 +178,11 @@ class SGLangBackend(Backend):
             return "the sglang backend is not loaded"
         if threading.current_thread() is http.io.thread:
             raise RuntimeError("health() would wait on its own event loop")
+        seconds = min(5.0, self.options.connect_timeout)
         try:
-            return http.run(http.probe(min(5.0, self.options.connect_timeout)))
-        except RuntimeError as err:  # closed while probing
-            return f"the sglang backend's HTTP client stopped ({err})"
+            return http.submit(http.probe(seconds)).result(timeout=seconds + 5)
+        except (RuntimeError, FutureTimeout) as err:  # closed while probing
+            return f"the sglang backend's HTTP client stopped ({type(err).__name__})"
 
     def close(self) -> None:
         if self.http is not None:
