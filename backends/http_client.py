@@ -6,12 +6,15 @@ several endpoints, and POSTs retried within a deadline.
     answer = client.run(client.post("/generate", body, parse))
     client.close()
 
-Every request holds one of `concurrency` slots while it is on the wire (not while it backs off).
+Every POST holds one of `concurrency` slots while it is on the wire (not while it backs off).
 Connect errors, timeouts, HTTP 408/429/5xx and replies that `parse` rejects (`BadReply`, or a
 `ValueError` such as malformed JSON) are retried with exponential backoff and jitter; a 429's
 Retry-After is honoured; no retry starts that would end past the request's deadline, counted
 from its first attempt. A request that finally fails raises `Failed` with one line saying why.
-Messages name endpoints and paths, never headers: the API key stays out of them.
+GETs (the info routes a backend reads at start) retry the same faults with the same backoff and
+return whatever else the server answered (`Reply`), so a caller can tell a 404 (not this kind
+of server) from a fault. Messages name endpoints and paths, never headers: the API key stays out
+of them.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import logging
 import os
 import random
-import sys
 import threading
 import time
 import urllib.parse
@@ -31,7 +34,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from policy_engine.errors import BackendUnavailableError
+from policy_engine.errors import BackendError
+
+logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 T = TypeVar("T")
@@ -134,16 +139,42 @@ class IOThread:
 
 
 class Failed(Exception):
-    """A request that will not succeed: becomes this item's error."""
+    """A request that will not succeed: becomes this item's error. `status` is the HTTP status
+    of the final answer (0: none came)."""
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, status: int = 0) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
+        self.status = status
 
 
 class BadReply(Exception):
     """A reply whose content cannot be used (malformed JSON, wrong shape): worth a retry."""
+
+
+class _Again(Exception):
+    """An attempt that failed in a way another attempt may not (a 5xx, a bad reply)."""
+
+    def __init__(self, problem: str, *, delay: float | None = None, status: int = 0) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.delay = delay
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A GET's final answer: its status and JSON body (None when the body is not JSON)."""
+
+    status: int
+    body: Any
+    url: str  # endpoint and path, for messages
+    raw: bytes = b""
+
+    def said(self) -> str:
+        """The server's error message, if it gave one (': message')."""
+        return server_message(self.raw)
 
 
 class HttpClient:
@@ -201,66 +232,132 @@ class HttpClient:
         return self.io
 
     # -- GETs ------------------------------------------------------------------------------
-    async def healthy(self, endpoint: Endpoint) -> str | None:
-        """None if `endpoint` answers /health with 200, else what is wrong."""
+    async def healthy(self, endpoint: Endpoint, timeout: float | None = None) -> str | None:
+        """None if `endpoint` answers /health with 200 within `timeout` seconds (default:
+        connect_timeout + 5), else what is wrong."""
         import aiohttp
 
+        seconds = self.settings.connect_timeout + 5 if timeout is None else timeout
         try:
-            timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout + 5)
-            async with self._session.get(endpoint.url + "/health", timeout=timeout) as reply:
+            limit = aiohttp.ClientTimeout(total=seconds)
+            async with self._session.get(endpoint.url + "/health", timeout=limit) as reply:
                 await reply.read()
                 return None if reply.status == 200 else f"HTTP {reply.status}"
         except (aiohttp.ClientError, TimeoutError) as err:
             return describe(err)
 
+    async def probe(self, timeout: float) -> str | None:
+        """None if at least one endpoint answers /health now, else one line saying why none
+        does: a cheap check, nothing retried."""
+        problems = await asyncio.gather(*(self.healthy(e, timeout) for e in self.pool.endpoints))
+        if any(p is None for p in problems):
+            return None
+        pairs = zip(self.pool.endpoints, problems, strict=True)
+        detail = "; ".join(f"{e.url}: {p}" for e, p in pairs)
+        return f"no {self.settings.server} answers /health ({detail})"
+
     async def check_health(self) -> None:
-        """Every endpoint's /health: none healthy is an error, an unhealthy one rests."""
-        problems = await asyncio.gather(*(self.healthy(e) for e in self.pool.endpoints))
-        down = [(e, p) for e, p in zip(self.pool.endpoints, problems, strict=True) if p]
-        if len(down) == len(self.pool.endpoints):
+        """Every endpoint's /health, tried again with the POSTs' backoff while none is healthy
+        (a server still starting answers 503): none healthy in the end is a BackendError, a
+        fault rather than a user's mistake. An unhealthy endpoint rests while others serve."""
+        opts = self.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + opts.deadline
+        attempt = 0
+        while True:
+            attempt += 1
+            problems = await asyncio.gather(*(self.healthy(e) for e in self.pool.endpoints))
+            down = [(e, p) for e, p in zip(self.pool.endpoints, problems, strict=True) if p]
+            if len(down) < len(self.pool.endpoints):
+                break
             detail = "; ".join(f"{e.url}: {p}" for e, p in down)
-            raise BackendUnavailableError(f"no {self.settings.server} answers /health ({detail})")
+            delay = self._delay(attempt)
+            if attempt > opts.retries or loop.time() + delay >= deadline:
+                tries = f" after {attempt} attempts" if attempt > 1 else ""
+                raise BackendError(
+                    f"no {opts.server} answers /health ({detail}){tries}", retryable=True
+                )
+            await asyncio.sleep(delay)
         for endpoint, problem in down:
-            print(
-                f"policy-engine: warning: {endpoint.url} is not healthy ({problem}); "
-                "using the others",
-                file=sys.stderr,
-            )
+            logger.warning("%s is not healthy (%s); using the others", endpoint.url, problem)
             self.pool.refused(endpoint)
 
-    async def get_json(self, path: str, hint: str) -> Any:
-        """GET a JSON document from a healthy endpoint; failing is an error that says `hint`."""
-        endpoint = self.pool.pick()
-        try:
-            async with self._session.get(endpoint.url + path) as reply:
-                if reply.status != 200:
-                    said = server_message(await reply.read())
-                    raise BackendUnavailableError(
-                        f"{endpoint.url}{path}: HTTP {reply.status}{said}; {hint}"
-                    )
-                return await reply.json(content_type=None)
-        except BackendUnavailableError:
-            raise
-        except Exception as err:
-            raise BackendUnavailableError(f"{endpoint.url}{path}: {describe(err)}") from None
+    async def get(self, path: str) -> Reply:
+        """GET `path` from a picked endpoint, retrying connect errors, timeouts, 408, 429 and
+        5xx like a POST; any other answer is returned as it is. Raises Failed when no such
+        answer came within the retries."""
 
-    # -- POSTs -----------------------------------------------------------------------------
+        def settle(endpoint: Endpoint, status: int, raw: bytes, retry_after: str | None) -> Reply:
+            where = endpoint.url + path
+            if status in RETRY_STATUSES:
+                delay = retry_after_seconds(retry_after) if status == 429 and retry_after else None
+                raise _Again(f"{where}: HTTP {status}{server_message(raw)}", delay=delay)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            return Reply(status, body, where, raw)
+
+        return await self._exchange("GET", path, None, settle, bounded=False)
+
+    # -- POSTs ---------------------------------------------------------------------------------
     async def post(self, path: str, body: Any, parse: Callable[[Any], T]) -> T:
         """POST `body` to `path` on a picked endpoint until `parse` accepts the reply, with
         retries, backoff and the per-request deadline. Raises Failed."""
+        key_env = self.settings.api_key_env
+
+        def settle(endpoint: Endpoint, status: int, raw: bytes, retry_after: str | None) -> T:
+            where = endpoint.url + path
+            if status == 200:
+                try:
+                    return parse(json.loads(raw))
+                except (ValueError, BadReply) as err:  # json's errors are ValueErrors
+                    raise _Again(f"{where}: unusable reply ({short(err)})") from None
+            problem = f"{where}: HTTP {status}{server_message(raw)}"
+            if status in (401, 403):
+                raise Failed(
+                    f"{problem}: the server refused the credentials (API key from ${key_env})",
+                    retryable=False,
+                    status=status,
+                )
+            if status not in RETRY_STATUSES:
+                raise Failed(problem, retryable=False, status=status)
+            delay = retry_after_seconds(retry_after) if status == 429 and retry_after else None
+            raise _Again(problem, delay=delay, status=status)
+
+        payload = json.dumps(body).encode("utf-8")
+        return await self._exchange("POST", path, payload, settle, bounded=True)
+
+    def _delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter before attempt `attempt + 1`."""
+        cap = min(self.settings.backoff_max, self.settings.backoff * 2.0 ** (attempt - 1))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        payload: bytes | None,
+        settle: Callable[[Endpoint, int, bytes, str | None], T],
+        *,
+        bounded: bool,
+    ) -> T:
+        """The retry loop shared by GETs and POSTs: `settle` turns an answer into the result,
+        or raises _Again (try again) or Failed (final). `bounded` requests hold a concurrency
+        slot while on the wire."""
         import aiohttp
 
         opts = self.settings
         assert self._semaphore is not None
         loop = asyncio.get_running_loop()
         started = deadline = 0.0
-        payload = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
         attempt = 0
         while True:
             attempt += 1
             delay: float | None = None
-            async with self._semaphore:
+            status = 0
+            async with self._semaphore if bounded else contextlib.nullcontext():
                 if attempt == 1:  # the deadline counts from the first attempt, not the queue
                     started = loop.time()
                     deadline = started + opts.deadline
@@ -272,8 +369,8 @@ class HttpClient:
                         total=min(opts.timeout, max(remaining, 0.001)),
                         sock_connect=opts.connect_timeout,
                     )
-                    async with self._session.post(
-                        endpoint.url + path, data=payload, headers=headers, timeout=timeout
+                    async with self._session.request(
+                        method, endpoint.url + path, data=payload, headers=headers, timeout=timeout
                     ) as reply:
                         status = reply.status
                         raw = await reply.read()
@@ -281,46 +378,33 @@ class HttpClient:
                 except aiohttp.ClientConnectorError as err:
                     self.pool.refused(endpoint)
                     problem = f"cannot connect to {endpoint.url}: {describe(err)}"
-                    status = 0
                 except (aiohttp.ClientError, TimeoutError) as err:
                     problem = f"{endpoint.url}{path}: {describe(err)}"
-                    status = 0
                 finally:
                     endpoint.in_flight -= 1
-            if status == 200:
+            if status:
                 try:
-                    result = parse(json.loads(raw))
-                except (ValueError, BadReply) as err:  # json's errors are ValueErrors
-                    problem = f"{endpoint.url}{path}: unusable reply ({short(err)})"
+                    result = settle(endpoint, status, raw, retry_after)
+                except _Again as again:
+                    problem, delay = again.problem, again.delay
                 else:
                     self.pool.answered(endpoint)
                     endpoint.served += 1
                     return result
-            elif status:
-                problem = f"{endpoint.url}{path}: HTTP {status}{server_message(raw)}"
-                if status in (401, 403):
-                    raise Failed(
-                        f"{problem}: the server refused the credentials (API key from "
-                        f"${opts.api_key_env})",
-                        retryable=False,
-                    )
-                if status not in RETRY_STATUSES:
-                    raise Failed(problem, retryable=False)
-                if status == 429 and retry_after:
-                    delay = retry_after_seconds(retry_after)
             elapsed = loop.time() - started
             if attempt > opts.retries:
                 raise Failed(
                     f"{problem} (gave up after {attempt} attempts in {elapsed:.1f}s)",
                     retryable=True,
+                    status=status,
                 )
             if delay is None:
-                cap = min(opts.backoff_max, opts.backoff * 2 ** (attempt - 1))
-                delay = cap / 2 + random.uniform(0, cap / 2)
+                delay = self._delay(attempt)
             if loop.time() + delay >= deadline:
                 raise Failed(
                     f"{problem} (deadline of {opts.deadline:g}s reached after {attempt} attempts)",
                     retryable=True,
+                    status=status,
                 )
             await asyncio.sleep(delay)
 

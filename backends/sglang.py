@@ -8,26 +8,36 @@ Two transports, both constrained to the compiled policy's JSON Schema:
 
 - `openai` (default): `POST /v1/chat/completions`, the image as a base64 `image_url` part before
   the policy text, `response_format` in the nested `json_schema` form (llama.cpp decodes
-  unconstrained when the schema is sent flat), explicit `max_tokens` and `temperature`. The
-  server applies its chat template. Serves SGLang, vLLM and other OpenAI-compatible servers.
-  Score mode prefills the answer prefix as an assistant message with `continue_final_message`
-  and reads P(Unsafe) from the first token's `top_logprobs`.
-- `native`: SGLang's `POST /generate`: `text` rendered here with the model's chat template
+  unconstrained when the schema is sent flat), an explicit token budget and `temperature`. The
+  server applies its chat template. Serves SGLang, vLLM and other OpenAI-compatible servers;
+  what else it sends depends on which one answers (`servers.identify`): `top_k` and
+  `continue_final_message` only to SGLang and vLLM, never to a strict server that rejects
+  unknown fields. Score mode prefills the answer prefix as an assistant message with
+  `continue_final_message` and reads P(Unsafe) from the first token's `top_logprobs`.
+- `native`: SGLang's `POST /generate`: `text` rendered here with SGLang's chat template
   (`chat_template`), `image_data`, `sampling_params` with `json_schema` (a JSON string) and an
   explicit `max_new_tokens` (SGLang's default of 128 truncates rationales); `list_batch` items
-  per call. Score mode is one decode step at temperature 1 after the forced answer prefix, with
-  `token_ids_logprob` for the first tokens of "Safe" and "Unsafe" (looked up once via
-  `/tokenize`): SGLang computes returned logprobs after temperature and the grammar mask, so no
-  grammar, top-p or top-k is sent there.
+  per call where the endpoint takes lists (SGLang does, its router does not). Score mode sends
+  the conversation with the answer prefix as the open assistant message and asks one token at
+  temperature 1 with its top logprobs as text (`top_logprobs_num`, `return_text_in_logprobs`):
+  no `/tokenize`, which SGLang's router lacks. SGLang computes returned logprobs after
+  temperature and the grammar mask, so no grammar, top-p or top-k is sent there.
+
+In both, the two ratings must hold at least `min_rating_mass` of the first token's probability,
+or the item is an error (`scores.score`): a closed assistant turn or a wrong template would
+otherwise give a confident P(Unsafe) from no evidence. A reply outside the schema is an error
+that says the server seems to ignore the schema.
 
 All HTTP runs on one event loop in a background thread owned by the backend
 (`http_client.HttpClient`), so the sync and the async engine APIs share one connection pool and
 one bound on requests in flight (`concurrency`, default 64). Every request retries connect
 errors, timeouts, 429 (honouring Retry-After), 5xx and malformed replies with exponential backoff
 and jitter, within a per-request `deadline`; one that finally fails becomes an error verdict for
-its item only.
+its item only. The GETs at start are retried alike; a server that stays unreachable or answers
+5xx is a `BackendError` (a fault), never a user error.
 Several `url`s are balanced by least-in-flight (or round-robin); an endpoint that refuses
-connections is rested for a while. `load()` checks every endpoint's `/health`.
+connections is rested for a while. `load()` checks every endpoint's `/health`; `health()` probes
+them again, cheaply, for a service's readiness.
 
 The API key is read from the environment variable named by `api_key_env`
 (`POLICY_ENGINE_SGLANG_API_KEY`), never from options, and never appears in messages.
@@ -39,23 +49,16 @@ as a subprocess on a machine where it is installed.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import math
-import os
-import shlex
+import logging
 import subprocess
-import sys
-import tempfile
+import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from policy_engine import (
     Backend,
@@ -66,6 +69,7 @@ from policy_engine import (
     Mode,
     Register,
     hookimpl,
+    parse_verdict,
 )
 from policy_engine.compiler import CompiledPolicy
 from policy_engine.errors import (
@@ -74,101 +78,33 @@ from policy_engine.errors import (
     ImageError,
     PolicyEngineError,
 )
-from policy_engine.images import LoadedImage
 
-from .chat_templates import TEMPLATES, ChatTemplate, JinjaTemplate, guess_template, template_for
-from .http_client import BadReply, Failed, HttpClient, Settings, normalize_url
+if TYPE_CHECKING:
+    from policy_engine import LoadedImage
+
+from . import scores, servers
+from .chat_templates import (
+    TEMPLATES,
+    ChatTemplate,
+    JinjaTemplate,
+    template_for,
+)
+from .http_client import BadReply, Failed, HttpClient, Settings
+from .servers import ServerInfo
+from .sglang_launch import Launcher
+from .sglang_options import SGLangOptions
 
 INSTALL_HINT = "pip install 'policy-engine[sglang]'"
-DEFAULT_LAUNCH_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV"
+# SGLang conversation templates under which its OpenAI path closes a prefilled assistant turn
+SGLANG_CLOSES = frozenset(
+    {"chatml"} | {name for name, t in TEMPLATES.items() if not t.sglang_continues()}
+)
+SCHEMA_FIX = (
+    "use a server that constrains decoding to a JSON Schema, such as SGLang or vLLM "
+    "(transformers serve does not); see docs/sglang.md, 'Servers'"
+)
 T = TypeVar("T")
-
-
-# -- options ---------------------------------------------------------------------------------
-class SGLangOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: list[str] = Field(
-        default_factory=list,
-        description="Server URL(s): several are balanced; a router URL is one. "
-        "Comma-separated or a list.",
-    )
-    transport: Literal["openai", "native"] = Field(
-        default="openai",
-        description="openai: /v1/chat/completions (SGLang, vLLM, ...); native: SGLang /generate.",
-    )
-    model: str | None = Field(
-        default=None,
-        description="Served model name (default: asked from the server); with launch, the "
-        "checkpoint to serve.",
-    )
-    chat_template: str = Field(
-        default="auto",
-        description="native only: chatml-llava, vicuna_v1.1, qwen2-vl, a Jinja file or a "
-        "checkpoint directory; auto: from the served model's path.",
-    )
-    api_key_env: str = Field(
-        default="POLICY_ENGINE_SGLANG_API_KEY",
-        description="Environment variable that holds the API key (sent as a Bearer token).",
-    )
-    concurrency: int = Field(default=64, ge=1, le=4096, description="Requests in flight.")
-    list_batch: int = Field(
-        default=1, ge=1, le=256, description="native only: images per /generate call."
-    )
-    balance: Literal["least-in-flight", "round-robin"] = "least-in-flight"
-    timeout: float = Field(default=120.0, gt=0, description="Seconds per attempt.")
-    connect_timeout: float = Field(default=10.0, gt=0)
-    deadline: float = Field(
-        default=600.0, gt=0, description="Seconds per request, all attempts included."
-    )
-    retries: int = Field(default=5, ge=0, description="Attempts after the first.")
-    backoff: float = Field(default=0.5, ge=0, description="First retry delay (doubles).")
-    backoff_max: float = Field(default=20.0, ge=0)
-    greedy: bool = Field(default=False, description="temperature 0: reproducible audits.")
-    temperature: float = Field(default=0.2, gt=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int = Field(default=50, ge=0, description="0: off.")
-    max_new_tokens: int | None = Field(
-        default=None, ge=1, description="Token budget; default: the policy's (500)."
-    )
-    image_format: Literal["PNG", "JPEG", "WEBP"] = Field(
-        default="PNG", description="How images travel (PNG: lossless)."
-    )
-    max_side: int | None = Field(
-        default=None,
-        ge=16,
-        description="Shrink images whose longer side exceeds this before sending (aspect kept): "
-        "less bandwidth for photos the server's processor would shrink anyway.",
-    )
-    top_logprobs: int = Field(
-        default=20, ge=2, le=20, description="openai score mode: top logprobs to read."
-    )
-    score_answers: bool = Field(
-        default=False,
-        description="full/verdict: also ask P(Unsafe) (one 1-token request per image, sent "
-        "alongside; SGLang reuses the cached prompt) for rules and thresholds that use it.",
-    )
-    launch: bool = Field(
-        default=False, description="Start `python -m sglang.launch_server` (needs sglang, a GPU)."
-    )
-    launch_port: int = Field(default=30000, ge=1, le=65535)
-    launch_command: str | None = Field(
-        default=None,
-        description="Replaces the launch command; {python}, {model}, {port} are filled in.",
-    )
-    launch_timeout: float = Field(default=900.0, gt=0)
-
-    @field_validator("url", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("url")
-    @classmethod
-    def _check_urls(cls, value: list[str]) -> list[str]:
-        return [normalize_url(url) for url in value]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -249,12 +185,12 @@ class SGLangBackend(Backend):
         self.urls = self.options.url or [f"http://127.0.0.1:{self.options.launch_port}"]
         self.model_name = self.options.model or ""
         self.template: ChatTemplate | JinjaTemplate | None = None
-        self.process: subprocess.Popen[bytes] | None = None
+        self.server = ServerInfo("openai")
+        self.launcher: Launcher | None = None
         self.http: HttpClient | None = None
-        self._tokenize_lock: asyncio.Lock | None = None
-        self._rating_ids: dict[str, tuple[int, int]] = {}
+        self._lists = True  # whether /generate takes a list of texts here
         self._texts: dict[tuple[str, str], str] = {}
-        self._log_path: Path | None = None
+        self._warned: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -280,105 +216,127 @@ class SGLangBackend(Backend):
         self.http = HttpClient(self.urls, settings)
         try:
             self.http.open()
-            self._tokenize_lock = self.http.run(_new_lock())
             if opts.launch:
-                self._launch(self.http)
+                self._launcher().start(self.http)
             self.http.run(self.http.check_health())
             self.http.run(self._discover(self.http))
         except BaseException:
             self.release()
             raise
 
+    def health(self) -> str | None:
+        """None while at least one endpoint answers /health (a short probe, nothing retried),
+        else why not. Callable from any thread but the backend's own event loop."""
+        http = self.http
+        if http is None or http.io is None:
+            return "the sglang backend is not loaded"
+        if threading.current_thread() is http.io.thread:
+            raise RuntimeError("health() would wait on its own event loop")
+        seconds = min(5.0, self.options.connect_timeout)
+        try:
+            return http.submit(http.probe(seconds)).result(timeout=seconds + 5)
+        except (RuntimeError, FutureTimeout) as err:  # closed while probing
+            return f"the sglang backend's HTTP client stopped ({type(err).__name__})"
+
     def release(self) -> None:
         if self.http is not None:
             self.http.close()
             self.http = None
-        if self.process is not None:
-            _terminate(self.process)
-            self.process = None
+        if self.launcher is not None:
+            self.launcher.stop()
 
     async def _discover(self, http: HttpClient) -> None:
-        """The served model's name (openai) and chat template (native)."""
+        """What answers (`server`), the served model's name (openai) and the chat template
+        (native)."""
         opts = self.options
+        if opts.server == "auto":
+            self.server = await servers.identify(http)
+        else:
+            self.server = ServerInfo(opts.server, told_by=f"-o server={opts.server}")
         if opts.transport == "openai":
             if not self.model_name:
-                info = await http.get_json(
-                    "/v1/models",
-                    "is it an OpenAI-compatible server? Or pass the model name: -o model=NAME",
-                )
-                try:
-                    self.model_name = str(info["data"][0]["id"])
-                except (KeyError, IndexError, TypeError):
-                    raise BackendUnavailableError(
-                        "the server lists no model at /v1/models; pass -o model=NAME"
-                    ) from None
+                self.model_name = await self._served_model(http)
             return
+        if self.server.kind != "sglang":
+            raise BackendUnavailableError(
+                f"the native transport needs an SGLang server, and {self.urls[0]} is "
+                f"{self.server.describe()}; use --transport openai (or -o server=sglang if it "
+                "is SGLang)"
+            )
+        self.template = await self._native_template(http)
+        if self.server.router:
+            self._lists = False
+            if opts.list_batch > 1:
+                self._warn_once(
+                    "lists",
+                    f"list_batch={opts.list_batch} is not used: SGLang's router "
+                    "takes one text per /generate, so each image travels alone (the router "
+                    "spreads them)",
+                )
+
+    async def _served_model(self, http: HttpClient) -> str:
+        if self.server.models:
+            return self.server.models[0]
+        reply = await servers.get(http, "/v1/models")
+        cards = servers.model_cards(reply)
+        if reply.status != 200:
+            raise BackendUnavailableError(
+                f"{reply.url}: HTTP {reply.status}{reply.said()}; is it an OpenAI-compatible "
+                "server? Or pass the model name: -o model=NAME"
+            )
+        if not cards or "id" not in cards[0]:
+            raise BackendUnavailableError(
+                f"the server lists no model at {reply.url}; pass -o model=NAME"
+            )
+        return str(cards[0]["id"])
+
+    async def _native_template(self, http: HttpClient) -> ChatTemplate | JinjaTemplate:
+        """The chat template to render: the option's, else the one SGLang says it uses, else
+        guessed from the model path (the option's, else /get_model_info's)."""
+        opts = self.options
+        if opts.chat_template != "auto":
+            return template_for(opts.chat_template, None)
+        if self.server.chat_template in TEMPLATES:
+            return TEMPLATES[self.server.chat_template]
         model_path = self.model_name
         if not model_path:
-            info = await http.get_json(
-                "/get_model_info",
-                "the native transport needs an SGLang server; for others use --transport "
-                "openai (or pass the model path: -o model=PATH)",
+            skip = (
+                f"pass the chat template (-o chat_template=NAME: {', '.join(TEMPLATES)}) or the "
+                "model path (-o model=PATH) to skip this look-up"
             )
-            model_path = str(info.get("model_path") or "") if isinstance(info, dict) else ""
+            reply = await servers.get(http, "/get_model_info", skip)
+            if reply.status != 200 or not isinstance(reply.body, dict):
+                raise BackendUnavailableError(
+                    f"{reply.url}: HTTP {reply.status}{reply.said()}; the native transport needs "
+                    "an SGLang server; for others use --transport openai (or pass the model "
+                    "path: -o model=PATH)"
+                )
+            model_path = str(reply.body.get("model_path") or "")
             self.model_name = model_path or "sglang"
-        self.template = template_for(opts.chat_template, model_path)
+        return template_for("auto", model_path)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("%s", message)
+
+    def _where(self) -> str:
+        return self.urls[0] if len(self.urls) == 1 else f"the servers ({', '.join(self.urls)})"
 
     # -- launch ----------------------------------------------------------------------------
     def launch_command(self) -> list[str]:
-        """The command `launch` runs (SGLang's server, or `launch_command`)."""
-        opts = self.options
-        model = opts.model or DEFAULT_LAUNCH_MODEL
-        port = urllib.parse.urlsplit(self.urls[0]).port or opts.launch_port
-        if opts.launch_command:
-            text = opts.launch_command.format(python=sys.executable, model=model, port=port)
-            return shlex.split(text)
-        if importlib.util.find_spec("sglang") is None:
-            raise BackendUnavailableError(
-                "--launch needs the sglang package, which runs on a GPU machine: "
-                "pip install 'sglang[all]' there, or start a server yourself and pass --url"
-            )
-        command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model]
-        command += ["--host", "127.0.0.1", "--port", str(port)]
-        template = opts.chat_template if opts.chat_template in TEMPLATES else guess_template(model)
-        if template:
-            command += ["--chat-template", template]
-        return command
+        """The command `launch` runs (see sglang_launch.Launcher.command)."""
+        return self._launcher().command()
 
-    def _launch(self, http: HttpClient) -> None:
-        command = self.launch_command()
-        handle, name = tempfile.mkstemp(prefix="policy-engine-sglang-", suffix=".log")
-        self._log_path = Path(name)
-        print(
-            f"policy-engine: starting {shlex.join(command)} (log: {name})",
-            file=sys.stderr,
-        )
-        try:
-            self.process = subprocess.Popen(
-                command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        except OSError as err:
-            raise BackendUnavailableError(f"cannot start {command[0]}: {err.strerror}") from None
-        finally:
-            os.close(handle)
-        http.run(self._await_launch(http))
+    def _launcher(self) -> Launcher:
+        if self.launcher is None:
+            self.launcher = Launcher(self.options, self.urls[0])
+        return self.launcher
 
-    async def _await_launch(self, http: HttpClient) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.options.launch_timeout
-        url = self.urls[0] + "/health"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BackendUnavailableError(
-                    f"the launched server exited with status {self.process.returncode}: "
-                    f"{_tail(self._log_path)}"
-                )
-            if await http.healthy(http.pool.endpoints[0]) is None:
-                return
-            await asyncio.sleep(0.5)
-        raise BackendUnavailableError(
-            f"the launched server did not answer {url} within {self.options.launch_timeout:g}s"
-        )
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The launched server's process, while it runs."""
+        return self.launcher.process if self.launcher is not None else None
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, batch: Batch) -> list[Generation]:
@@ -414,20 +372,21 @@ class SGLangBackend(Backend):
         """Encode images one by one and yield the groups that travel together (one item, or a
         native list batch of the same policy and mode), so early groups start while later
         images are still being encoded."""
-        size = self.options.list_batch if self.options.transport == "native" else 1
-        open_groups: dict[tuple[str, str], list[_Item]] = {}
+        native = self.options.transport == "native"
+        size = self.options.list_batch if native and self._lists else 1
+        group: list[_Item] = []  # a batch holds one policy and one mode: no regrouping
         for item in items:
             try:
                 item.image_url = self._image_url(item.request.image)
             except (ImageError, ValueError) as err:
                 item.result = Generation(error=str(err), model=self.model_name)
                 continue
-            key = (item.request.compiled.hash, item.request.mode)
-            group = open_groups.setdefault(key, [])
             group.append(item)
             if len(group) >= size:
-                yield open_groups.pop(key)
-        yield from open_groups.values()
+                yield group
+                group = []
+        if group:
+            yield group
 
     def _image_url(self, image: LoadedImage) -> str:
         """The image as it travels: shrunk to `max_side` when larger, as a data URL."""
@@ -444,15 +403,15 @@ class SGLangBackend(Backend):
         started = time.perf_counter()
         scoring = self.options.score_answers and group[0].request.mode != "score"
         score_group = [_Item(replace(i.request, mode="score"), i.index, i.image_url) for i in group]
-        answers, scores = await asyncio.gather(
+        answers, scored = await asyncio.gather(
             self._answers(group),
             self._answers(score_group) if scoring else asyncio.sleep(0, result=None),
         )
         seconds = time.perf_counter() - started
         for at, (item, result) in enumerate(zip(group, answers, strict=True)):
             result.timings.setdefault("http", seconds)
-            if scores is not None and result.error is None and scores[at].error is None:
-                result.p_unsafe = scores[at].p_unsafe  # a failed score leaves the answer as it is
+            if scored is not None and result.error is None:
+                result = _with_score(result, scored[at])
             item.result = result
 
     async def _answers(self, group: list[_Item]) -> list[Generation]:
@@ -473,20 +432,52 @@ class SGLangBackend(Backend):
             self.options.max_new_tokens or request.max_new_tokens or request.compiled.max_new_tokens
         )
 
-    def sampling(self) -> dict[str, Any]:
-        """Temperature, top-p and top-k as LlavaGuard's README sets them (or greedy)."""
+    def sampling(self, *, top_k: bool = True) -> dict[str, Any]:
+        """Temperature, top-p and (where the server takes it) top-k as LlavaGuard's README sets
+        them, or greedy."""
         opts = self.options
         if opts.greedy:
             return {"temperature": 0.0}
         params: dict[str, Any] = {"temperature": opts.temperature, "top_p": opts.top_p}
-        if opts.top_k:
+        if opts.top_k and top_k:
             params["top_k"] = opts.top_k
         return params
 
+    def decoding(self) -> dict[str, Any]:
+        """How answers are decoded, as verdicts record it."""
+        opts = self.options
+        if opts.greedy:
+            return {"method": "greedy"}
+        return {"method": "sampling", **self.sampling()}
+
+    def _in_schema(self, request: Request, text: str, field: str) -> Generation:
+        """The reply as it came when it is a verdict in the policy's schema; otherwise an error
+        that says the server seems to ignore the schema (`field`), with the fix: a server that
+        constrains decoding never answers outside it."""
+        verdict = parse_verdict(text, request.compiled, mode=request.mode)
+        if verdict.ok:
+            return Generation(text=text, model=self.model_name, decoding=self.decoding())
+        hint = (
+            f"the reply is not in the policy's JSON Schema, so {self._where()} seems to ignore "
+            f"{field}; {SCHEMA_FIX}"
+        )
+        self._warn_once("schema", hint)
+        # the engine reads the text (leniently, if asked); when it cannot, the hint says why
+        return Generation(text=text, hint=hint, model=self.model_name, decoding=self.decoding())
+
+    def _truncated(self, text: str, budget: int) -> Generation:
+        return Generation(
+            text=text,
+            error=f"the answer was cut at the token budget ({budget} tokens); raise max_new_tokens",
+            model=self.model_name,
+        )
+
     # -- openai transport ------------------------------------------------------------------
     def openai_body(self, request: Request, image_url: str) -> dict[str, Any]:
-        """The /v1/chat/completions body for one request."""
+        """The /v1/chat/completions body for one request: OpenAI's fields, and SGLang's or
+        vLLM's extras only where they answer."""
         compiled, mode = request.compiled, request.mode
+        kind = self.server.kind
         content = [
             {"type": "image_url", "image_url": {"url": image_url}},
             {"type": "text", "text": compiled.prompt},
@@ -495,21 +486,26 @@ class SGLangBackend(Backend):
             "model": self.model_name,
             "messages": [{"role": "user", "content": content}],
         }
+        # max_tokens is deprecated in favour of max_completion_tokens (SGLang, vLLM, OpenAI);
+        # other servers may know only max_tokens
+        budget_key = "max_tokens" if kind == "openai" else "max_completion_tokens"
         if mode == "score":
             prefix = compiled.layout_for(mode).prefix()
             body["messages"].append({"role": "assistant", "content": prefix})
             body |= {
-                "continue_final_message": True,
-                "add_generation_prompt": False,
-                "max_tokens": 1,
+                budget_key: 1,
                 "temperature": 1.0,
                 "top_p": 1.0,
                 "logprobs": True,
                 "top_logprobs": self.options.top_logprobs,
             }
+            if kind in ("sglang", "vllm"):
+                body["continue_final_message"] = True
+            if kind == "vllm":  # vLLM refuses it beside continue_final_message unless false
+                body["add_generation_prompt"] = False
             return body
-        body["max_tokens"] = self.budget(request)
-        body |= self.sampling()
+        body[budget_key] = self.budget(request)
+        body |= self.sampling(top_k=kind in ("sglang", "vllm"))
         body["response_format"] = {
             "type": "json_schema",
             "json_schema": {
@@ -520,9 +516,39 @@ class SGLangBackend(Backend):
         }
         return body
 
+    def cannot_continue(self) -> str | None:
+        """Why score mode cannot work over the openai transport here (None: it can): the server
+        must continue a prefilled assistant message."""
+        info = self.server
+        if info.kind == "openai":
+            return (
+                f"score mode needs a server that continues a prefilled assistant message "
+                f"(continue_final_message), and {self._where()} is {info.describe()}: OpenAI's "
+                "API has no such field. Use SGLang or vLLM (-o server=sglang|vllm if it is "
+                "one), or --mode full/verdict without score_answers"
+            )
+        template = info.chat_template
+        if info.kind == "sglang" and template in SGLANG_CLOSES:
+            return (
+                f"{self._where()} runs SGLang with --chat-template {template}, which closes a "
+                "prefilled assistant message instead of continuing it (a message ends with "
+                "'<|im_end|>\\n', and SGLang strips only a trailing stop string), so the model "
+                "would not write the rating. Use --transport native, or relaunch SGLang with "
+                f"the template's Jinja twin: python -m policy_engine.backends.chat_templates "
+                f"{template} > {template}.jinja, then --chat-template {template}.jinja "
+                "(docs/sglang.md, 'Score mode')"
+            )
+        return None
+
     async def _openai(self, item: _Item) -> Generation:
         request = item.request
+        if request.mode == "score":
+            refusal = self.cannot_continue()
+            if refusal is not None:
+                self._warn_once("score", refusal)
+                return Generation(error=refusal, model=self.model_name)
         body = self.openai_body(request, item.image_url)
+        budget = body.get("max_tokens", body.get("max_completion_tokens", 0))
 
         def parse(payload: Any) -> Generation:
             try:
@@ -538,60 +564,44 @@ class SGLangBackend(Backend):
                     pairs = [(str(t["token"]), float(t["logprob"])) for t in top]
                 except (KeyError, IndexError, TypeError, ValueError):
                     raise BadReply("score reply without logprobs.content[0].top_logprobs") from None
-                return self._openai_score(request.compiled, pairs)
+                return self._score(request, pairs)
             if finish == "length":
-                return self._truncated(text, body["max_tokens"])
-            return Generation(text=str(text), model=self.model_name)
+                return self._truncated(str(text), budget)
+            return self._in_schema(request, str(text), "response_format")
 
         return await self._post("/v1/chat/completions", body, parse)
 
-    def _openai_score(self, compiled: CompiledPolicy, pairs: list[tuple[str, float]]) -> Generation:
-        """P(Unsafe) from the first answer token's top logprobs: the mass of tokens that start
-        each rating's continuation, renormalised over the two."""
-        mass = []
-        for rating in ("Safe", "Unsafe"):
-            continuation = compiled.continuation(rating)
-            mass.append(
-                sum(math.exp(lp) for tok, lp in pairs if tok and continuation.startswith(tok))
-            )
-        total = mass[0] + mass[1]
-        if total <= 0.0:
-            seen = ", ".join(repr(t) for t, _ in pairs[:5])
-            return Generation(
-                error="neither rating is among the first token's top logprobs "
-                f"({seen}); does the server continue a prefilled assistant message "
-                "(continue_final_message)?",
-                model=self.model_name,
-            )
-        return Generation(p_unsafe=mass[1] / total, model=self.model_name)
+    def _score(self, request: Request, pairs: list[tuple[str, float]]) -> Generation:
+        return scores.score(request.compiled, pairs, self.options.min_rating_mass, self.model_name)
 
     # -- native transport ------------------------------------------------------------------
-    def native_text(self, compiled: CompiledPolicy, mode: str) -> str:
-        """The prompt text for /generate: the chat template around image token and policy;
-        in score mode the answer prefix follows."""
+    def native_text(self, request: Request) -> str:
+        """The text for /generate: SGLang's chat template around the image token and the
+        policy; in score mode the answer prefix as the open assistant message."""
+        compiled, mode = request.compiled, request.mode
         key = (compiled.hash, mode)
         if key not in self._texts:
             assert self.template is not None
-            text = self.template.render(compiled.prompt)
             if mode == "score":
-                text += compiled.layout_for("score").prefix()
-            self._texts[key] = text
+                prefix = compiled.layout_for(mode).prefix()
+                self._texts[key] = self.template.continued(compiled.prompt, prefix)
+            else:
+                self._texts[key] = self.template.render(compiled.prompt)
         return self._texts[key]
 
-    def native_body(self, items: Sequence[_Item], rating_ids: tuple[int, int] | None) -> Any:
+    def native_body(self, items: Sequence[_Item]) -> dict[str, Any]:
         """The /generate body for a group (one item: plain values; several: lists)."""
         request = items[0].request
-        compiled, mode = request.compiled, request.mode
-        text = self.native_text(compiled, mode)
+        text = self.native_text(request)
         body: dict[str, Any] = {}
-        if mode == "score":
-            assert rating_ids is not None
+        if request.mode == "score":
             body["sampling_params"] = {"max_new_tokens": 1, "temperature": 1.0}
             body["return_logprob"] = True
-            body["token_ids_logprob"] = list(rating_ids)
+            body["top_logprobs_num"] = self.options.top_logprobs
+            body["return_text_in_logprobs"] = True
         else:
             params = {"max_new_tokens": self.budget(request), **self.sampling()}
-            params["json_schema"] = json.dumps(compiled.schema_for(mode))
+            params["json_schema"] = json.dumps(request.compiled.schema_for(request.mode))
             body["sampling_params"] = params
         if len(items) == 1:
             body["text"] = text
@@ -599,28 +609,39 @@ class SGLangBackend(Backend):
         else:
             body["text"] = [text] * len(items)
             body["image_data"] = [item.image_url for item in items]
-            if mode == "score":
-                body["token_ids_logprob"] = [list(rating_ids or ())] * len(items)
         return body
 
     async def _native(self, items: list[_Item]) -> list[Generation]:
+        if len(items) > 1 and not self._lists:
+            return await self._one_by_one(items)
         request = items[0].request
-        rating_ids = None
-        if request.mode == "score":
-            rating_ids = await self.rating_ids(request.compiled)
-        body = self.native_body(items, rating_ids)
+        body = self.native_body(items)
 
         def parse(payload: Any) -> list[Generation]:
             answers = payload if len(items) > 1 else [payload]
             if not isinstance(answers, list) or len(answers) != len(items):
                 raise BadReply(f"expected {len(items)} answers")
-            return [self._native_answer(request, body, a, rating_ids) for a in answers]
+            return [self._native_answer(request, body, a) for a in answers]
 
-        return await self._post("/generate", body, parse)
+        try:
+            return await self._post("/generate", body, parse)
+        except Failed as err:
+            if len(items) == 1 or err.status != 422:
+                raise
+        # a proxy that takes one text per call (SGLang's router answers 422 to a list)
+        self._lists = False
+        self._warn_once(
+            "lists",
+            f"{self._where()} refuses a list of texts on /generate (HTTP 422, as "
+            "SGLang's router does); sending one image per request",
+        )
+        return await self._one_by_one(items)
 
-    def _native_answer(
-        self, request: Request, body: dict[str, Any], answer: Any, rating_ids: Any
-    ) -> Generation:
+    async def _one_by_one(self, items: list[_Item]) -> list[Generation]:
+        found = await asyncio.gather(*(self._answers([item]) for item in items))
+        return [answers[0] for answers in found]
+
+    def _native_answer(self, request: Request, body: dict[str, Any], answer: Any) -> Generation:
         try:
             text = str(answer["text"])
             meta = answer["meta_info"]
@@ -629,51 +650,16 @@ class SGLangBackend(Backend):
             raise BadReply(f"answer without text or meta_info ({err})") from None
         if request.mode == "score":
             try:
-                step = meta["output_token_ids_logprobs"][0]
-                found = {int(entry[1]): entry[0] for entry in step}
-                safe, unsafe = (found[rating_ids[0]], found[rating_ids[1]])
+                top = meta["output_top_logprobs"][0]
+                pairs = [(entry[2], float(entry[0])) for entry in top if entry[0] is not None]
             except (KeyError, IndexError, TypeError, ValueError):
-                raise BadReply("score answer without output_token_ids_logprobs") from None
-            return _two_way(safe, unsafe, self.model_name)
+                raise BadReply("score answer without meta_info.output_top_logprobs") from None
+            if any(not isinstance(tok, str) for tok, _ in pairs):
+                raise BadReply("score answer without token texts (return_text_in_logprobs)")
+            return self._score(request, pairs)
         if finish == "length":
             return self._truncated(text, body["sampling_params"]["max_new_tokens"])
-        return Generation(text=text, model=self.model_name)
-
-    async def rating_ids(self, compiled: CompiledPolicy) -> tuple[int, int]:
-        """The first token ids of "Safe" and "Unsafe" where the model writes the rating,
-        from the server's tokenizer (`/tokenize`), once per policy."""
-        assert self._tokenize_lock is not None
-        async with self._tokenize_lock:  # one lookup, however many requests wait for it
-            if compiled.hash not in self._rating_ids:
-                self._rating_ids[compiled.hash] = await self._lookup_rating_ids(compiled)
-        return self._rating_ids[compiled.hash]
-
-    async def _lookup_rating_ids(self, compiled: CompiledPolicy) -> tuple[int, int]:
-        firsts = []
-        for rating in ("Safe", "Unsafe"):
-            body = {"prompt": compiled.continuation(rating), "add_special_tokens": False}
-
-            def parse(payload: Any) -> int:
-                try:
-                    return int(payload["tokens"][0])
-                except (KeyError, IndexError, TypeError, ValueError):
-                    raise BadReply("/tokenize reply without tokens") from None
-
-            firsts.append(await self._post("/tokenize", body, parse))
-        if firsts[0] == firsts[1]:
-            raise Failed(
-                "the server's tokenizer starts 'Safe' and 'Unsafe' with the same token; "
-                "score mode cannot tell them apart",
-                retryable=False,
-            )
-        return (firsts[0], firsts[1])
-
-    def _truncated(self, text: str, budget: int) -> Generation:
-        return Generation(
-            text=text,
-            error=f"the answer was cut at the token budget ({budget} tokens); raise max_new_tokens",
-            model=self.model_name,
-        )
+        return self._in_schema(request, text, "sampling_params.json_schema")
 
     # -- HTTP with retries -----------------------------------------------------------------
     async def _post(self, path: str, body: Any, parse: Callable[[Any], T]) -> T:
@@ -681,40 +667,19 @@ class SGLangBackend(Backend):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _two_way(safe: Any, unsafe: Any, model: str) -> Generation:
-    """P(Unsafe) from the two ratings' logprobs, renormalised over the two."""
-    try:
-        ls, lu = float(safe), float(unsafe)
-    except (TypeError, ValueError):
-        return Generation(error="the server gave no logprob for a rating token", model=model)
-    top = max(ls, lu)
-    if top == -math.inf or math.isnan(top):
-        return Generation(error="both ratings have probability 0 at the rating step", model=model)
-    es, eu = math.exp(ls - top), math.exp(lu - top)
-    return Generation(p_unsafe=eu / (es + eu), model=model)
-
-
-def _tail(path: Path | None, lines: int = 5) -> str:
-    if path is None or not path.exists():
-        return "(no log)"
-    text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    return " | ".join(text[-lines:]) or "(empty log)"
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-async def _new_lock() -> asyncio.Lock:
-    """A lock made on the loop that will use it."""
-    return asyncio.Lock()
+def _with_score(answer: Generation, score: Generation) -> Generation:
+    """The answer with its P(Unsafe) from a score_answers request; when that request failed,
+    the item is an error (a rule that reads P(Unsafe) must not silently skip it)."""
+    if score.error is None:
+        answer.p_unsafe = score.p_unsafe
+        return answer
+    return Generation(
+        text=answer.text,
+        error=f"score_answers: the answer came, but its P(Unsafe) did not: {score.error}",
+        retryable=score.retryable,
+        model=answer.model,
+        timings=answer.timings,
+    )
 
 
 @hookimpl

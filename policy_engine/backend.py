@@ -94,6 +94,7 @@ class Generation:
     decoding: dict[str, Any] | None = None  # how it was decoded: {"greedy": true}, sampling…
     error: str | None = None  # a per-item failure: becomes an error verdict
     retryable: bool = False
+    hint: str | None = None  # added to the error if the text is not a valid verdict (why, fix)
     timings: dict[str, float] = field(default_factory=dict)
 
 

@@ -285,11 +285,16 @@ def parse_verdict(
     *,
     mode: Mode = "full",
     lenient: bool = False,
-    **extra: Any,
+    model: str | None = None,
+    decoding: dict[str, Any] | None = None,
+    source: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Verdict:
     """Read raw model text as a verdict for `mode`; an error verdict (kind "output", the raw
     text kept) when it is not exactly one object that satisfies the mode's schema, or when it
     is inconsistent (an Unsafe rating must name one of the policy's categories)."""
+    extra: dict[str, Any] = {"model": model, "decoding": decoding, "source": source}
+    extra["timings"] = dict(timings or {})
     try:
         answer, prose = read_answer(text, lenient=lenient)
     except ValueError as err:
@@ -354,7 +359,14 @@ def build_verdict(
     scores = {"p_unsafe": generation.p_unsafe, "category_scores": generation.category_scores}
     if mode != "score":
         verdict = parse_verdict(generation.text, compiled, mode=mode, lenient=lenient, **extra)
-        return verdict.model_copy(update=scores) if verdict.ok else verdict
+        if verdict.ok:
+            return verdict.model_copy(update=scores)
+        if generation.hint and verdict.error is not None:
+            error = verdict.error.model_copy(
+                update={"message": f"{verdict.error.message}; {generation.hint}"}
+            )
+            return verdict.model_copy(update={"error": error})
+        return verdict
     if generation.p_unsafe is None:
         return error_verdict(compiled, "backend", "the backend gave no score", **extra)
     rating: Rating = "Unsafe" if generation.p_unsafe >= score_threshold else "Safe"

@@ -30,11 +30,11 @@ from policy_engine.backends.chat_templates import (
 )
 from policy_engine.backends.http_client import normalize_url
 from policy_engine.backends.sglang import SGLangBackend
-from sglang_server import FakeSGLang, Fault, toy_ids
+from sglang_server import FakeSGLang, Fault
 from support import run_cli
 
 from policy_engine import Engine, get_host
-from policy_engine.errors import BackendUnavailableError, PolicyEngineError
+from policy_engine.errors import BackendError, BackendUnavailableError, PolicyEngineError
 from policy_engine.images import load_image
 from policy_engine.loader import load_policy
 
@@ -153,12 +153,9 @@ def test_openai_requests_carry_the_compiled_schema_nested(
             "type": "json_schema",
             "json_schema": {"name": "verdict", "schema": compiled.schema_for(mode), "strict": True},
         }
-        assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"]) == (
-            500,
-            0.2,
-            0.95,
-            50,
-        )
+        sampling = ("max_completion_tokens", "temperature", "top_p", "top_k")
+        assert [body[key] for key in sampling] == [500, 0.2, 0.95, 50]  # top_k: SGLang takes it
+        assert "max_tokens" not in body  # deprecated in SGLang's ChatCompletionRequest
         image_part, text_part = body["messages"][0]["content"]
         assert text_part == {"type": "text", "text": compiled.prompt}
         sent = decode_data_url(image_part["image_url"]["url"])
@@ -186,26 +183,38 @@ def test_native_requests_carry_template_schema_and_budget(
         assert body["text"].endswith(compiled.prompt + "<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_native_score_reads_the_two_rating_tokens(server: FakeSGLang, images: list[Path]) -> None:
+def test_native_score_reads_the_first_tokens_top_logprobs(
+    server: FakeSGLang, images: list[Path]
+) -> None:
+    """No /tokenize (SGLang's router has none): the first token's top logprobs, as text."""
     compiled = get_host().compile(load_policy("llavaguard"))
     with engine(server.url, "native", "score") as e:
         decisions = list(e.assess_many(images))
-    safe_id = toy_ids(compiled.continuation("Safe"))[0]
-    unsafe_id = toy_ids(compiled.continuation("Unsafe"))[0]
-    assert safe_id != unsafe_id
-    assert server.counts["/tokenize"] == 2  # looked up once, not per image
+    assert server.counts["/tokenize"] == server.counts["/v1/tokenize"] == 0
     bodies = by_image(posted(server, "/generate"), images)
+    prefix = compiled.layout_for("score").prefix()
     scores = []
     for body, decision in zip(bodies, decisions, strict=True):
-        assert body["token_ids_logprob"] == [safe_id, unsafe_id]
-        assert body["return_logprob"] is True
         assert body["sampling_params"] == {"max_new_tokens": 1, "temperature": 1.0}
-        assert body["text"].endswith(compiled.layout_for("score").prefix())
-        # replay the request: P(Unsafe) is the two logprobs renormalised
+        assert (body["return_logprob"], body["return_text_in_logprobs"]) == (True, True)
+        assert body["top_logprobs_num"] == 20 and "token_ids_logprob" not in body
+        # the conversation with the prefix as the open assistant message, as SGLang renders it
+        assert body["text"] == TEMPLATES["chatml-llava"].continued(compiled.prompt, prefix)
+        assert body["text"].endswith("<|im_start|>assistant\n" + prefix)
+        # replay the request: P(Unsafe) is the Unsafe share of the tokens that start a rating
         reply = post_json(server.url + "/generate", body)
-        step = {entry[1]: entry[0] for entry in reply["meta_info"]["output_token_ids_logprobs"][0]}
-        es, eu = math.exp(step[safe_id]), math.exp(step[unsafe_id])
-        assert decision.verdict.p_unsafe == pytest.approx(eu / (es + eu), rel=1e-9)
+        [top] = reply["meta_info"]["output_top_logprobs"]
+        mass = {
+            rating: sum(
+                math.exp(lp)
+                for lp, _, text in top
+                if text and compiled.continuation(rating).startswith(text)
+            )
+            for rating in ("Safe", "Unsafe")
+        }
+        assert mass["Safe"] + mass["Unsafe"] >= 0.5
+        expected = mass["Unsafe"] / (mass["Safe"] + mass["Unsafe"])
+        assert decision.verdict.p_unsafe == pytest.approx(expected, rel=1e-9)
         scores.append(decision.verdict.p_unsafe)
     assert len(set(scores)) > 1  # the score follows the image
 
@@ -224,7 +233,12 @@ def test_openai_score_prefills_the_answer_and_reads_top_logprobs(
             "content": compiled.layout_for("score").prefix(),
         }
         assert body["continue_final_message"] is True and "response_format" not in body
-        assert (body["max_tokens"], body["temperature"], body["logprobs"]) == (1, 1.0, True)
+        assert "add_generation_prompt" not in body  # not a field of SGLang's request
+        assert (body["max_completion_tokens"], body["temperature"], body["logprobs"]) == (
+            1,
+            1.0,
+            True,
+        )
         reply = post_json(server.url + "/v1/chat/completions", body)
         top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         mass = {
@@ -239,6 +253,8 @@ def test_openai_score_prefills_the_answer_and_reads_top_logprobs(
         assert decision.verdict.p_unsafe == pytest.approx(expected, rel=1e-9)
         scores.append(decision.verdict.p_unsafe)
     assert len(set(scores)) > 1
+    # the server continued the prefilled turn: its prompt ends inside the answer
+    assert all(prompt.endswith('"rating": "') for prompt in server.prompts)
 
 
 def post_json(url: str, body: Any) -> Any:
@@ -421,23 +437,50 @@ def test_an_endpoint_that_dies_is_routed_around(images: list[Path]) -> None:
 
 
 def test_an_unhealthy_endpoint_is_skipped_with_a_warning(
-    server: FakeSGLang, images: list[Path], capsys: pytest.CaptureFixture[str]
+    server: FakeSGLang, images: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     dead = "http://127.0.0.1:9"
     with engine([dead, server.url], "openai", "verdict") as e:
         decisions = list(e.assess_many(images))
     assert all(d.verdict.ok for d in decisions)
-    assert f"{dead} is not healthy (connection refused)" in capsys.readouterr().err
+    assert f"{dead} is not healthy (connection refused)" in caplog.text
 
 
-def test_no_healthy_endpoint_is_one_clear_error(images: list[Path]) -> None:
-    with pytest.raises(BackendUnavailableError, match="no SGLang server answers /health"):
-        engine("http://127.0.0.1:9", "openai").load()
-    result = run_cli("assess", str(images[0]), "-b", "sglang", "--url", "http://127.0.0.1:9/v1/")
-    assert result.returncode == 2
+def test_no_healthy_endpoint_is_a_backend_fault(images: list[Path]) -> None:
+    """An unreachable server is a fault (exit 1), tried again with the requests' backoff."""
+    with pytest.raises(BackendError, match="no SGLang server answers /health") as caught:
+        engine("http://127.0.0.1:9", "openai", retries=2, **FAST).load()
+    assert "after 3 attempts" in str(caught.value) and caught.value.retryable
+    result = run_cli(
+        "assess",
+        str(images[0]),
+        "-b",
+        "sglang",
+        "--url",
+        "http://127.0.0.1:9/v1/",
+        "-o",
+        "retries=0",
+    )
+    assert result.returncode == 1
     assert result.stderr == (
         "error: no SGLang server answers /health (http://127.0.0.1:9: connection refused)\n"
     )
+
+
+def test_health_probes_the_endpoints_after_load(images: list[Path]) -> None:
+    with FakeSGLang() as a, FakeSGLang() as b:
+        backend = SGLangBackend(url=[a.url, b.url])
+        assert backend.health() == "the sglang backend is not loaded"
+        with Engine("llavaguard", backend) as e:
+            e.load()
+            assert backend.health() is None
+            a.stop()
+            assert backend.health() is None  # one endpoint answering is enough
+            b.stop()
+            problem = backend.health()
+            assert problem is not None and problem.startswith("no SGLang server answers /health")
+            assert f"{a.url}: connection refused" in problem
+            assert f"{b.url}: connection refused" in problem
 
 
 def test_options_are_checked_before_anything_connects() -> None:
@@ -459,12 +502,12 @@ def test_the_api_key_comes_from_the_environment_and_is_never_shown(
     secret = "sk-test-0123456789abcdef"
     with FakeSGLang(api_key=secret) as server:
         monkeypatch.delenv("POLICY_ENGINE_SGLANG_API_KEY", raising=False)
-        with engine(server.url, "openai", "verdict", model="m") as e:
-            refused = e.assess(images[0])
-        assert refused.verdict.error is not None
-        assert "HTTP 401" in refused.verdict.error.message
-        assert "$POLICY_ENGINE_SGLANG_API_KEY" in refused.verdict.error.message
-        assert not refused.verdict.error.retryable
+        with pytest.raises(BackendUnavailableError) as refused:  # the info routes need the key
+            engine(server.url, "openai", "verdict", model="m").load()
+        assert "HTTP 401" in str(refused.value)
+        assert "$POLICY_ENGINE_SGLANG_API_KEY" in str(refused.value)
+        denied = run_cli("assess", str(images[0]), "-b", "sglang", "--url", server.url)
+        assert denied.returncode == 2 and "$POLICY_ENGINE_SGLANG_API_KEY" in denied.stderr
 
         monkeypatch.setenv("POLICY_ENGINE_SGLANG_API_KEY", secret)
         server.inject(Fault("500", path="/v1/chat/completions"), times=2)
@@ -472,6 +515,7 @@ def test_the_api_key_comes_from_the_environment_and_is_never_shown(
             failed = e.assess(images[0])
             ok = e.assess(images[1])
         assert ok.verdict.ok
+        assert failed.verdict.error is not None and "HTTP 500" in failed.verdict.error.message
         assert server.received[-1].headers["Authorization"] == f"Bearer {secret}"
         shown = failed.model_dump_json() + ok.model_dump_json() + repr(e.backend.options)
         result = run_cli(
@@ -484,7 +528,8 @@ def test_the_api_key_comes_from_the_environment_and_is_never_shown(
             env={"POLICY_ENGINE_SGLANG_API_KEY": secret},
         )
         assert result.returncode == 0, result.stderr
-        shown += result.stdout + result.stderr + capsys.readouterr().err
+        shown += result.stdout + result.stderr + denied.stderr + capsys.readouterr().err
+        shown += str(refused.value)
         assert secret not in shown
 
 
@@ -530,12 +575,14 @@ def test_launch_starts_a_server_and_stops_it(images: list[Path]) -> None:
         transport="native",
         launch_timeout=60,
     )
-    with Engine("llavaguard", backend, mode="score") as e:
-        decision = e.assess(images[0])
-        process = backend.process
-        assert process is not None and process.poll() is None
+    with backend:  # whoever builds a backend closes it; an Engine given one only uses it
+        with Engine("llavaguard", backend, mode="score") as e:
+            decision = e.assess(images[0])
+            process = backend.process
+            assert process is not None and process.poll() is None
+        assert process.poll() is None  # the engine did not close what it did not build
     assert decision.verdict.ok, decision.verdict.error
-    assert process.poll() is not None  # closed with the engine
+    assert process.poll() is not None  # closed with the backend
 
 
 def test_launch_explains_what_is_missing(tmp_path: Path) -> None:
@@ -550,6 +597,40 @@ def test_launch_explains_what_is_missing(tmp_path: Path) -> None:
     )
     with pytest.raises(BackendUnavailableError, match=r"exited with status 3: CUDA not found"):
         crashing.load()
+
+
+def test_launch_serves_each_checkpoint_so_that_score_mode_continues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """chatml-llava goes as its Jinja twin (SGLang's openai path would close the prefill);
+    vicuna_v1.1 and qwen2-vl, which SGLang continues, by name. (sglang itself needs a GPU
+    machine: only its presence is pretended here.)"""
+    import importlib.util
+
+    from policy_engine.backends import sglang_launch
+    from policy_engine.backends.chat_templates import JINJA_SOURCES
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        sglang_launch.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "sglang" else real(name, *a),
+    )
+    backend = SGLangBackend(launch=True, model="AIML-TUDA/LlavaGuard-v1.2-7B-OV")
+    command = backend.launch_command()
+    assert command[1:3] == ["-m", "sglang.launch_server"]
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    twin = Path(command[command.index("--chat-template") + 1])
+    assert twin.name == "chatml-llava.jinja"
+    assert twin.read_text() == JINJA_SOURCES["chatml-llava"]
+    backend.close()
+    assert not twin.exists()  # the temporary directory goes with the backend
+    for model, name in (
+        ("AIML-TUDA/LlavaGuard-7B", "vicuna_v1.1"),
+        ("x/QwenGuard-v1.2-3B", "qwen2-vl"),
+    ):
+        command = SGLangBackend(launch=True, model=model).launch_command()
+        assert command[command.index("--chat-template") + 1] == name
 
 
 def free_port() -> int:
@@ -588,7 +669,7 @@ def test_native_score_mode_in_list_batches(server: FakeSGLang, images: list[Path
     with engine(server.url, "native", "score", list_batch=3) as e:
         batched = [d.verdict.p_unsafe for d in e.assess_many(images)]
     assert server.counts["/generate"] == 2
-    assert all(len(b["token_ids_logprob"]) == 3 for b in posted(server, "/generate"))
+    assert sorted(len(b["text"]) for b in posted(server, "/generate")) == [3, 3]
     assert batched == pytest.approx(single, rel=1e-12)
 
 

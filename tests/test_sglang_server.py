@@ -1,4 +1,5 @@
-"""The fake SGLang server (tests/sglang_server.py), exercised over real HTTP with aiohttp."""
+"""The fake SGLang server (tests/sglang_server.py), exercised over real HTTP with aiohttp: it
+accepts, rejects and renders what SGLang 0.5.23 does (tests/sglang_protocol.py cites the source)."""
 
 from __future__ import annotations
 
@@ -23,20 +24,11 @@ from typing import Any
 import aiohttp
 import jsonschema
 import pytest
+from fake_model import EOS_ID, SAFE_ID, UNSAFE_ID, toy_ids, toy_tokens
 from PIL import Image
-from sglang_server import (
-    EOS_ID,
-    FLAT_SCHEMA_MESSAGE,
-    MAX_NEW_TOKENS_REQUIRED,
-    SAFE_ID,
-    UNSAFE_ID,
-    FakeSGLang,
-    Fault,
-    instance_for,
-    serve,
-    toy_ids,
-    toy_tokens,
-)
+from schema_instances import instance_for
+from sglang_protocol import FLAT_SCHEMA_MESSAGE
+from sglang_server import FakeSGLang, Fault, serve
 
 from policy_engine import get_host
 from policy_engine.loader import load_policy
@@ -176,7 +168,7 @@ def test_instances_for_compiled_schemas_validate(compiled: Any, prefix: str, mod
     for seed in range(40):
         value = instance_for(schema, random.Random(seed))
         jsonschema.validate(value, schema)
-        assert list(value) == schema["required"]
+        assert tuple(value) == compiled.layout_for(mode).keys  # whatever the schema's shape
         assert json.dumps(value, indent=4).startswith(prefix)
         seen.add(value["rating"])
     assert seen == {"Safe", "Unsafe"}
@@ -242,17 +234,32 @@ def test_get_endpoints(fake: FakeSGLang) -> None:
     for path in ("/health", "/health_generate"):
         reply = get(fake, path)
         assert (reply.status, reply.text) == (200, "")
-    info = get(fake, "/get_model_info")
-    assert info.status == 200
-    assert info.json() == {"model_path": MODEL, "tokenizer_path": MODEL, "is_generation": True}
+    for path in ("/get_model_info", "/model_info"):  # the router probes both
+        info = get(fake, path)
+        assert info.status == 200
+        assert {k: info.json()[k] for k in ("model_path", "tokenizer_path", "is_generation")} == {
+            "model_path": MODEL,
+            "tokenizer_path": MODEL,
+            "is_generation": True,
+        }
+    for path in ("/server_info", "/get_server_info"):
+        server = get(fake, path).json()
+        assert server["version"] == "0.5.23" and server["model_path"] == MODEL
+        assert server["chat_template"] is None  # the model's own (HF) template
     models = get(fake, "/v1/models").json()
-    assert models == {
-        "object": "list",
-        "data": [{"id": MODEL, "object": "model", "owned_by": "sglang", "root": MODEL}],
-    }
+    assert models["object"] == "list"
+    [card] = models["data"]
+    assert (card["id"], card["object"], card["owned_by"], card["root"]) == (
+        MODEL,
+        "model",
+        "sglang",
+        MODEL,
+    )
     assert get(fake, "/nope").status == 404
     assert post(fake, "/nope", {}).status == 404
     assert fake.counts == {}  # GETs and unknown paths are not recorded
+    with serve(chat_template="chatml-llava") as other:
+        assert get(other, "/server_info").json()["chat_template"] == "chatml-llava"
 
 
 def test_tokenize(fake: FakeSGLang) -> None:
@@ -266,9 +273,11 @@ def test_tokenize(fake: FakeSGLang) -> None:
     many = post(fake, "/tokenize", {"prompt": ["Safe", "Unsafe"], "add_special_tokens": False})
     assert many.json()["tokens"] == [[SAFE_ID], [UNSAFE_ID]]
     assert many.json()["count"] == [1, 1]
-    bad = post(fake, "/tokenize", {"prompt": "x", "oops": 1})
-    assert bad.status == 400 and "oops" in bad.json()["error"]["message"]
-    assert fake.counts["/tokenize"] == 3
+    extra = post(fake, "/v1/tokenize", {"prompt": "x", "oops": 1})  # TokenizeRequest allows it
+    assert extra.status == 200 and extra.json()["tokens"] == [1, *toy_ids("x")]
+    bad = post(fake, "/tokenize", {"prompt": 5})
+    assert bad.status == 400 and "prompt must be" in bad.json()["message"]
+    assert fake.counts["/tokenize"] == 3 and fake.counts["/v1/tokenize"] == 1
 
 
 # ---- /generate ------------------------------------------------------------------------------
@@ -411,8 +420,8 @@ def test_logprobs_per_output_token(fake: FakeSGLang) -> None:
     )
     meta = post(fake, "/generate", body).json()["meta_info"]
     count = meta["completion_tokens"]
-    assert len(meta["output_token_logprobs"]) == count
-    assert meta["output_top_logprobs"] is None
+    assert len(meta["output_token_logprobs"]) == count == meta["output_token_logprobs_length"]
+    assert "output_top_logprobs" not in meta  # only with top_logprobs_num > 0, as SGLang
     assert len(meta["output_token_ids_logprobs"]) == count
     for position in meta["output_token_ids_logprobs"]:
         assert [e[1] for e in position] == [5, 6, 7]
@@ -442,25 +451,23 @@ def _set_param(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 GENERATE_REJECTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
-    "missing max_new_tokens": (_without_sampling_key("max_new_tokens"), MAX_NEW_TOKENS_REQUIRED),
-    "missing sampling_params": (_set("sampling_params", None), MAX_NEW_TOKENS_REQUIRED),
-    "zero max_new_tokens": (_set_param("max_new_tokens", 0), "integer >= 1"),
+    "negative max_new_tokens": (_set_param("max_new_tokens", -1), "integer >= 0"),
     "json_schema as dict": (_set_param("json_schema", {"type": "object"}), "must be a JSON string"),
     "json_schema not JSON": (_set_param("json_schema", "{type: object"), "not valid JSON"),
     "json_schema not a schema": (_set_param("json_schema", '{"type": 5}'), "valid JSON Schema"),
+    # SamplingParams rejects unknown keys (api_types.py); the top level ignores them
     "unknown sampling key": (_set_param("max_tokens", 5), "unknown field(s) in sampling_params"),
     "negative temperature": (_set_param("temperature", -0.1), "temperature must be"),
     "top_p zero": (_set_param("top_p", 0), "top_p must be"),
     "top_k zero": (_set_param("top_k", 0), "top_k must be"),
     "regex": (_set_param("regex", "a+"), "not simulated"),
-    "unknown top-level key": (_set("max_new_tokens", 5), "unknown field(s) in the request"),
     "input_ids": (_set("input_ids", [1, 2]), "input_ids is not accepted"),
     "no text": (_set("text", None), "text must be a string"),
     "image token missing": (_set("text", "Assess the image."), "exactly once"),
     "image token twice": (_set("text", "<image><image>Assess"), "2 times"),
     "undecodable image": (_set("image_data", NOT_AN_IMAGE), "not an image Pillow can decode"),
     "garbage base64": (_set("image_data", "%%% not base64"), "not valid base64"),
-    "image list for one text": (_set("image_data", [RED]), "must be one image"),
+    "two images for one text": (_set("image_data", [RED, BLUE]), "one image per text"),
     "token_ids_logprob without return_logprob": (
         _set("token_ids_logprob", [SAFE_ID]),
         "token_ids_logprob requires return_logprob: true",
@@ -471,13 +478,6 @@ GENERATE_REJECTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     ),
     "stream": (_set("stream", True), "stream must be false"),
     "sampling list for one text": (_set("sampling_params", [{"max_new_tokens": 5}]), "object"),
-    "prefill with json_schema": (
-        lambda b: b.update(
-            text=PROMPT + '{\n    "rating": "',
-            sampling_params={"max_new_tokens": 5, "json_schema": '{"type": "object"}'},
-        ),
-        "restart after the prefill",
-    ),
 }
 
 
@@ -493,17 +493,75 @@ def test_generate_rejections(fake: FakeSGLang, case: str) -> None:
     assert fake.received[-1].status == 400
 
 
+# What sglang-router 0.3.2 adds when it re-serialises a /generate body (measured)
+ROUTER_GENERATE_FIELDS = {
+    "model": None,
+    "stream": False,
+    "log_metrics": True,
+    "return_hidden_states": False,
+    "background": False,
+    "no_logs": False,
+    "return_bytes": False,
+    "return_entropy": False,
+    "return_text_in_logprobs": False,
+}
+
+
+def test_generate_ignores_unknown_top_level_keys_as_sglang_does(fake: FakeSGLang) -> None:
+    plain = post(fake, "/generate", gen_body()).json()
+    routed = post(fake, "/generate", gen_body(**ROUTER_GENERATE_FIELDS, anything_else=[1])).json()
+    assert routed["text"] == plain["text"]
+
+
+def test_generate_defaults_to_128_new_tokens_like_sglang(fake: FakeSGLang, compiled: Any) -> None:
+    """SamplingParams.max_new_tokens defaults to 128: a full verdict is cut there."""
+    for body in (
+        gen_body(sampling_params={"json_schema": json.dumps(compiled.schema_for("full"))}),
+        {"text": "Hello there"},  # no sampling_params at all
+    ):
+        meta = post(fake, "/generate", body).json()["meta_info"]
+        if meta["finish_reason"]["type"] == "length":
+            assert meta["finish_reason"] == {"type": "length", "length": 128}
+        assert meta["completion_tokens"] <= 128
+    full = gen_body(sampling_params={"json_schema": json.dumps(compiled.schema_for("full"))})
+    assert post(fake, "/generate", full).json()["meta_info"]["completion_tokens"] == 128
+    zero = post(fake, "/generate", gen_body(sampling_params={"max_new_tokens": 0})).json()
+    assert zero["text"] == "" and zero["meta_info"]["completion_tokens"] == 0
+
+
+def test_generate_top_logprobs_with_text(fake: FakeSGLang, prefix: str) -> None:
+    """[logprob, token_id, text] per entry, text only with return_text_in_logprobs."""
+    for with_text in (True, False):
+        body = gen_body(
+            text=PROMPT + prefix,
+            sampling_params={"max_new_tokens": 1, "temperature": 1.0},
+            return_logprob=True,
+            top_logprobs_num=5,
+            return_text_in_logprobs=with_text,
+        )
+        meta = post(fake, "/generate", body).json()["meta_info"]
+        [top] = meta["output_top_logprobs"]
+        assert len(top) == 5 and all(len(entry) == 3 for entry in top)
+        assert {entry[1] for entry in top[:2]} == {SAFE_ID, UNSAFE_ID}
+        texts = [entry[2] for entry in top]
+        if with_text:
+            assert set(texts[:2]) == {"Safe", "Unsafe"} and texts[2:] == ["S", "Un", "{"]
+        else:
+            assert texts == [None] * 5
+        assert "output_token_ids_logprobs" not in meta
+
+
 def test_generate_rejects_image_token_without_image(fake: FakeSGLang) -> None:
     reply = post(fake, "/generate", gen_body(image_data=None))
     assert reply.status == 400
-    assert "no image_data was given" in reply.json()["error"]["message"]
+    assert "but no image_data" in reply.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("image_data", [RED, BLUE], "image_data has 2 entries but text has 3"),
-        ("sampling_params", [{"max_new_tokens": 5}] * 2, "sampling_params has 2 entries"),
+        ("image_data", [RED, BLUE], "image_data must be a list of 3"),
+        ("sampling_params", [{"max_new_tokens": 5}] * 2, "one per text"),
         ("rid", ["a"], "rid must be"),
         ("image_data", RED, "must be a list"),
     ],
@@ -643,32 +701,14 @@ CHAT_REJECTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
         _chat_set("response_format", {"type": "json_schema", "json_schema": {"schema": {}}}),
         "name is required",
     ),
-    "missing max_tokens": (_chat_del("max_tokens"), "max_tokens (or max_completion_tokens)"),
     "zero max_tokens": (_chat_set("max_tokens", 0), "max_tokens must be an integer >= 1"),
-    "missing temperature": (_chat_del("temperature"), "temperature is required"),
-    "missing model": (_chat_del("model"), "model is required"),
+    "string temperature": (_chat_set("temperature", "hot"), "temperature must be"),
     "empty messages": (_chat_set("messages", []), "messages must be a non-empty list"),
-    "unknown key": (_chat_set("frequency_penalty", 0.5), "unknown field(s) in the request"),
     "stream": (_chat_set("stream", True), "stream must be false"),
     "top_logprobs without logprobs": (_chat_set("top_logprobs", 3), "requires logprobs"),
-    "text before image": (
-        _chat_set(
-            "messages",
-            [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": "Assess"},
-                        {"type": "image_url", "image_url": {"url": data_url(RED)}},
-                    ],
-                }
-            ],
-        ),
-        "must be an image_url part",
-    ),
-    "string content": (
-        _chat_set("messages", [{"role": "user", "content": "Assess"}]),
-        "must be a list: an image_url part, then a text part",
+    "unknown role": (
+        _chat_set("messages", [{"role": "tool", "content": "x"}]),
+        "role must be 'system', 'user' or 'assistant'",
     ),
     "undecodable image": (
         _chat_set("messages", [user_turn(data_url(NOT_AN_IMAGE))]),
@@ -680,19 +720,7 @@ CHAT_REJECTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     ),
     "image token in text": (
         _chat_set("messages", [user_turn(text="<image>\nAssess")]),
-        "the chat template inserts it",
-    ),
-    "prefill without continue_final_message": (
-        _chat_set("messages", [user_turn(), {"role": "assistant", "content": "{"}]),
-        "continue_final_message: true",
-    ),
-    "prefill with schema": (
-        lambda b: b.update(
-            messages=[user_turn(), {"role": "assistant", "content": '{"rating": "'}],
-            continue_final_message=True,
-            response_format=nested_format({"type": "object"}),
-        ),
-        "cannot be combined with an assistant prefill",
+        "image tokens do not match the images",
     ),
 }
 
@@ -711,6 +739,103 @@ def test_chat_rejections(fake: FakeSGLang, case: str) -> None:
         "code": 400,
     }
     assert message in data["message"]
+
+
+# What sglang-router 0.3.2 sends for a chat request it re-serialises (measured): max_tokens
+# renamed to max_completion_tokens, add_generation_prompt dropped, SGLang's defaults added.
+ROUTER_CHAT_FIELDS = {
+    "no_stop_trim": False,
+    "ignore_eos": False,
+    "continue_final_message": False,
+    "skip_special_tokens": True,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "return_hidden_states": False,
+}
+
+
+def test_chat_takes_what_sglang_takes(fake: FakeSGLang) -> None:
+    """Unknown keys ignored, max_tokens or max_completion_tokens (the latter wins), no budget
+    or temperature needed, a string user message, text before the image."""
+    routed = chat_body(**ROUTER_CHAT_FIELDS, add_generation_prompt=False, frequency_penalty=0.5)
+    assert post(fake, "/v1/chat/completions", routed).status == 200
+    both = chat_body(max_tokens=3, max_completion_tokens=5)
+    assert post(fake, "/v1/chat/completions", both).json()["usage"]["completion_tokens"] == 5
+    bare = {"messages": [user_turn()]}
+    reply = post(fake, "/v1/chat/completions", bare)
+    assert reply.status == 200 and reply.json()["choices"][0]["finish_reason"] == "stop"
+    text_first = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Assess"},
+            {"type": "image_url", "image_url": {"url": data_url(RED)}},
+        ],
+    }
+    for messages in ([{"role": "user", "content": "Assess"}], [text_first]):
+        assert post(fake, "/v1/chat/completions", chat_body(messages=messages)).status == 200
+    assert fake.prompts[-1].endswith(
+        "<|im_start|>user\nAssess<image>\n<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+# The prompt SGLang 0.5.23 builds for chat_body(messages=[user_turn(), prefill]) with
+# continue_final_message, per --chat-template. Golden strings from running SGLang's own
+# conversation.py (generate_chat_conv, get_prompt) and serving_chat._apply_conversation_template's
+# strip on this request, outside this repository; None is the model's HF template (Jinja path).
+SYSTEM_VICUNA = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+PREFILL = '{\n    "rating": "'
+CONTINUED = {
+    None: "<|im_start|>user\n<image>\nAssess the image.<|im_end|>\n<|im_start|>assistant\n"
+    + PREFILL,
+    "chatml-llava": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n<image>\nAssess the image.<|im_end|>\n<|im_start|>assistant\n"
+    + PREFILL
+    + "<|im_end|>\n",  # closed: CHATML ends a message with <|im_end|>\n, nothing is stripped
+    "vicuna_v1.1": SYSTEM_VICUNA + " USER: <image>\nAssess the image. ASSISTANT: " + PREFILL,
+    "qwen2-vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|vision_end|>Assess the image.<|im_end|>\n"
+    "<|im_start|>assistant\n" + PREFILL,
+}
+
+
+@pytest.mark.parametrize("template", list(CONTINUED), ids=str)
+def test_continue_final_message_renders_as_sglang_does(template: str | None, prefix: str) -> None:
+    assert prefix == PREFILL
+    with serve(chat_template=template) as server:
+        body = chat_body(
+            messages=[user_turn(), {"role": "assistant", "content": prefix}],
+            continue_final_message=True,
+            max_tokens=1,
+            logprobs=True,
+            top_logprobs=20,
+        )
+        reply = post(server, "/v1/chat/completions", body).json()
+        assert server.prompts == [CONTINUED[template]]
+        top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        rating_mass = sum(
+            math.exp(t["logprob"])
+            for t in top
+            if t["token"] and any(r.startswith(t["token"]) for r in ("Safe", "Unsafe"))
+        )
+        # a continued turn is at the rating; a closed one is not, whatever follows
+        assert (rating_mass > 0.9) == (template != "chatml-llava"), rating_mass
+
+
+@pytest.mark.parametrize("template", list(CONTINUED), ids=str)
+def test_a_final_assistant_message_without_continue_is_not_continued(
+    template: str | None, prefix: str
+) -> None:
+    """Without continue_final_message the prefill is closed (conversation templates) or becomes
+    a user message (the Jinja path), and a new assistant turn follows."""
+    with serve(chat_template=template) as server:
+        body = chat_body(messages=[user_turn(), {"role": "assistant", "content": prefix}])
+        assert post(server, "/v1/chat/completions", body).status == 200
+        [prompt] = server.prompts
+        assert not prompt.endswith(prefix)
+        assert prompt.endswith(("<|im_start|>assistant\n", "ASSISTANT:"))
 
 
 # ---- auth ----------------------------------------------------------------------------------
