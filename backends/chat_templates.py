@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from policy_engine.errors import BackendUnavailableError
+from policy_engine import BackendUnavailableError
 
 JINJA_HINT = "pip install 'policy-engine[sglang]'"
 Style = Literal["chatml", "add_colon_two", "add_new_line_single"]

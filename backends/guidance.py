@@ -32,9 +32,7 @@ import numpy as np
 import torch
 from llguidance import LLMatcher, LLTokenizer
 
-from policy_engine import Mode
-from policy_engine.compiler import CompiledPolicy
-from policy_engine.grammar import answer_grammar
+from policy_engine import CompiledPolicy, Mode, answer_grammar
 
 CLOSING_CHARS = frozenset('"}]\n ,')
 """Characters of the bytes that end an answer in the trained layouts (`"\n}`, `"\n    ]`)."""

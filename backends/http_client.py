@@ -34,7 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from policy_engine.errors import BackendError
+from policy_engine import BackendError
 
 logger = logging.getLogger(__name__)
 

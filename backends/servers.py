@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from policy_engine.errors import BackendError, BackendUnavailableError
+from policy_engine import BackendError, BackendUnavailableError
 
 from .http_client import Failed, HttpClient, Reply
 

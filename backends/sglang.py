@@ -62,21 +62,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from policy_engine import (
     Backend,
+    BackendError,
+    BackendUnavailableError,
     Batch,
     Capabilities,
     CliFlag,
+    CompiledPolicy,
     Generation,
+    ImageError,
     Mode,
+    PolicyEngineError,
     Register,
     hookimpl,
     parse_verdict,
-)
-from policy_engine.compiler import CompiledPolicy
-from policy_engine.errors import (
-    BackendError,
-    BackendUnavailableError,
-    ImageError,
-    PolicyEngineError,
 )
 
 if TYPE_CHECKING:

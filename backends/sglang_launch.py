@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from policy_engine.errors import BackendError, BackendUnavailableError
+from policy_engine import BackendError, BackendUnavailableError
 
 from .chat_templates import JINJA_SOURCES, TEMPLATES, guess_template
 from .http_client import HttpClient

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from policy_engine.errors import PolicyEngineError
+from policy_engine import PolicyEngineError
 
 TINY_MODELS: dict[str, str] = {
     "tiny-random": "llava-onevision",

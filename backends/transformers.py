@@ -38,16 +38,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from policy_engine import (
     Backend,
+    BackendError,
+    BackendUnavailableError,
     Batch,
     Capabilities,
     CliFlag,
+    CompiledPolicy,
     Generation,
     Mode,
     Register,
     hookimpl,
 )
-from policy_engine.compiler import CompiledPolicy
-from policy_engine.errors import BackendError, BackendUnavailableError
 
 from .tiny import TINY_MODELS
 

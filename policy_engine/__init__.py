@@ -22,10 +22,11 @@ from .errors import (
     UnknownNameError,
 )
 from .formats.base import AnswerLayout, PromptFormat
+from .grammar import answer_grammar
 from .hookspecs import Register, hookimpl
 from .host import PluginHost, get_host
 from .loader import load_policy, load_policy_text, shipped_policies
-from .policy import Category, Policy
+from .policy import Category, Policy, PolicyTest
 from .postprocess import PostProcessor, StepContext, unknown_categories
 from .types import MODES, Check, Mode, NoParams
 from .verdict import Action, Decision, Override, TraceEntry, Verdict, parse_verdict
@@ -41,6 +42,7 @@ def _version() -> str:
 __version__ = _version()
 
 if TYPE_CHECKING:
+    from .audit.policy_tests import CaseResult, run_policy_tests
     from .engine import Engine
     from .images import LoadedImage
 
@@ -55,6 +57,10 @@ def __getattr__(name: str) -> object:
         from .images import LoadedImage
 
         return LoadedImage
+    if name in ("CaseResult", "run_policy_tests"):
+        from .audit import policy_tests
+
+        return getattr(policy_tests, name)
     raise AttributeError(f"module 'policy_engine' has no attribute {name!r}")
 
 
@@ -67,6 +73,7 @@ __all__ = [
     "BackendUnavailableError",
     "Batch",
     "Capabilities",
+    "CaseResult",
     "Category",
     "Check",
     "CliFlag",
@@ -85,6 +92,7 @@ __all__ = [
     "Policy",
     "PolicyEngineError",
     "PolicyError",
+    "PolicyTest",
     "PostProcessor",
     "Problem",
     "PromptFormat",
@@ -93,6 +101,7 @@ __all__ = [
     "TraceEntry",
     "UnknownNameError",
     "Verdict",
+    "answer_grammar",
     "compile_policy",
     "get_host",
     "hookimpl",
@@ -100,6 +109,7 @@ __all__ = [
     "load_policy_text",
     "parse_verdict",
     "policy_hash",
+    "run_policy_tests",
     "shipped_policies",
     "unknown_categories",
 ]

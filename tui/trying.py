@@ -24,11 +24,19 @@ from textual.widget import Widget
 from textual.widgets import Button, DataTable, Input, Label, LoadingIndicator, Static
 from textual.worker import get_current_worker
 
-from policy_engine import Decision, Engine, Mode, PluginHost, Policy, PolicyEngineError
-from policy_engine.audit.policy_tests import CaseResult, run_policy_tests
+from policy_engine import (
+    CaseResult,
+    Decision,
+    Engine,
+    Mode,
+    PluginHost,
+    Policy,
+    PolicyEngineError,
+    run_policy_tests,
+)
 
 if TYPE_CHECKING:
-    from policy_engine.policy import PolicyTest
+    from policy_engine import PolicyTest
 
 from .picker import (
     BackendCache,
