@@ -199,6 +199,43 @@ def test_assess_runs_tag_after_escalate_and_logs(site: Path, files: dict[str, Pa
     assert json.loads(logged[0]) == decision
 
 
+def test_the_colour_backend_judges_by_colour_through_the_cli(
+    site: Path, files: dict[str, Path]
+) -> None:
+    grey = files["root"] / "grey.png"
+    Image.new("RGB", (16, 16), (120, 120, 120)).save(grey, format="PNG")
+    result = policy_engine(
+        "assess",
+        str(files["image"]),
+        str(grey),
+        "--policy",
+        str(files["policy"]),
+        "-b",
+        "example-colour",
+        site=site,
+        env={"POLICY_ENGINE_PLUGINS": "example"},
+        cwd=files["root"],
+    )
+    assert result.returncode == 0, result.stderr
+    red, plain = (json.loads(line) for line in result.stdout.splitlines())
+    assert (red["rating"], red["category_id"]) == ("Unsafe", "O2")
+    assert [a["name"] for a in red["actions"]] == ["block", "tag"]
+    assert red["verdict"]["model"] == "example-colour"
+    assert (plain["rating"], plain["actions"]) == ("Safe", [])
+    strict = policy_engine(
+        "assess",
+        str(files["image"]),
+        "-b",
+        "example-colour",
+        "-o",
+        "redness=250",
+        site=site,
+        env={"POLICY_ENGINE_PLUGINS": "example"},
+        cwd=files["root"],
+    )
+    assert json.loads(strict.stdout)["rating"] == "Safe"  # its option reached it
+
+
 def test_example_hello_command(site: Path, files: dict[str, Path]) -> None:
     result = policy_engine(
         "example-hello",

@@ -7,11 +7,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -575,3 +577,97 @@ def test_a_failing_sink_does_not_lose_the_decision(
     warning = "plugin 'broken-sink': observe_decision failed: RuntimeError: sink is down"
     assert caplog.text.count(warning) == 2
     assert seen == ["Safe", "Safe"]  # the other sink still saw every decision
+
+
+# --- a strict host ---------------------------------------------------------------------------
+
+MISSPELLED_PLUGIN = """\
+from policy_engine import Backend, hookimpl
+
+@hookimpl
+def register_backend(register):  # singular: no such hook
+    raise AssertionError("never called")
+"""
+
+
+def test_a_misspelled_hook_is_reported_and_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = tmp_path / "site"
+    make_dist(site, "typo-plugin", {"typo": "typo_plugin"}, {"typo_plugin": MISSPELLED_PLUGIN})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("POLICY_ENGINE_PLUGINS", "typo")
+    host = PluginHost()
+    info = {i.name: i for i in host.plugins()}["typo"]
+    assert info.unknown_hooks == ("register_backend",)
+    assert info.hooks == ()  # it implements no real hook
+    warning = (
+        "plugin 'typo' implements 'register_backend', which is no hook of policy-engine "
+        "(did you mean 'register_backends'?): it is never called"
+    )
+    assert [r.getMessage() for r in caplog.records].count(warning) == 1
+    listed = run_cli(
+        "plugins", env={"POLICY_ENGINE_PLUGINS": "typo"}, pythonpath=site, cwd=tmp_path
+    )
+    assert "policy-engine: warning: plugin 'typo' implements 'register_backend'" in (listed.stderr)
+    assert "typo (typo-plugin 1.2.3)\n  hooks: none\n  UNKNOWN HOOK: register_backend" in (
+        listed.stdout
+    )
+
+
+def test_registering_a_misspelled_hook_by_hand_is_an_error() -> None:
+    class Typo:
+        @hookimpl
+        def observe_decisions(self, decision: Decision) -> None:  # plural: no such hook
+            pass
+
+    host = PluginHost(load_entry_points=False)
+    with pytest.raises(PluginError, match="did you mean 'observe_decision'"):
+        host.register(Typo(), name="typo")
+    assert "typo" not in {i.name for i in host.plugins()}  # not left half-registered
+
+
+def test_a_command_name_clash_names_both_plugins() -> None:
+    def adds(name: str) -> object:
+        class Commands:
+            @hookimpl
+            def register_commands(self, cli: click.Group) -> None:
+                cli.add_command(click.Command(name, callback=lambda: None))
+
+        return Commands()
+
+    for taken, owner in (("assess", "policy-engine (core)"), ("audit", "policy-engine (core)")):
+        group = click.Group(commands={"assess": click.Command("assess")})
+        host = PluginHost(load_entry_points=False)
+        host.register(adds(taken), name="greedy")
+        if taken == "audit":  # a lazy built-in is taken too
+            from policy_engine.cli import cli
+
+            group = cli
+        message = f"command {taken!r} is added twice: by {owner} and by plugin 'greedy'"
+        with pytest.raises(PluginError, match=re.escape(message)):
+            host.add_commands(group)
+    group = click.Group()
+    host = PluginHost(load_entry_points=False)
+    host.register(adds("hello"), name="first")
+    host.register(adds("hello"), name="second")
+    with pytest.raises(PluginError, match=r"'hello' is added twice: by plugin '.*' and by plugin"):
+        host.add_commands(group)
+
+
+def test_observe_decision_goes_through_pluggy_so_tracing_shows_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("POLICY_ENGINE_TRACE_HOOKS", "1")
+    seen: list[Decision] = []
+
+    class Sink:
+        @hookimpl
+        def observe_decision(self, decision: Decision) -> None:
+            seen.append(decision)
+
+    host = PluginHost()
+    host.register(Sink(), name="sink")
+    Engine("llavaguard", "static", host=host).assess(png())
+    assert len(seen) == 1
+    assert "observe_decision [hook]" in capsys.readouterr().err
