@@ -31,7 +31,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_sourc
 from .loader import check_policy, load_policy
 from .policy import Policy
 from .postprocess import PostProcessor, StepContext
-from .types import MODES, Mode
+from .types import Mode, check_mode
 from .verdict import Decision, Verdict, build_verdict, error_verdict
 
 Item = ImageSource | tuple[ImageSource, dict[str, Any] | None]
@@ -77,8 +77,7 @@ class Engine:
         """`lenient` reads replies that wrap their JSON object in prose (servers that ignore
         the schema); by default a reply must be exactly one JSON object."""
         self.host = host or get_host()
-        if mode not in MODES:
-            raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        check_mode(mode)
         if isinstance(policy, Policy):
             check_policy(policy, host=self.host)
             self.policy = policy

@@ -20,3 +20,12 @@ class NoParams(BaseModel):
     """Options or params for a plugin that takes none: any key is an error."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def check_mode(mode: str) -> Mode:
+    """`mode` as a Mode, or a PolicyEngineError listing the modes."""
+    if mode not in MODES:
+        from .errors import PolicyEngineError
+
+        raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+    return mode

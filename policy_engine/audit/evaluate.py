@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast, get_args
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -31,7 +31,7 @@ from ..loader import check_policy, load_policy, shipped_policies
 from ..policy import CategoryException, ExceptionStatus, Policy
 from ..progress import Progress
 from ..progress import wanted as progress_wanted
-from ..types import Mode
+from ..types import check_mode
 from ..verdict import Decision
 from .eval_report import (
     CHANGED_SHOWN,
@@ -248,9 +248,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
     from ..engine import Engine, make_backend
 
     choice = opts.engine
-    if choice.mode not in get_args(Mode):
-        raise EvalError(f"unknown mode {choice.mode!r}; modes: {', '.join(get_args(Mode))}")
-    mode = cast(Mode, choice.mode)
+    mode = check_mode(choice.mode)
     policy = load_policy(choice.policy or "llavaguard", host=host)
     samples = read_labels(opts.labels, policy)
     base = Path(opts.labels).parent
@@ -286,16 +284,9 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
         engine.load()
         if opts.out is not None:
             store = ResultStore(opts.out, create=True)
-            store.set_meta(
-                {
-                    "policy_id": policy.id,
-                    "policy_version": policy.version,
-                    "policy_hash": engine.compiled.hash,
-                    "backend": backend.name,
-                    "mode": mode,
-                    "source": opts.labels,
-                }
-            )
+            from .runner import results_meta  # the engine's module: imported when running
+
+            store.set_meta(results_meta(engine, opts.labels))
             writer = _Writer(store)
         seq = iter(range(len(samples)))
 

@@ -65,6 +65,12 @@ class AuditStats:
 
 def audit_meta(engine: Engine, source: Source, shard: Shard) -> dict[str, str]:
     """What identifies an audit: resuming with a different one is refused."""
+    return {**results_meta(engine, _source_key(source)), "shard": str(shard)}
+
+
+def results_meta(engine: Engine, source: str) -> dict[str, str]:
+    """What every results file records of the run that wrote it (audit and eval alike): the
+    policy, the backend, its model and options, the mode, the source."""
     policy = engine.policy
     return {
         "policy_id": policy.id,
@@ -85,8 +91,7 @@ def audit_meta(engine: Engine, source: Source, shard: Shard) -> dict[str, str]:
         "model": str(getattr(engine.backend.options, "model", None) or ""),
         "backend_options": engine.backend.options.model_dump_json(),
         "mode": engine.mode,
-        "source": _source_key(source),
-        "shard": str(shard),
+        "source": source,
     }
 
 

@@ -22,7 +22,7 @@ from ..host import PluginHost, get_host
 from ..images import DEFAULT_MAX_PIXELS
 from ..loader import load_policy
 from ..policy import Policy
-from ..types import MODES, Mode
+from ..types import MODES, Mode, check_mode
 
 
 class ModeUnavailableError(PolicyEngineError):
@@ -52,8 +52,7 @@ class EnginePool:
     ) -> None:
         self.host = host or get_host()
         self.lenient = lenient
-        if mode not in MODES:
-            raise PolicyEngineError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        check_mode(mode)
         self.backend: Backend = make_backend(backend, backend_options, self.host)
         self.mode: Mode = mode
         self.batch_size = batch_size
