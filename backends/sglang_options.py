@@ -57,9 +57,13 @@ class SGLangOptions(BaseModel):
     retries: int = Field(default=5, ge=0, description="Attempts after the first.")
     backoff: float = Field(default=0.5, ge=0, description="First retry delay (doubles).")
     backoff_max: float = Field(default=20.0, ge=0)
-    greedy: bool = Field(default=False, description="temperature 0: reproducible audits.")
-    temperature: float = Field(default=0.2, gt=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    greedy: bool = Field(
+        default=True,
+        description="temperature 0 (the default): the same verdict every run. false: sample "
+        "with temperature/top_p/top_k, LlavaGuard's published settings by default.",
+    )
+    temperature: float = Field(default=0.2, gt=0.0, description="Sampling only (greedy=false).")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Sampling only.")
     top_k: int = Field(default=50, ge=0, description="0: off. Sent to SGLang and vLLM only.")
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="Token budget; default: the policy's (500)."

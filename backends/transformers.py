@@ -75,10 +75,14 @@ class TransformersOptions(BaseModel):
         default="auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    greedy: bool = Field(default=False, description="Greedy decoding: reproducible audits.")
-    temperature: float = Field(default=0.2, gt=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int = Field(default=50, ge=0)
+    greedy: bool = Field(
+        default=True,
+        description="Greedy decoding (the default): the same verdict every run. false: "
+        "sample with temperature/top_p/top_k, LlavaGuard's published settings by default.",
+    )
+    temperature: float = Field(default=0.2, gt=0.0, description="Sampling only (greedy=false).")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Sampling only.")
+    top_k: int = Field(default=50, ge=0, description="Sampling only; 0: off.")
     seed: int | None = Field(default=None, description="Seed torch before each batch.")
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="Token budget; default: the policy's (500)."

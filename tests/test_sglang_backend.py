@@ -145,7 +145,7 @@ def test_openai_requests_carry_the_compiled_schema_nested(
     server: FakeSGLang, mode: str, images: list[Path]
 ) -> None:
     compiled = get_host().compile(load_policy("llavaguard"))
-    with engine(server.url, "openai", mode) as e:
+    with engine(server.url, "openai", mode, greedy=False) as e:  # LlavaGuard's sampling
         list(e.assess_many(images[:2]))
     bodies = by_image(posted(server, "/v1/chat/completions"), images[:2])
     for body, path in zip(bodies, images[:2], strict=True):

@@ -149,7 +149,7 @@ def test_vllm_gets_its_own_fields_and_scores(images: list[Path]) -> None:
     with OpenAIStyleServer("vllm") as server:
         with engine(server.url, "score") as e:
             scored = list(e.assess_many(images))
-        with engine(server.url, "verdict") as e:
+        with engine(server.url, "verdict", greedy=False) as e:
             answered = list(e.assess_many(images))
     assert server.statuses == {200: 2 * len(images)}
     assert all(d.verdict.ok and d.verdict.p_unsafe is not None for d in scored)
