@@ -36,18 +36,22 @@ def draw_settled(app: PolicyApp) -> None:
 
     Text cursors stop blinking, drawn where they are: a blink is a 0.5 s wall-clock timer, and
     which phase a screenshot caught depended on how busy the machine was. Every widget then
-    drops what it cached from earlier frames, as on a style reload: in Textual 8.2.8 a
-    DataTable caches a cell's rendering under a key without its column's width, so a frame
-    drawn between `add_row` and the table's idle-time measuring kept cells cut to the old
-    width ("Saf" for "Safe NA []"), and a TextArea caches lines under one key for "cursor
-    blinked out" and "blink off, cursor shown".
+    drops what it cached from earlier frames, as on a style reload, and is laid out afresh.
+    Seen with Textual 8.2.8, each depending on when a frame was drawn:
+    - a DataTable caches a cell's rendering under a key without its column's width, so a frame
+      drawn between `add_row` and the table's idle-time measuring kept cells cut to the old
+      width ("Saf" for "Safe NA []" in the Tests tab);
+    - a TextArea caches lines under one key for "cursor blinked out" and "blink off, shown";
+    - a `width: auto` Label updated twice in quick succession (the Tests tab's detail line:
+      cleared, then filled by the row-highlight handler) sometimes kept the width of its first
+      text, with no layout left pending (about 1 run in 40).
     """
     for screen in app.screen_stack:
         for widget in screen.walk_children(Widget, with_self=True):
             if isinstance(widget, Input | TextArea):
                 widget.cursor_blink = False
             widget.notify_style_update()
-            widget.refresh()
+            widget.refresh(layout=True)
 
 
 async def settle(pilot: Pilot[Any]) -> None:
