@@ -267,3 +267,11 @@ def test_export_warns_about_random_weights(mixed_models: Path, tmp_path: Path) -
     clean = results(tmp_path / "clean", [("guard-7b", GREEDY)])
     quiet = run_cli("export", str(clean), str(tmp_path / "q.parquet"))
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_the_header_says_when_sampling_is_not_reproducible(tmp_path: Path) -> None:
+    unseeded = header_fields(html_page(results(tmp_path, [("m", SAMPLING)]), tmp_path))
+    assert "no seed: a rerun may give other verdicts" in unseeded["Decoding"]
+    seeded = results(tmp_path / "s", [("m", {**SAMPLING, "seed": 7})])
+    decoding = header_fields(html_page(seeded, tmp_path))["Decoding"]
+    assert decoding == "sampling (temperature 0.2, top_p 0.95, top_k 50, seed 7)"

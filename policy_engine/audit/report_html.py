@@ -95,8 +95,15 @@ def _html_header(summary: Summary, title: str) -> str:
     if policy and summary.policy_version:
         policy += f" v{summary.policy_version}"
     decoding = _e(provenance.decoding_text)
-    if isinstance(provenance.decoding, dict) and provenance.decoding.get("method") == "sampling":
-        decoding += ' <span class="muted">(sampled: a rerun may give other verdicts)</span>'
+    chosen = provenance.decoding
+    if (
+        isinstance(chosen, dict)
+        and chosen.get("method") == "sampling"
+        and chosen.get("seed") is None
+    ):
+        decoding += (
+            ' <span class="muted">(sampled, no seed: a rerun may give other verdicts)</span>'
+        )
     elif provenance.decoding == "mixed":
         decoding += ' <span class="muted">(rows were decoded differently)</span>'
     model = _e(provenance.model or "not recorded")
@@ -248,6 +255,11 @@ def _html_category(summary: Summary, stats: CategoryStats, index: int, thumbs: T
         )
     elif stats.flagged:
         gallery = '<p class="note">thumbnails switched off</p>'
+    elif stats.ratings.get("Safe"):
+        gallery = (
+            '<p class="note">no flagged images in this category; its Safe images may be in '
+            '<a href="#safe-sample">the Safe sample</a></p>'
+        )
     else:
         gallery = '<p class="note">no flagged images in this category</p>'
     return (

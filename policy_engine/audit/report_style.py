@@ -84,7 +84,7 @@ td ul { margin: 0; padding-left: 18px; }
 .toggle { position: absolute; opacity: 0; width: 1px; height: 1px; margin: 0; }
 .reveal { position: relative; display: block; overflow: hidden; cursor: pointer;
   border-radius: 4px; width: fit-content; max-width: 100%; margin: 0 auto; }
-.reveal img.blurred { filter: blur(14px) saturate(0.6); transform: scale(1.15); }
+.reveal img.blurred { filter: blur(18px) saturate(0.6); transform: scale(1.2); }
 .reveal .hint { position: absolute; inset: 0; display: flex; align-items: center;
   justify-content: center; text-align: center; color: #fff; font-size: 12px; font-weight: 600;
   text-shadow: 0 0 3px #000, 0 0 6px #000; padding: 6px; }
