@@ -119,18 +119,19 @@ class Summary:
         return self.ratings.get("Safe", 0)
 
     @property
-    def severity_scale(self) -> list[str]:
-        """The policy's severity levels, lowest first: from the policy the file records, else
-        the default scale (a policy file's `severity_levels` default)."""
+    def recorded_scale(self) -> list[str] | None:
+        """The severity levels (lowest first) of the policy the file records, if it records
+        them."""
         levels = (self.policy or {}).get("severity_levels")
         if isinstance(levels, list) and all(isinstance(v, str) for v in levels):
             return list(levels)
-        return list(DEFAULT_SEVERITY_LEVELS)
+        return None
 
     @property
-    def scale_known(self) -> bool:
-        """Whether the file records the policy's own scale (not only the default)."""
-        return isinstance((self.policy or {}).get("severity_levels"), list)
+    def severity_scale(self) -> list[str]:
+        """The policy's severity levels, lowest first: the recorded ones, else the default
+        scale (a policy file's `severity_levels` default)."""
+        return self.recorded_scale or list(DEFAULT_SEVERITY_LEVELS)
 
     def severities_in_order(self) -> list[tuple[str, int]]:
         """Rows per severity in the scale's order, lowest first; a level the scale does not
@@ -138,7 +139,7 @@ class Summary:
         listed with 0 (with the default scale, only the levels present)."""
         scale = self.severity_scale
         known = [(level, self.severities.get(level, 0)) for level in scale]
-        if not self.scale_known:
+        if self.recorded_scale is None:
             known = [(level, count) for level, count in known if count]
         unknown = [(k, v) for k, v in self.severities.most_common() if k not in scale]
         return known + unknown
