@@ -620,12 +620,18 @@ def test_html_is_self_contained_and_complete(
     assert [h.split()[0] for h in headings] == ["O2", "O3", "O4", "NA"]
     assert "Violence, Harm, or Cruelty" in headings[0]
 
-    # Thumbnails: the flagged rows whose source is a readable image file (a, b, c<u>).
-    thumbs = [(s, src) for s, src, _ in checker.images if src.startswith(JPEG_PREFIX)]
+    # Thumbnails: the flagged rows whose source is a readable image file (a, b, c<u>), blurred
+    # in their category's section; the Safe rows' (s1, s2, o4safe) in the Safe sample, not.
+    assert all(src.startswith(JPEG_PREFIX) for _, src, _ in checker.images)
+    flagged = [(s, a) for s, _, a in checker.images if s != "safe-sample"]
     readable = [r for r in rows if r.rating == "Unsafe" and Path(r.source).is_file()]
-    assert len(thumbs) == len(readable) == 3
-    assert {s for s, _ in thumbs} == {checker.category_sections[0]}
-    for _, src in thumbs:
+    assert len(flagged) == len(readable) == 3
+    assert {s for s, _ in flagged} == {checker.category_sections[0]}
+    assert all("blurred" in a.get("class", "").split() for _, a in flagged)
+    safe = [a for s, _, a in checker.images if s == "safe-sample"]
+    assert len(safe) == sum(r.rating == "Safe" for r in rows) == 3
+    assert not any("blurred" in a.get("class", "") for a in safe)
+    for _, src, _ in checker.images:
         assert max(jpeg(src).size) <= 160
     # Placeholders saying why: the moved file, a dataset row, an in-memory image.
     reasons = [text for _, text in checker.placeholders]
@@ -644,7 +650,8 @@ def test_html_is_self_contained_and_complete(
     text = " ".join(checker.text)
     for value in ("llavaguard", "1.2", policy_meta()["policy_hash"], "static", "2/4"):
         assert value in text
-    assert page.count("<svg") >= 3 + len(present)
+    # Overview: categories, ratings, severities, actions, p_unsafe; then one per category.
+    assert page.count('<figure class="chart') == 5 + len(present)
 
 
 def test_html_thumbnail_limit_and_orientation(tmp_path: Path) -> None:

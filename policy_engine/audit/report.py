@@ -1,4 +1,5 @@
-"""The `policy-engine report` command, and `write_html`: the report of an audit's results file.
+"""The `policy-engine report` command, and `write_html`: the report of a results file (an
+audit's, or the one `policy-engine eval --out` writes).
 
 The summary itself is made by `summary.summarize` and rendered by `report_text.render_text`
 and `report_html.render_html`.
@@ -34,7 +35,8 @@ def write_html(
 ) -> None:
     """Write the report as one self-contained HTML file (nothing external is referenced).
 
-    `thumbnails` flagged examples at most per category (see `summarize`), each shrunk to fit
+    `thumbnails` flagged examples at most per category, and as many Safe examples (see
+    `summarize`), each shrunk to fit
     `thumb_size` pixels square; a source that is not a readable image file gets a placeholder
     saying why. Relative sources are looked up from the current directory, then from the
     results file's directory. Raises StoreError if the store cannot be read, OSError if `path`
@@ -61,13 +63,15 @@ def write_html(
     type=click.IntRange(min=0),
     default=EXAMPLES_PER_CATEGORY,
     show_default=True,
-    help="Flagged examples kept (and thumbnails shown) per category.",
+    help="Flagged examples kept (and thumbnails shown) per category, and Safe examples.",
 )
 def report_command(results: Path, html_out: Path | None, as_json: bool, thumbnails: int) -> None:
-    """Summarize an audit's RESULTS file: counts, errors, throughput, scores.
+    """Summarize a RESULTS file (audit, or eval --out): which model and decoding made the
+    verdicts, counts, errors, throughput, scores.
 
     Prints a text summary (or JSON with --json) on stdout; --html also writes one
-    self-contained HTML file with charts and thumbnails of flagged images.
+    self-contained HTML file with charts, blurred thumbnails of flagged images and a sample
+    of Safe ones. Verdicts of a random-weights model come with a warning in every form.
     """
     try:
         with ResultStore(results) as store:

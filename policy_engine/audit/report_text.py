@@ -1,25 +1,32 @@
-"""The report of an audit as text for a terminal: `render_text` of a `Summary`."""
+"""The report of a results file as text for a terminal: `render_text` of a `Summary`.
+
+A random-weights warning, when there is one, is the first line: nobody should read the counts
+below it as an assessment of the images."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from .summary import Summary, percent, utc_time
+from .summary import Summary, duration, percent, utc_time
 
 __all__ = ["render_text"]
 
 
 def render_text(summary: Summary) -> str:
     """A readable summary for a terminal."""
-    lines = [f"Audit report: {_t(summary.file)}"]
+    lines = [f"WARNING: {_t(w)}" for w in summary.warnings]
+    lines.append(f"Audit report: {_t(summary.file)}")
     policy = summary.policy_id or "(unknown policy)"
     if summary.policy_version:
         policy += f" v{summary.policy_version}"
     if summary.policy_hash:
         policy += f" ({summary.policy_hash})"
     meta = summary.meta
+    provenance = summary.provenance
     header = [
         ("policy", policy),
+        ("model", provenance.model or "(not recorded)"),
+        ("decoding", provenance.decoding_text),
         ("backend", _join(meta.get("backend"), meta.get("mode") and f"mode {meta['mode']}")),
         ("source", _join(meta.get("source"), meta.get("shard") and f"shard {meta['shard']}")),
         ("started", utc_time(summary.started)),
@@ -27,8 +34,9 @@ def render_text(summary: Summary) -> str:
     ]
     if summary.throughput:
         t = summary.throughput
-        basis = "audit start to finish" if t.basis == "meta" else "first to last row written"
-        header.append(("throughput", f"{t.images_per_second:.2f} images/s ({basis})"))
+        basis = "audit start to finish" if t.basis == "meta" else "estimated from the rows"
+        rate = f"{t.images_per_second:.2f} images/s over {duration(t.seconds)} ({basis})"
+        header.append(("throughput", rate))
     if summary.generation_seconds is not None:
         header.append(("model time", f"{summary.generation_seconds:.1f} s"))
     lines += [f"  {key:<11}{_t(value)}" for key, value in header if value]
@@ -56,7 +64,9 @@ def render_text(summary: Summary) -> str:
             name = f"  {_t(stats.name)}" if stats.name else ""
             lines.append(f"  {_t(cid):<{width}}  {stats.rows:>7} {stats.flagged:>7}{name}")
         lines.append("")
-    lines += _text_counts("Severities", summary.severities, summary.rows)
+    lines += _text_counts(
+        "Severities (the policy's scale, lowest first)", summary.severities_in_order(), summary.rows
+    )
     lines += _text_counts("Actions (rows carrying each)", summary.actions, summary.rows)
     if summary.error_groups:
         lines.append("Errors")
@@ -76,12 +86,14 @@ def render_text(summary: Summary) -> str:
     return "\n".join(lines)
 
 
-def _text_counts(title: str, counts: Counter[str], rows: int) -> list[str]:
-    if not counts:
+def _text_counts(title: str, counts: Counter[str] | list[tuple[str, int]], rows: int) -> list[str]:
+    """Rows per key with their share; a Counter by count, a list in its own order."""
+    items = counts.most_common() if isinstance(counts, Counter) else counts
+    if not items:
         return []
-    width = max(len(_t(k)) for k in counts)
+    width = max(len(_t(k)) for k, _ in items)
     out = [title]
-    for key, count in counts.most_common():
+    for key, count in items:
         out.append(f"  {_t(key):<{width}}  {count:>7}  {percent(count, rows)}")
     return [*out, ""]
 

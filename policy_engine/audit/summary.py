@@ -1,10 +1,11 @@
-"""The summary of an audit's results file: counts, histograms and bounded samples.
+"""The summary of a results file (an audit's, or eval's `--out`): counts, histograms, samples.
 
 `summarize` reads the rows once, in input order, and keeps only counters, histograms and
 bounded samples, so its memory does not grow with the number of rows: a reservoir of at most
-N flagged (Unsafe) examples per category (seeded, so the same file gives the same report),
-and at most 5 distinct messages per error kind. `Summary.to_dict()` is the report's JSON form;
-`report_text` and `report_html` render it, `report` is the command.
+N flagged (Unsafe) examples per category and one of N Safe examples (seeded, so the same file
+gives the same report), at most 5 distinct messages per error kind, and the provenance (which
+model and decoding answered, `report_provenance`). `Summary.to_dict()` is the report's JSON
+form; `report_text` and `report_html` render it, `report` is the command.
 
 Only the standard library and policy_engine are imported here.
 """
@@ -17,9 +18,23 @@ import random
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from ..policy import DEFAULT_SEVERITY_LEVELS
+from .report_data import (
+    HISTOGRAM_BINS,
+    CategoryStats,
+    ErrorGroup,
+    Example,
+    FirstBatch,
+    Histogram,
+    Throughput,
+    clip,
+    duration,
+    percent,
+    utc_time,
+)
+from .report_provenance import Provenance
 from .store import ResultRow, ResultStore, StoreError
 
 __all__ = [
@@ -27,170 +42,30 @@ __all__ = [
     "EXAMPLES_PER_CATEGORY",
     "HISTOGRAM_BINS",
     "CategoryStats",
+    "ErrorGroup",
     "Example",
+    "FirstBatch",
     "Histogram",
     "Summary",
     "Throughput",
+    "clip",
+    "duration",
+    "percent",
     "summarize",
+    "utc_time",
 ]
 
 EXAMPLES_PER_CATEGORY = 12
-"""Default number of flagged examples (thumbnails) kept per category."""
+"""Default number of flagged examples (thumbnails) kept per category, and of Safe examples."""
 ERROR_EXAMPLES = 5
 """Distinct example messages kept per error kind."""
-HISTOGRAM_BINS = 10
 SAMPLING_SEED = 0
-"""Seed of the reservoir sampler: the same results file always gives the same examples."""
+"""Seed of the reservoir samplers: the same results file always gives the same examples."""
+SAFE_SAMPLING_SEED = 1
+"""The Safe sample's own sampler, so it does not change which flagged examples are kept."""
 
-_MAX_RATIONALE = 1000  # characters of a rationale kept in an example
 _MAX_MESSAGE = 300  # characters of an error message kept
 _UNKNOWN_KIND = "unknown"
-
-
-@dataclass
-class Histogram:
-    """Values in [0, 1] in `bins` equal bins (the last one includes 1.0); out-of-range values
-    are clamped into the first or last bin."""
-
-    bins: int = HISTOGRAM_BINS
-    counts: list[int] = field(default_factory=list)
-    count: int = 0
-    total: float = 0.0
-    low: float = math.inf
-    high: float = -math.inf
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * self.bins
-
-    def add(self, value: float) -> None:
-        if math.isnan(value):
-            return
-        index = min(self.bins - 1, max(0, int(value * self.bins)))
-        self.counts[index] += 1
-        self.count += 1
-        self.total += value
-        self.low = min(self.low, value)
-        self.high = max(self.high, value)
-
-    @property
-    def mean(self) -> float | None:
-        return self.total / self.count if self.count else None
-
-    @property
-    def edges(self) -> list[float]:
-        return [round(i / self.bins, 6) for i in range(self.bins + 1)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "edges": self.edges,
-            "counts": list(self.counts),
-            "count": self.count,
-            "mean": self.mean,
-            "min": self.low if self.count else None,
-            "max": self.high if self.count else None,
-        }
-
-
-@dataclass(frozen=True)
-class Example:
-    """One flagged row kept for the report (a bounded copy, not the row itself)."""
-
-    id: str
-    seq: int
-    source: str
-    rating: str | None
-    category_id: str | None
-    severity: str | None
-    p_unsafe: float | None
-    actions: tuple[str, ...]
-    rationale: str | None
-
-    @classmethod
-    def from_row(cls, row: ResultRow) -> Example:
-        verdict = row.decision.get("verdict")
-        rationale = verdict.get("rationale") if isinstance(verdict, dict) else None
-        if rationale is not None:
-            rationale = clip(str(rationale), _MAX_RATIONALE)
-        return cls(
-            id=row.id,
-            seq=row.seq,
-            source=row.source,
-            rating=row.rating,
-            category_id=row.category_id,
-            severity=row.severity,
-            p_unsafe=row.p_unsafe,
-            actions=tuple(row.actions),
-            rationale=rationale,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "seq": self.seq,
-            "source": self.source,
-            "rating": self.rating,
-            "category_id": self.category_id,
-            "severity": self.severity,
-            "p_unsafe": self.p_unsafe,
-            "actions": list(self.actions),
-            "rationale": self.rationale,
-        }
-
-
-@dataclass
-class CategoryStats:
-    """The rows whose verdict named one category."""
-
-    id: str
-    name: str | None = None
-    policy_severity: str | None = None
-    in_policy: bool = False
-    rows: int = 0
-    flagged: int = 0
-    ratings: Counter[str] = field(default_factory=Counter)
-    p_unsafe: Histogram = field(default_factory=Histogram)
-    examples: list[Example] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "policy_severity": self.policy_severity,
-            "in_policy": self.in_policy,
-            "rows": self.rows,
-            "flagged": self.flagged,
-            "ratings": dict(self.ratings),
-            "p_unsafe": self.p_unsafe.to_dict() if self.p_unsafe.count else None,
-            "examples": [e.to_dict() for e in self.examples],
-        }
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Images per second and what it was measured from: `basis` is "meta" (the audit's
-    `started`/`finished`) or "rows" (first to last row written)."""
-
-    images_per_second: float
-    seconds: float
-    images: int
-    basis: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "images_per_second": self.images_per_second,
-            "seconds": self.seconds,
-            "images": self.images,
-            "basis": self.basis,
-        }
-
-
-@dataclass
-class ErrorGroup:
-    count: int = 0
-    examples: list[dict[str, str]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "examples": [dict(e) for e in self.examples]}
 
 
 @dataclass
@@ -200,6 +75,7 @@ class Summary:
     file: str
     meta: dict[str, str]
     policy: dict[str, Any] | None = None
+    provenance: Provenance = field(default_factory=Provenance)
     rows: int = 0
     ok: int = 0
     errors: int = 0
@@ -213,10 +89,12 @@ class Summary:
     throughput: Throughput | None = None
     generation_seconds: float | None = None
     p_unsafe: Histogram = field(default_factory=Histogram)
+    safe_examples: list[Example] = field(default_factory=list)
     started: float | None = None
     finished: float | None = None
     first_row: float | None = None
     last_row: float | None = None
+    first_batch: FirstBatch = field(default_factory=FirstBatch)
     examples_per_category: int = EXAMPLES_PER_CATEGORY
 
     @property
@@ -233,16 +111,55 @@ class Summary:
 
     @property
     def kept_examples(self) -> int:
+        """Flagged examples kept, over all categories (the Safe sample not included)."""
         return sum(len(c.examples) for c in self.categories.values())
+
+    @property
+    def safe(self) -> int:
+        return self.ratings.get("Safe", 0)
+
+    @property
+    def recorded_scale(self) -> list[str] | None:
+        """The severity levels (lowest first) of the policy the file records, if it records
+        them."""
+        levels = (self.policy or {}).get("severity_levels")
+        if isinstance(levels, list) and all(isinstance(v, str) for v in levels):
+            return list(levels)
+        return None
+
+    @property
+    def severity_scale(self) -> list[str]:
+        """The policy's severity levels, lowest first: the recorded ones, else the default
+        scale (a policy file's `severity_levels` default)."""
+        return self.recorded_scale or list(DEFAULT_SEVERITY_LEVELS)
+
+    def severities_in_order(self) -> list[tuple[str, int]]:
+        """Rows per severity in the scale's order, lowest first; a level the scale does not
+        know comes after, by count. Levels of the policy's own scale that no row has are
+        listed with 0 (with the default scale, only the levels present)."""
+        scale = self.severity_scale
+        known = [(level, self.severities.get(level, 0)) for level in scale]
+        if self.recorded_scale is None:
+            known = [(level, count) for level, count in known if count]
+        unknown = [(k, v) for k, v in self.severities.most_common() if k not in scale]
+        return known + unknown
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a reader must not miss: the random-weights warning."""
+        warning = self.provenance.warning
+        return [warning] if warning else []
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.file,
+            "warnings": self.warnings,
             "policy": {
                 "id": self.policy_id,
                 "version": self.policy_version,
                 "hash": self.policy_hash,
             },
+            "provenance": self.provenance.to_dict(),
             "totals": {
                 "rows": self.rows,
                 "ok": self.ok,
@@ -252,12 +169,17 @@ class Summary:
             },
             "ratings": dict(self.ratings),
             "categories": {cid: c.to_dict() for cid, c in self.categories.items()},
-            "severities": dict(self.severities),
+            "severities": dict(self.severities_in_order()),
+            "severity_scale": self.severity_scale,
             "actions": dict(self.actions),
             "errors": {kind: g.to_dict() for kind, g in self.error_groups.items()},
             "throughput": self.throughput.to_dict() if self.throughput else None,
             "generation_seconds": self.generation_seconds,
             "p_unsafe": self.p_unsafe.to_dict() if self.p_unsafe.count else None,
+            "safe_sample": {
+                "rows": self.safe,
+                "examples": [e.to_dict() for e in self.safe_examples],
+            },
             "times": {
                 "started": self.started,
                 "finished": self.finished,
@@ -267,7 +189,9 @@ class Summary:
             "sampling": {
                 "method": "reservoir",
                 "per_category": self.examples_per_category,
+                "safe": self.examples_per_category,
                 "seed": SAMPLING_SEED,
+                "safe_seed": SAFE_SAMPLING_SEED,
             },
             "meta": dict(self.meta),
         }
@@ -276,9 +200,10 @@ class Summary:
 def summarize(store: ResultStore, *, examples: int = EXAMPLES_PER_CATEGORY) -> Summary:
     """Read every row once (streamed) and summarize it.
 
-    Keeps at most `examples` flagged (rating Unsafe) rows per category, chosen by reservoir
-    sampling with a fixed seed: a uniform sample of the whole run, the same for the same file,
-    shown in input order. Raises StoreError if the file cannot be read as results.
+    Keeps at most `examples` flagged (rating Unsafe) rows per category, and `examples` Safe
+    rows over the whole run, each chosen by reservoir sampling with a fixed seed: a uniform
+    sample of the whole run, the same for the same file, shown in input order. Raises
+    StoreError if the file cannot be read as results.
     """
     if examples < 0:
         raise ValueError(f"examples must be >= 0, got {examples}")
@@ -288,18 +213,21 @@ def summarize(store: ResultStore, *, examples: int = EXAMPLES_PER_CATEGORY) -> S
         raise StoreError(f"{store.path}: not a results file ({err})") from None
     summary = Summary(file=str(store.path), meta=meta, examples_per_category=examples)
     summary.policy = _policy_from_meta(meta)
+    summary.provenance = Provenance.from_meta(meta)
     summary.expected = _int_or_none(meta.get("total"))
     summary.started = _float_or_none(meta.get("started"))
     summary.finished = _float_or_none(meta.get("finished"))
     _add_policy_categories(summary)
 
     rng = random.Random(SAMPLING_SEED)
+    safe_rng = random.Random(SAFE_SAMPLING_SEED)
     seen_flagged: Counter[str] = Counter()
     generation = 0.0
     timed = False
     try:
         for row in store.rows():
             summary.rows += 1
+            summary.provenance.add(row.decision)
             if row.ok:
                 summary.ok += 1
             else:
@@ -311,15 +239,20 @@ def summarize(store: ResultStore, *, examples: int = EXAMPLES_PER_CATEGORY) -> S
                 summary.severities[row.severity] += 1
             for name in dict.fromkeys(row.actions):
                 summary.actions[name] += 1
+            unsafe = row.rating == "Unsafe"
             if row.p_unsafe is not None:
-                summary.p_unsafe.add(row.p_unsafe)
-            if row.seconds is not None:
-                generation += row.seconds
+                summary.p_unsafe.add(row.p_unsafe, unsafe=unsafe)
+            share = _generation_share(row)
+            if share is not None:
+                generation += share
                 timed = True
             summary.first_row = _min(summary.first_row, row.finished)
             summary.last_row = _max(summary.last_row, row.finished)
-            if row.rating == "Unsafe":
+            summary.first_batch.add(row.finished, share)
+            if unsafe:
                 summary.flagged += 1
+            elif row.rating == "Safe":
+                _reservoir(summary.safe_examples, row, summary.ratings["Safe"], examples, safe_rng)
             if row.category_id is None:
                 continue
             stats = _category(summary, row)
@@ -327,8 +260,8 @@ def summarize(store: ResultStore, *, examples: int = EXAMPLES_PER_CATEGORY) -> S
             if row.rating is not None:
                 stats.ratings[row.rating] += 1
             if row.p_unsafe is not None:
-                stats.p_unsafe.add(row.p_unsafe)
-            if row.rating == "Unsafe":
+                stats.p_unsafe.add(row.p_unsafe, unsafe=unsafe)
+            if unsafe:
                 stats.flagged += 1
                 seen_flagged[stats.id] += 1
                 _reservoir(stats.examples, row, seen_flagged[stats.id], examples, rng)
@@ -337,6 +270,7 @@ def summarize(store: ResultStore, *, examples: int = EXAMPLES_PER_CATEGORY) -> S
 
     for stats in summary.categories.values():
         stats.examples.sort(key=lambda e: (e.seq, e.id))
+    summary.safe_examples.sort(key=lambda e: (e.seq, e.id))
     # Policy categories no row named are dropped: the report shows what is present.
     summary.categories = {cid: c for cid, c in summary.categories.items() if c.rows}
     summary.generation_seconds = generation if timed else None
@@ -413,11 +347,28 @@ def _policy_from_meta(meta: dict[str, str]) -> dict[str, Any] | None:
 
 
 def _throughput(summary: Summary) -> Throughput | None:
+    """Images per second: over the audit's recorded start to finish when the file has them;
+    otherwise from the rows' own times (an eval results file, an audit still running).
+
+    Rows are written in engine batches: every row of a batch finishes at about the same
+    moment, so the span from the first row to the last misses the whole first batch (and is
+    almost nothing when all rows came in one batch). The span therefore starts when the first
+    batch started, known from its rows' generation times. Rows without timings (older files)
+    fall back to n - 1 intervals over the span from the first row to the last.
+    """
     if summary.started is not None and summary.finished is not None:
         seconds = summary.finished - summary.started
         if seconds > 0 and summary.rows:
             return Throughput(summary.rows / seconds, seconds, summary.rows, "meta")
-    if summary.first_row is not None and summary.last_row is not None and summary.rows > 1:
+    if summary.first_row is None or summary.last_row is None:
+        return None
+    batch_started = summary.first_batch.started
+    if batch_started is not None:
+        seconds = summary.last_row - min(summary.first_row, batch_started)
+        if seconds > 0 and summary.rows:
+            return Throughput(summary.rows / seconds, seconds, summary.rows, "rows")
+        return None
+    if summary.rows > 1:
         # n rows written over the span between the first and the last: n - 1 intervals.
         seconds = summary.last_row - summary.first_row
         if seconds > 0:
@@ -425,28 +376,20 @@ def _throughput(summary: Summary) -> Throughput | None:
     return None
 
 
+def _generation_share(row: ResultRow) -> float | None:
+    """The row's share of its batch's generation time: the `seconds` column (audits), else
+    the verdict's `timings.generate` (eval's results files leave the column empty)."""
+    if row.seconds is not None:
+        return row.seconds
+    verdict = row.decision.get("verdict")
+    timings = verdict.get("timings") if isinstance(verdict, dict) else None
+    value = timings.get("generate") if isinstance(timings, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def clip(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` characters, an ellipsis marking a cut (shared with the
-    renderers, like `percent` and `utc_time`)."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def percent(part: int, whole: int) -> str:
-    """`part` as a percentage of `whole` with one decimal, "-" when `whole` is 0."""
-    return f"{100 * part / whole:.1f}%" if whole else "-"
-
-
-def utc_time(ts: float | None) -> str:
-    """A Unix time as a UTC date and time, "" for None, the number itself if out of range."""
-    if ts is None:
-        return ""
-    try:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (OverflowError, OSError, ValueError):
-        return str(ts)
 
 
 def _str_or_none(value: object) -> str | None:
