@@ -20,6 +20,7 @@ pydantic and policy_engine's light modules are imported.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,33 +191,27 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             "(policy-engine export RESULTS.db predictions.jsonl) or pass the results database"
         )
     first = True
+
+    def fail(number: int, what: str) -> EvalError:
+        if first:
+            return _neither(path, number, what)
+        return EvalError(f"{path}:{number}: {what}")
+
     try:
         with path.open("rb") as handle:
             for number, raw in enumerate(handle, 1):
                 try:
                     text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError:
-                    if first:
-                        raise _neither(path, number, "not UTF-8 text") from None
-                    raise EvalError(f"{path}:{number}: not UTF-8 text") from None
+                    raise fail(number, "not UTF-8 text") from None
                 if not text.strip():
                     continue
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as err:
-                    what = f"invalid JSON ({err.msg} at column {err.colno})"
-                    raise (
-                        _neither(path, number, what)
-                        if first
-                        else EvalError(f"{path}:{number}: {what}")
-                    ) from None
+                    raise fail(number, f"invalid JSON ({err.msg} at column {err.colno})") from None
                 if not isinstance(record, dict):
-                    what = f"expected a JSON object, got {type(record).__name__}"
-                    raise (
-                        _neither(path, number, what)
-                        if first
-                        else EvalError(f"{path}:{number}: {what}")
-                    )
+                    raise fail(number, f"expected a JSON object, got {type(record).__name__}")
                 first = False
                 yield number, record
     except OSError as err:
@@ -335,6 +330,8 @@ def _parse_line(kind: Kind, record: dict[str, Any]) -> tuple[str, Prediction]:
         error = row.error or ("error" if row.ok is False else None)
         return str(row.id), _prediction(row.rating, row.category_id, row.p_unsafe, error)
     minimal = _MinimalRow.model_validate(record)
+    if "rating" not in record and minimal.error is None:
+        raise ValueError('rating: required ("Safe" or "Unsafe"; null with an "error")')
     return str(minimal.id), _prediction(
         minimal.rating, minimal.category_id, minimal.p_unsafe, minimal.error
     )
@@ -344,8 +341,12 @@ def _parse_line(kind: Kind, record: dict[str, Any]) -> tuple[str, Prediction]:
 
 
 def image_key(path: str | Path) -> str:
-    """One spelling per file: absolute, `~` expanded, symlinks and `..` resolved."""
-    return str(Path(path).expanduser().resolve())
+    """One spelling per file: absolute, `~` expanded, symlinks and `..` resolved (as far as
+    they can be: a symlink loop or an odd name keeps the plain absolute path)."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError):
+        return os.path.abspath(os.path.expanduser(path))
 
 
 class _Matcher:
@@ -446,6 +447,8 @@ def read_predictions(
             raise EvalError(
                 f"{path}:{number}: {_KIND_ONE[kind]}: {_field_errors(err, allowed)}"
             ) from None
+        except ValueError as err:
+            raise EvalError(f"{path}:{number}: {_KIND_ONE[kind]}: {err}") from None
         collector.add(_verdict_of(kind, record))
         match = matcher.find(key)
         if match is None:
@@ -484,9 +487,11 @@ def _readable(value: object) -> str:
 
 
 def describe_decoding(decoding: Mapping[str, Any]) -> str:
-    """`{"method": "greedy"}` -> "greedy"; `{"method": "sampling", "temperature": 0.2}` ->
-    "sampling (temperature 0.2)"; without a method, the settings."""
-    rest = ", ".join(f"{k} {_readable(v)}" for k, v in decoding.items() if k != "method")
+    """`{"method": "greedy"}` -> "greedy"; `{"method": "sampling", "temperature": 0.2,
+    "seed": None}` -> "sampling (temperature 0.2)"; without a method, the settings."""
+    rest = ", ".join(
+        f"{k} {_readable(v)}" for k, v in decoding.items() if k != "method" and v is not None
+    )
     method = decoding.get("method")
     if method is None:
         return rest or "unknown"
