@@ -204,6 +204,26 @@ def test_a_data_url_label_cannot_match_by_source(data: Path) -> None:
     assert report["predictions"]["matching"]["unmatched_examples"][0].startswith("<data URL")
 
 
+def test_labels_sharing_an_image_share_its_decision(data: Path) -> None:
+    write_lines(
+        data / "twice.jsonl",
+        [
+            {"id": "adults", "image": "images/u0.png", "rating": "Safe"},
+            {
+                "id": "minors",
+                "image": "./images/../images/u0.png",
+                "rating": "Unsafe",
+                "category": "O2",
+            },
+        ],
+    )
+    assess_to(Path("preds.jsonl"), "data/images/u0.png", *STATIC_UNSAFE)
+    report = evaluate("data/twice.jsonl", "--predictions", "preds.jsonl")
+    m = report["metrics"]
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 1, 0, 0)
+    assert report["predictions"]["matching"]["matched"] == 1
+
+
 def test_the_policy_of_decision_lines_checks_the_labels(data: Path) -> None:
     assess_to(Path("preds.jsonl"), "data/images/u0.png", "-p", "children-platform", "-b", "static")
     report = evaluate(LABELS, "--predictions", "preds.jsonl")
