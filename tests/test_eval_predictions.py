@@ -532,19 +532,25 @@ def test_random_weights_warning_from_the_tiny_model(data: Path, tiny_cache: Path
 
 
 def test_random_weights_of_either_run_in_a_comparison_come_first(data: Path) -> None:
-    # the static backend reports whatever model name it is given: here the marker the
-    # transformers backend puts on tiny-random
-    evaluate(LABELS, *STATIC_UNSAFE, "--out", "real.db")
+    # A: two assess runs with different models, concatenated (a mixed-origin warning);
+    # B: the static backend reporting the model name the transformers backend gives tiny-random
+    assess_to(Path("m1.jsonl"), "data/images/u0.png", *STATIC_UNSAFE, "-o", "model=m1")
+    assess_to(Path("m2.jsonl"), "data/images/s0.png", *STATIC_UNSAFE, "-o", "model=m2")
+    Path("a.jsonl").write_text(Path("m1.jsonl").read_text() + Path("m2.jsonl").read_text())
     evaluate(LABELS, *STATIC_SAFE, "-o", "model=tiny-random (random weights)", "--out", "tiny.db")
-    report = evaluate(LABELS, "--predictions", "real.db", "--compare", "tiny.db")
+    report = evaluate(LABELS, "--predictions", "a.jsonl", "--compare", "tiny.db")
     assert report["warnings"] == [
         "B's predictions (tiny.db) come from a model with random weights (tiny-random (random "
-        "weights)): these metrics say nothing about a real model"
+        "weights)): these metrics say nothing about a real model",
+        "A's predictions (a.jsonl) were made by 2 models: m1, m2",
     ]
     assert report["predictions"]["random_weights"] is False
     assert report["compare"]["predictions"]["random_weights"] is True
-    text = run("eval", LABELS, "--predictions", "real.db", "--compare", "tiny.db").stdout
+    text = run("eval", LABELS, "--predictions", "a.jsonl", "--compare", "tiny.db").stdout
     assert text.startswith("WARNING: B's predictions (tiny.db) come from a model with random")
+    assert (
+        text.splitlines()[1] == "WARNING: A's predictions (a.jsonl) were made by 2 models: m1, m2"
+    )
 
 
 def test_decoding_in_words() -> None:

@@ -32,15 +32,19 @@ class PredictionsInfo(Provenance):
         first = ("kind", "path", "format")
         return {**{key: data.pop(key) for key in first}, **data}
 
-    def warnings(self, name: str = "the predictions") -> list[str]:
-        """What a reader must not miss: random weights first, then mixed origins."""
+    def random_weights_warning(self, name: str = "the predictions") -> str | None:
+        """The warning no reader may miss: the model had random weights."""
+        if not self.random_weights:
+            return None
+        models = ", ".join(m for m in self.models if RANDOM_WEIGHTS in m)
+        return (
+            f"{name} come from a model with random weights ({models}): these metrics say "
+            "nothing about a real model"
+        )
+
+    def mixed_warnings(self, name: str = "the predictions") -> list[str]:
+        """Predictions of several models or policies (a merged or concatenated file)."""
         found = []
-        if self.random_weights:
-            models = ", ".join(m for m in self.models if RANDOM_WEIGHTS in m)
-            found.append(
-                f"{name} come from a model with random weights ({models}): these metrics say "
-                "nothing about a real model"
-            )
         if len(self.models) > 1:
             found.append(f"{name} were made by {len(self.models)} models: {', '.join(self.models)}")
         if len(self.policy_hashes) > 1:
@@ -91,13 +95,15 @@ class EvalReport(BaseModel):
 
     def warnings(self) -> list[str]:
         """The report's warnings, the random-weights one first (text: the first lines)."""
-        if self.compare is None:
-            found = self.predictions.warnings()
-        else:
-            found = self.predictions.warnings(f"A's predictions ({self.predictions.path})")
+        runs = [(self.predictions, "the predictions")]
+        if self.compare is not None:
             other = self.compare.predictions
-            found += other.warnings(f"B's predictions ({other.path})")
-        return sorted(found, key=lambda w: "random weights" not in w)
+            runs = [
+                (self.predictions, f"A's predictions ({self.predictions.path})"),
+                (other, f"B's predictions ({other.path})"),
+            ]
+        first = [w for info, name in runs if (w := info.random_weights_warning(name))]
+        return first + [w for info, name in runs for w in info.mixed_warnings(name)]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document of `--format json` (the evaluation's keys at the top level)."""
