@@ -531,11 +531,21 @@ def test_static_backend_run_and_saved_results_agree(labelled_images: Path, tmp_p
     assert ran["predictions"] == {
         "kind": "backend",
         "path": str(out),
+        "format": None,
         "backend": "static",
         "mode": "full",
+        "model": "static",
+        "models": ["static"],
+        "decoding": None,  # the static backend decodes nothing
+        "decodings": [],
         "policy_id": "llavaguard",
+        "policy_version": ran["policy"]["version"],
         "policy_hash": ran["policy"]["hash"],
+        "policy_hashes": [ran["policy"]["hash"]],
+        "random_weights": False,
+        "matching": None,
     }
+    assert ran["warnings"] == []
 
     with ResultStore(out) as store:
         meta = store.meta
@@ -831,6 +841,7 @@ def test_compare_two_results_files(tmp_path: Path) -> None:
 def test_json_shape(labelled_images: Path) -> None:
     report = invoke_json(str(labelled_images), *STATIC_UNSAFE, "--exceptions")
     assert list(report) == [
+        "warnings",
         "labels",
         "policy",
         "predictions",
@@ -945,7 +956,7 @@ def test_bad_label_lines_name_file_and_line(tmp_path: Path, line: str, message: 
         (("--predictions", "P", "--launch", "-m", "x"), "--launch, --model cannot be used"),
         (("--predictions", "P", "-p", "llavaguard", "--mode", "full"), "--mode cannot be used"),
         (("--compare", "P", "--backend", "static"), "--compare needs --predictions"),
-        (("--predictions", "missing.db"), "missing.db: no such results file"),
+        (("--predictions", "missing.db"), "missing.db: no such predictions file"),
         (("--backend", "nonesuch"), "unknown backend 'nonesuch'"),
         (("--backend", "static", "-o", "novalue"), "--option 'novalue': expected KEY=VALUE"),
         (("--backend", "static", "--meta", "=x"), "--meta '=x': expected KEY=VALUE"),

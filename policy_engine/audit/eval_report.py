@@ -13,17 +13,46 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from .metrics import COMPARED_METRICS, Evaluation, ExceptionRate
+from .predictions import KIND_NAMES, RANDOM_WEIGHTS, Kind, Matching, Provenance, describe_decoding
 
 CHANGED_SHOWN = 20  # ids listed for fixed and broken samples in a comparison
 
 
-class PredictionsInfo(BaseModel):
+class PredictionsInfo(Provenance):
+    """Where predictions came from: a backend run (`path`: its --out file) or a file, with
+    who made them (`Provenance`) and, for a file, how they matched the labels."""
+
     kind: Literal["backend", "file"]
-    path: str | None = Field(default=None, description="The results file read or written.")
-    backend: str | None = None
-    mode: str | None = None
-    policy_id: str | None = None
-    policy_hash: str | None = None
+    path: str | None = Field(default=None, description="The predictions file read or written.")
+    format: Kind | None = Field(default=None, description="The kind of file; None for a run.")
+    matching: Matching | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        first = ("kind", "path", "format")
+        return {**{key: data.pop(key) for key in first}, **data}
+
+    def random_weights_warning(self, name: str = "the predictions") -> str | None:
+        """The warning no reader may miss: the model had random weights."""
+        if not self.random_weights:
+            return None
+        models = ", ".join(m for m in self.models if RANDOM_WEIGHTS in m)
+        return (
+            f"{name} come from a model with random weights ({models}): these metrics say "
+            "nothing about a real model"
+        )
+
+    def mixed_warnings(self, name: str = "the predictions") -> list[str]:
+        """Predictions of several models or policies (a merged or concatenated file)."""
+        found = []
+        if len(self.models) > 1:
+            found.append(f"{name} were made by {len(self.models)} models: {', '.join(self.models)}")
+        if len(self.policy_hashes) > 1:
+            found.append(
+                f"{name} were made under {len(self.policy_hashes)} policies: "
+                + ", ".join(h[:19] for h in self.policy_hashes)
+            )
+        return found
 
 
 class Changes(BaseModel):
@@ -64,12 +93,25 @@ class EvalReport(BaseModel):
     exception_rate: ExceptionRate | None = None
     compare: Comparison | None = None
 
+    def warnings(self) -> list[str]:
+        """The report's warnings, the random-weights one first (text: the first lines)."""
+        runs = [(self.predictions, "the predictions")]
+        if self.compare is not None:
+            other = self.compare.predictions
+            runs = [
+                (self.predictions, f"A's predictions ({self.predictions.path})"),
+                (other, f"B's predictions ({other.path})"),
+            ]
+        first = [w for info, name in runs if (w := info.random_weights_warning(name))]
+        return first + [w for info, name in runs for w in info.mixed_warnings(name)]
+
     def to_json(self) -> dict[str, Any]:
         """The JSON document of `--format json` (the evaluation's keys at the top level)."""
         document: dict[str, Any] = {
+            "warnings": self.warnings(),
             "labels": self.labels.model_dump(mode="json"),
             "policy": self.policy.model_dump(mode="json"),
-            "predictions": self.predictions.model_dump(mode="json"),
+            "predictions": self.predictions.to_json(),
             **self.evaluation.model_dump(mode="json"),
         }
         if self.exception_rate is not None:
@@ -77,7 +119,7 @@ class EvalReport(BaseModel):
         if self.compare is not None:
             other = self.compare
             document["compare"] = {
-                "predictions": other.predictions.model_dump(mode="json"),
+                "predictions": other.predictions.to_json(),
                 **other.other.model_dump(mode="json"),
                 "difference": other.difference,
                 "compared": other.compared,
@@ -197,18 +239,65 @@ def _exception_text(title: str, rate: ExceptionRate) -> list[str]:
     return lines
 
 
-def render_text(report: EvalReport) -> str:
-    """The report for people: aligned columns, undefined ratios as n/a."""
-    labels, policy, source = report.labels, report.policy, report.predictions
-    if source.kind == "backend":
-        saved = f", saved to {source.path}" if source.path else ""
-        origin = f"backend {source.backend} (mode {source.mode}){saved}"
-    else:
-        origin = f"predictions {source.path}"
+def _unknown(value: str | None) -> str:
+    return value or "unknown"
+
+
+def _policy_text(info: PredictionsInfo) -> str:
+    if len(info.policy_hashes) > 1:
+        return "policies " + ", ".join(h[:19] for h in info.policy_hashes)
+    if info.policy_id is None and info.policy_hash is None:
+        return "policy unknown"
+    version = f" v{info.policy_version}" if info.policy_version else ""
+    digest = f" ({info.policy_hash[:19]})" if info.policy_hash else ""
+    return f"policy {_unknown(info.policy_id)}{version}{digest}"
+
+
+def _provenance_text(info: PredictionsInfo) -> list[str]:
+    """Who made the predictions, and (for a file) how they matched the labels."""
+    models = ("models " if len(info.models) > 1 else "model ") + (
+        ", ".join(info.models) or "unknown"
+    )
+    decodings = [describe_decoding(d) for d in info.decodings]
+    decoding = "decoding " + ("; ".join(decodings) if decodings else "unknown")
     lines = [
+        f"made by: {models}; backend {_unknown(info.backend)}; {decoding}; "
+        f"mode {_unknown(info.mode)}; {_policy_text(info)}"
+    ]
+    match = info.matching
+    if match is not None:
+        unit = {"assess": "Decision lines", "minimal": "lines"}.get(info.format or "", "rows")
+        if match.by == "source":
+            where = ", then ".join(match.relative_to or [])
+            how = f"matched by image path (relative paths tried in {where})"
+            what = "name a labelled image"
+        else:
+            how, what = "matched by id", "have a labelled id"
+        line = f"{how}: {match.matched} of {match.records} {unit} {what}"
+        if match.unmatched:
+            shown = _ids(match.unmatched_examples, match.unmatched)
+            line += f"; {match.unmatched} ignored: {shown}"
+        lines.append(line)
+    return lines
+
+
+def _origin(info: PredictionsInfo) -> str:
+    if info.kind == "backend":
+        saved = f", saved to {info.path}" if info.path else ""
+        return f"backend {info.backend} (mode {info.mode}){saved}"
+    kind = f" ({KIND_NAMES[info.format]})" if info.format else ""
+    return f"predictions {info.path}{kind}"
+
+
+def render_text(report: EvalReport) -> str:
+    """The report for people: warnings first, aligned columns, undefined ratios as n/a."""
+    labels, policy, source = report.labels, report.policy, report.predictions
+    lines = [f"WARNING: {warning}" for warning in report.warnings()]
+    lines += [
         f"eval: {labels.path} ({labels.samples} samples: {labels.unsafe} Unsafe, "
         f"{labels.safe} Safe)",
-        f"policy {policy.id} v{policy.version} ({policy.hash[:19]}), {origin}",
+        f"policy {policy.id} v{policy.version} ({policy.hash[:19]}), {_origin(source)}",
+        *_provenance_text(source),
         "",
         *_evaluation_text(report.evaluation),
     ]
@@ -240,5 +329,10 @@ def render_text(report: EvalReport) -> str:
             lines.append(f"  fixed:  {_ids(other.fixed.ids, other.fixed.count)}")
         if other.broken.count:
             lines.append(f"  broken: {_ids(other.broken.ids, other.broken.count)}")
-        lines += ["", f"B ({other.predictions.path}):", *_evaluation_text(other.other)]
+        lines += [
+            "",
+            f"B: {_origin(other.predictions)}",
+            *_provenance_text(other.predictions),
+            *_evaluation_text(other.other),
+        ]
     return "\n".join(lines) + "\n"

@@ -4,10 +4,11 @@
     policy-engine eval labels.jsonl --predictions results.db --compare results-v2.db
 
 Predictions come from running the labelled images through an Engine (optionally saved as an
-audit results file with `--out`) or from an existing results file, joined by id. The metrics are
-LlavaGuard's, with Unsafe as the positive class; `--exceptions` adds LlavaGuard's policy
-exception rate. This module runs a backend or reads results, and holds the command; `labels`
-reads the inputs, `metrics` measures them and `eval_report` prints the report.
+audit results file with `--out`) or from an existing file (a results database, or JSONL from
+`export`, `assess` or another tool). The metrics are LlavaGuard's, with Unsafe as the positive
+class; `--exceptions` adds LlavaGuard's policy exception rate. This module runs a backend or
+reads predictions, and holds the command; `labels` reads the labels, `predictions` the
+prediction files, `metrics` measures them and `eval_report` prints the report.
 
 This module imports only the standard library, click, pydantic and policy_engine's light
 modules; the Engine (and with it Pillow) is imported when a backend actually runs.
@@ -43,8 +44,9 @@ from .eval_report import (
     PredictionsInfo,
     render_text,
 )
-from .labels import EvalError, LabelledSample, Prediction, read_labels, read_predictions
+from .labels import EvalError, LabelledSample, Prediction, read_labels
 from .metrics import compare, difference, evaluate, exception_rate, ordered
+from .predictions import PredictionFile, ProvenanceCollector, peek, read_predictions
 from .store import ResultRow, ResultStore
 
 if TYPE_CHECKING:
@@ -200,24 +202,26 @@ def run_eval(opts: EvalOptions, *, host: PluginHost | None = None) -> EvalReport
 
 def _eval_predictions(opts: EvalOptions, host: PluginHost) -> EvalReport:
     assert opts.predictions is not None
-    with ResultStore(opts.predictions) as store:  # fail on a bad results file before labels
-        meta = store.meta
-    if "--policy" not in opts.given and meta.get("policy_id") in shipped_policies():
-        policy = load_policy(meta["policy_id"], host=host)
+    # fail on a bad predictions file before reading the labels
+    first = peek(opts.predictions)
+    if opts.compare is not None:
+        peek(opts.compare)
+    if "--policy" not in opts.given and first.policy_id in shipped_policies():
+        policy = load_policy(first.policy_id, host=host)
     else:
         policy = load_policy(opts.engine.policy or "llavaguard", host=host)
     samples = read_labels(opts.labels, policy)
-    wanted = {s.id for s in samples}
+    base = Path(opts.labels).parent
     order = [*(c.id for c in policy.categories), policy.none_category.id]
-    predictions, _ = read_predictions(opts.predictions, wanted)
-    evaluation = evaluate(samples, predictions, order)
+    read = read_predictions(opts.predictions, samples, base)
+    evaluation = evaluate(samples, read.predictions, order)
     comparison = None
     if opts.compare is not None:
-        others, other_meta = read_predictions(opts.compare, wanted)
-        other = evaluate(samples, others, order)
-        compared, fixed, broken = compare(samples, predictions, others)
+        other_read = read_predictions(opts.compare, samples, base)
+        other = evaluate(samples, other_read.predictions, order)
+        compared, fixed, broken = compare(samples, read.predictions, other_read.predictions)
         comparison = Comparison(
-            predictions=_file_info(opts.compare, other_meta),
+            predictions=_file_info(other_read),
             other=other,
             difference=difference(evaluation, other),
             compared=compared,
@@ -227,20 +231,19 @@ def _eval_predictions(opts: EvalOptions, host: PluginHost) -> EvalReport:
     return EvalReport(
         labels=_labels_info(opts.labels, samples),
         policy=_policy_info(policy, host),
-        predictions=_file_info(opts.predictions, meta),
+        predictions=_file_info(read),
         evaluation=evaluation,
         compare=comparison,
     )
 
 
-def _file_info(path: str, meta: Mapping[str, str]) -> PredictionsInfo:
+def _file_info(read: PredictionFile) -> PredictionsInfo:
     return PredictionsInfo(
         kind="file",
-        path=path,
-        backend=meta.get("backend"),
-        mode=meta.get("mode"),
-        policy_id=meta.get("policy_id"),
-        policy_hash=meta.get("policy_hash"),
+        path=read.path,
+        format=read.kind,
+        matching=read.matching,
+        **read.provenance.model_dump(),
     )
 
 
@@ -289,9 +292,17 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
             store.set_meta(results_meta(engine, opts.labels))
             writer = _Writer(store)
         seq = iter(range(len(samples)))
+        collector = ProvenanceCollector(
+            {
+                "policy_id": policy.id,
+                "policy_version": policy.version,
+                "policy_hash": engine.compiled.hash,
+            }
+        )
 
         def record(sample: LabelledSample, decision: Decision) -> None:
             progress.update(decision)
+            collector.add(decision.verdict.model_dump(mode="json", exclude_none=True))
             if writer is not None:
                 writer.add(ResultRow.from_decision(sample.id, next(seq), decision))
 
@@ -333,10 +344,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
         predictions=PredictionsInfo(
             kind="backend",
             path=opts.out,
-            backend=backend.name,
-            mode=mode,
-            policy_id=policy.id,
-            policy_hash=engine.compiled.hash,
+            **collector.result(backend=backend.name, mode=mode).model_dump(),
         ),
         evaluation=evaluate(samples, predictions, order),
         exception_rate=rate,
@@ -364,16 +372,18 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
 )
 @click.option(
     "--predictions",
-    metavar="RESULTS.db",
+    metavar="FILE",
     default=None,
-    help="Evaluate an existing results file instead of running a backend (the backend options "
-    "do not apply; --policy defaults to the file's policy when it is a shipped one).",
+    help="Evaluate existing predictions instead of running a backend: a results database, "
+    "JSONL from `export`, the JSONL `assess` prints (matched by image path), or minimal JSONL "
+    '({"id", "rating", "category_id", "p_unsafe"}). The backend options do not apply; '
+    "--policy defaults to the file's policy when it is a shipped one.",
 )
 @click.option(
     "--compare",
-    metavar="RESULTS2.db",
+    metavar="FILE",
     default=None,
-    help="With --predictions: compare with a second results file.",
+    help="With --predictions: compare with a second predictions file (any of those kinds).",
 )
 @click.option(
     "--format",
@@ -393,8 +403,8 @@ def eval_command(ctx: click.Context, /, fmt: str, engine: EngineChoice, **params
     """Measure predictions against LABELS.jsonl (rating, category) with LlavaGuard's metrics.
 
     Either run a backend on the labelled images (with the options `assess` takes; --out to keep
-    the decisions), or read an existing results file (--predictions, --compare). See
-    docs/eval.md.
+    the decisions), or read existing predictions (--predictions, --compare): a results file,
+    or JSONL from `export`, `assess` or another tool. See docs/eval.md.
     """
     try:
         report = run_eval(EvalOptions(engine=engine, given=engine.given, **params))

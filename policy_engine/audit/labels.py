@@ -1,8 +1,9 @@
 """The inputs of `policy-engine eval`: a labelled set of images and the predictions to measure.
 
 A labels file is JSONL, one labelled image a line, checked against the policy the labels were
-made for; predictions come from an Engine's decisions or from an audit results file, keyed by
-sample id. Only the standard library, pydantic and policy_engine's light modules are imported.
+made for. A `Prediction` is what was said about one sample, from an Engine's decision or a
+predictions file (`predictions` reads those). Only the standard library, pydantic and
+policy_engine's light modules are imported.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import PolicyEngineError
 from ..policy import ExceptionStatus, Policy
 from ..verdict import Decision
-from .store import ResultRow, ResultStore
+from .store import ResultRow
 
 Rating = Literal["Safe", "Unsafe"]
 RATINGS: tuple[Rating, ...] = get_args(Rating)
@@ -190,17 +191,3 @@ class Prediction:
         verdict = decision.verdict
         error = verdict.error.message if verdict.error is not None else None
         return cls(decision.rating, decision.category_id, verdict.p_unsafe, error)
-
-
-def read_predictions(
-    path: str | Path, wanted: set[str] | None = None
-) -> tuple[dict[str, Prediction], dict[str, str]]:
-    """The predictions of a results file (only the `wanted` ids, if given) and its meta."""
-    with ResultStore(path) as store:
-        meta = store.meta
-        predictions = {
-            row.id: Prediction.from_row(row)
-            for row in store.rows()
-            if wanted is None or row.id in wanted
-        }
-    return predictions, meta
