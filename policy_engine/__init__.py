@@ -24,7 +24,7 @@ from .errors import (
 from .formats.base import AnswerLayout, PromptFormat
 from .grammar import answer_grammar
 from .hookspecs import Register, hookimpl
-from .host import PluginHost, get_host
+from .host import PluginHost, PluginInfo, Registered, get_host
 from .loader import load_policy, load_policy_text, shipped_policies
 from .policy import Category, Policy, PolicyTest
 from .postprocess import PostProcessor, StepContext, unknown_categories
@@ -89,6 +89,7 @@ __all__ = [
     "Override",
     "PluginError",
     "PluginHost",
+    "PluginInfo",
     "Policy",
     "PolicyEngineError",
     "PolicyError",
@@ -97,6 +98,7 @@ __all__ = [
     "Problem",
     "PromptFormat",
     "Register",
+    "Registered",
     "StepContext",
     "TraceEntry",
     "UnknownNameError",

@@ -293,3 +293,15 @@ def test_hook_startup() -> None:
         failing.backends()
     with pytest.raises(PolicyEngineError, match="POLICY_ENGINE_EXAMPLE is not set"):
         failing.backends()  # every use says it, not only the first
+
+
+def test_the_stable_api_in_the_docs_is_exactly_what_policy_engine_exports() -> None:
+    import policy_engine
+
+    docs = DOCS.read_text(encoding="utf-8")
+    section = docs[docs.index("## What is stable") : docs.index("and, for commands that run")]
+    listed = set(re.findall(r"`([A-Za-z_]+)`", section)) - {"policy_engine", "__all__"}
+    assert listed == set(policy_engine.__all__)
+    for name in policy_engine.__all__:
+        getattr(policy_engine, name)  # every exported name resolves (lazy ones too)
+    assert policy_engine.__version__ != "0+unknown"  # from the installed distribution
