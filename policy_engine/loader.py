@@ -7,6 +7,7 @@ YAML suffix is a shipped policy (`policies/`); anything else is a path.
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 import typing
 from pathlib import Path
@@ -35,6 +36,7 @@ from .yamlsource import (
     located_list,
 )
 
+log = logging.getLogger(__name__)
 SHIPPED_PACKAGE = "policy_engine.policies"
 MAX_EXTENDS_DEPTH = 16
 
@@ -62,6 +64,16 @@ def _resolve(ref: str, base: Path | None) -> tuple[str, Path]:
     shipped = shipped_policies()
     if ref not in shipped:
         raise UnknownNameError("policy", ref, shipped)
+    if base is None:
+        for suffix in (".yaml", ".yml"):
+            if Path(ref + suffix).is_file():
+                log.warning(
+                    "%r is the shipped policy; the file %s here is not used (a name is always "
+                    "a shipped policy: write ./%s to use the file)",
+                    ref,
+                    ref + suffix,
+                    ref + suffix,
+                )
     return f"<shipped>/{ref}.yaml", Path(shipped[ref])
 
 

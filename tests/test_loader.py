@@ -438,3 +438,17 @@ def test_text_problems_name_the_path_and_the_buffer_line(tmp_path: Path) -> None
     [problem] = caught.value.problems
     assert (problem.file, problem.line) == (str(tmp_path / "draft.yaml"), 5)
     assert "'huge' is not a severity level" in problem.message
+
+
+def test_a_name_is_always_the_shipped_policy_and_a_local_file_is_named_in_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shipped = load_policy("children-platform")
+    assert "children-platform.yaml" not in caplog.text  # no file here: no warning
+    local = "extends: children-platform\nid: children-platform\ndescription: mine\n"
+    (tmp_path / "children-platform.yaml").write_text(local, encoding="utf-8")
+    by_name = load_policy("children-platform")
+    assert by_name.description == shipped.description  # the name still means the shipped one
+    assert "the file children-platform.yaml here is not used" in caplog.text
+    assert load_policy("./children-platform.yaml").description == "mine"  # a path is the file
