@@ -2,10 +2,11 @@
 
 Two post-processors:
 
-`rules` -- the rules language. Conditions on the verdict (rating, category, severity, P(Unsafe),
-category scores), the mode and the request metadata, combined with all/any/not; actions allow,
-block, blur, human_review, escalate (with queue and priority) or any custom name a plugin
-handles. Semantics: rules run in the order listed; with `match: first` (the default) the first
+`rules` -- the rules language. Conditions on the Decision (final rating, category, severity;
+the model's P(Unsafe) and category scores; actions earlier steps added), the mode and the
+request metadata, combined with all/any/not; actions allow, block, blur, human_review, escalate
+(with queue and priority), flag, or a custom name the policy declares under `actions:` (an
+undeclared name is a load-time error, so a typo like `blok` is caught). Semantics: rules run in the order listed; with `match: first` (the default) the first
 rule that holds acts and later rules are not evaluated, with `match: all` every rule that holds
 acts, in order; `default` acts when none held. Every evaluated rule leaves a trace line naming
 the facts that decided it.
@@ -86,6 +87,8 @@ class Escalate(PostProcessor):
         for index, rating in enumerate(params.ratings):
             if rating not in ("Safe", "Unsafe"):
                 problems.append((("ratings", index), f"{rating!r} is not Safe or Unsafe"))
+        if params.action not in policy.known_actions():
+            problems.append((("action",), policy.unknown_action(params.action)))
         return problems
 
     def matches(self, decision: Decision, metadata: Mapping[str, Any]) -> tuple[bool, str]:
@@ -122,8 +125,6 @@ class Escalate(PostProcessor):
 
 # -- the rules language ------------------------------------------------------------------------
 
-KNOWN_ACTIONS = ("allow", "block", "blur", "human_review", "escalate")
-"""Actions with a meaning in the docs; any other identifier is a custom action for plugins."""
 
 Where = tuple[str | int, ...]
 Problems = list[tuple[Where, str]]
@@ -178,11 +179,16 @@ class Condition(BaseModel):
         default=None, description="Request metadata: key -> value, or a list of accepted values."
     )
     error: bool | None = None
+    action: list[str] | None = Field(
+        default=None,
+        description="Holds when an earlier step added one of these actions (e.g. a `flag` "
+        "from thresholds).",
+    )
     all: list[Condition] | None = None
     any: list[Condition] | None = None
     not_: Condition | None = Field(default=None, alias="not")
 
-    @field_validator("rating", "category", "mode", mode="before")
+    @field_validator("rating", "category", "mode", "action", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         """`rating: Unsafe` means `rating: [Unsafe]`."""
@@ -194,6 +200,9 @@ class Condition(BaseModel):
             [((*where, "category", i), c) for i, c in enumerate(self.category or [])]
             + [((*where, "score", c), c) for c in self.score or {}],
         )
+        for i, name in enumerate(self.action or []):
+            if name not in policy.known_actions():
+                problems.append(((*where, "action", i), policy.unknown_action(name)))
         if self.severity is not None:
             levels = policy.severity_levels
             for key in ("at_least", "at_most"):
@@ -263,6 +272,13 @@ class Condition(BaseModel):
             if not bounds.holds(scores[category]):
                 return False, f"score {category} {scores[category]:.3f} not in {bounds}"
             reasons.append(f"score {category} {scores[category]:.3f} in {bounds}")
+        if self.action is not None:
+            wanted = _as_list(self.action)
+            added = [a.name for a in decision.actions if a.name in wanted]
+            if not added:
+                return False, f"no earlier action {_either(wanted)}"
+            by = next(a.by for a in decision.actions if a.name == added[0])
+            reasons.append(f"action {added[0]} (by {by})")
         if self.mode is not None:
             modes = _as_list(self.mode)
             if context.mode not in modes:
@@ -310,10 +326,7 @@ class ActionSpec(BaseModel):
     @classmethod
     def _one_word(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value):
-            raise ValueError(
-                f"{value!r} is not an action name (one word: letters, digits, _ . -); "
-                f"known actions: {', '.join(KNOWN_ACTIONS)}, or a custom name"
-            )
+            raise ValueError(f"{value!r} is not an action name (one word: letters, digits, _ . -)")
         return value
 
     queue: str | None = None
@@ -398,8 +411,13 @@ class Rules(PostProcessor):
         assert isinstance(params, RulesParams)
         problems: Problems = []
         seen: dict[str, int] = {}
+        known = policy.known_actions()
         for index, rule in enumerate(params.rules):
             problems.extend(rule.when.check(policy, ("rules", index, "when")))
+            for at, spec in enumerate(rule.then):
+                if spec.action not in known:
+                    where = ("rules", index, "then", at, "action")
+                    problems.append((where, policy.unknown_action(spec.action)))
             if rule.id is not None:
                 if rule.id in seen:
                     problems.append(
@@ -409,6 +427,9 @@ class Rules(PostProcessor):
                         )
                     )
                 seen[rule.id] = index
+        for at, spec in enumerate(params.default or []):
+            if spec.action not in known:
+                problems.append((("default", at, "action"), policy.unknown_action(spec.action)))
         return problems
 
     def __call__(self, decision: Decision, context: StepContext) -> None:

@@ -223,6 +223,8 @@ def _overlay(parent: Located, child: Located, display: str) -> Located:
             data[key] = _overlay_categories(parent.get(key), value, display)
         elif key == "exceptions" and isinstance(value, Located):
             data[key] = _overlay_exceptions(parent.get(key), value)
+        elif key == "actions" and isinstance(value, LocatedList):
+            data[key] = _union(parent.get(key), value)
         elif key in ("output", "metadata", "postprocess_failure") and isinstance(value, Located):
             base = parent.get(key)
             if isinstance(base, Located):
@@ -234,6 +236,19 @@ def _overlay(parent: Located, child: Located, display: str) -> Located:
             data[key] = value
         marks[key] = mark
     return located(data, child.mark, marks)
+
+
+def _union(parent: Any, child: LocatedList) -> LocatedList:
+    """Custom actions add up across `extends`: the parent's steps still use the parent's."""
+    if not isinstance(parent, LocatedList):
+        return child
+    merged = LocatedList(parent)
+    merged.mark, merged.marks = child.mark, list(parent.marks)
+    for item, mark in zip(child, child.marks, strict=True):
+        if item not in merged:
+            merged.append(item)
+            merged.marks.append(mark)
+    return merged
 
 
 def _overlay_categories(parent: Any, patches: LocatedList, display: str) -> LocatedList:
@@ -376,10 +391,12 @@ def _validation_problems(
         loc = prefix + tuple(item["loc"])
         cause = (item.get("ctx") or {}).get("error")
         if isinstance(cause, LocatedValueError):
-            loc = prefix + tuple(int(p) if p.isdigit() else p for p in cause.path.split("."))
-            message = cause.message
-        else:
-            message = plain_message(item)
+            for where, message in cause.problems:
+                path_loc = prefix + tuple(int(p) if p.isdigit() else p for p in where.split("."))
+                mark, path = _walk(data, path_loc)
+                problems.append(_problem_at(mark, file, path, message))
+            continue
+        message = plain_message(item)
         mark, path = _walk(data, loc)
         if item["type"] == "missing":
             message = "required field is missing"
@@ -408,16 +425,50 @@ def load_policy_text(
     return _validated(str(path), _load_chain(ref, None, [], None, text), host)
 
 
+MAX_PROBLEMS = 50
+"""A policy with more problems reports this many and how many more there are."""
+
+
 def _validated(display: str, data: Located, host: PluginHost | None) -> Policy:
+    """The Policy, or every problem found in one go: the file's own problems and, for the parts
+    that are valid, the plugins' (formats, post-processors and their params)."""
     host = host or get_host()
     try:
         policy = Policy.model_validate(dict(data))
     except ValidationError as err:
-        raise PolicyError(_validation_problems(err, data, display)) from None
+        problems = _validation_problems(err, data, display)
+        partial = _without_broken_keys(data, err)
+        if partial is not None:
+            for where, message in partial.problems():
+                loc = tuple(int(p) if p.isdigit() else p for p in where.split("."))
+                mark, path = _walk(data, loc)
+                problems.append(_problem_at(mark, display, path, message))
+            problems += _plugin_problems(partial, data, display, host)
+        raise PolicyError(_capped(problems)) from None
     problems = _plugin_problems(policy, data, display, host)
     if problems:
-        raise PolicyError(problems)
+        raise PolicyError(_capped(problems))
     return policy
+
+
+def _without_broken_keys(data: Located, err: ValidationError) -> Policy | None:
+    """The policy without the top-level keys that have problems (their defaults instead), to
+    check the rest; None when that is not possible (a required key is broken)."""
+    broken = {item["loc"][0] for item in err.errors() if item["loc"]}
+    rest = {k: v for k, v in data.items() if k not in broken}
+    try:
+        return Policy.model_validate(rest, context={"partial": True})
+    except ValidationError:
+        return None
+
+
+def _capped(problems: list[Problem]) -> list[Problem]:
+    unique = list(dict.fromkeys(problems))
+    if len(unique) <= MAX_PROBLEMS:
+        return unique
+    rest = len(unique) - MAX_PROBLEMS
+    file = unique[0].file
+    return [*unique[:MAX_PROBLEMS], Problem(file, 0, 0, "", f"… and {rest} more problems")]
 
 
 def check_policy(policy: Policy, *, host: PluginHost | None = None) -> None:

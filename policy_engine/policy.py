@@ -6,13 +6,24 @@ Schema of `PolicyFile`, the form a file is written in, for editors.
 
 from __future__ import annotations
 
+import difflib
 import re
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_SEVERITY_LEVELS = ("low", "medium", "high", "critical")
+BUILTIN_ACTIONS = ("allow", "block", "blur", "escalate", "flag", "human_review")
+"""Actions with a meaning in the docs (docs/rules.md); others are declared under `actions:`."""
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 
 
@@ -201,40 +212,93 @@ class Policy(_Strict):
         default_factory=FailurePolicy,
         description="What a post-processor that raises does to the Decision.",
     )
+    actions: list[str] = Field(
+        default_factory=list,
+        description="Custom action names this policy's steps may add, besides the built-in "
+        "allow, block, blur, escalate, flag, human_review. An undeclared name is an error.",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form metadata.")
     tests: list[PolicyTest] = Field(
         default_factory=list, description="Test cases for `policy-engine test`."
     )
 
+    @field_validator("actions")
+    @classmethod
+    def _action_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+                raise ValueError(
+                    f"{name!r} is not an action name (one word: letters, digits, _ . -)"
+                )
+        return value
+
     @model_validator(mode="after")
-    def _consistent(self) -> Policy:
+    def _consistent(self, info: ValidationInfo) -> Policy:
+        if info.context and info.context.get("partial"):
+            return self  # the loader checks a policy with broken parts left out
+        problems = self.problems()
+        if problems:
+            raise LocatedValueError(problems)
+        return self
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every inconsistency between the policy's parts, as (dotted path, message)."""
+        found: list[tuple[str, str]] = []
         seen: set[str] = set()
         for index, category in enumerate(self.categories):
             if category.id in seen:
-                raise _located(f"categories.{index}.id", f"duplicate category id {category.id!r}")
+                found.append((f"categories.{index}.id", f"duplicate category id {category.id!r}"))
             seen.add(category.id)
             if category.severity not in self.severity_levels:
-                raise _located(
-                    f"categories.{index}.severity",
-                    f"{category.severity!r} is not a severity level; "
-                    f"levels: {', '.join(self.severity_levels)}",
+                found.append(
+                    (
+                        f"categories.{index}.severity",
+                        f"{category.severity!r} is not a severity level; "
+                        f"levels: {', '.join(self.severity_levels)}",
+                    )
                 )
         if self.none_category.id in seen:
-            raise _located("none_category.id", f"{self.none_category.id!r} is a category id")
+            found.append(("none_category.id", f"{self.none_category.id!r} is a category id"))
         for key in self.exceptions:
             if key not in seen:
-                raise _located(
-                    f"exceptions.{key}",
-                    f"unknown category {key!r}; categories: {', '.join(sorted(seen))}",
+                found.append(
+                    (
+                        f"exceptions.{key}",
+                        f"unknown category {key!r}; categories: {', '.join(sorted(seen))}",
+                    )
                 )
         known = seen | {self.none_category.id}
         for index, test in enumerate(self.tests):
             if test.category is not None and test.category not in known:
-                raise _located(
-                    f"tests.{index}.category",
-                    f"unknown category {test.category!r}; categories: {', '.join(sorted(known))}",
+                found.append(
+                    (
+                        f"tests.{index}.category",
+                        f"unknown category {test.category!r}; "
+                        f"categories: {', '.join(sorted(known))}",
+                    )
                 )
-        return self
+        for index, name in enumerate(self.actions):
+            if name in BUILTIN_ACTIONS:
+                found.append((f"actions.{index}", f"{name!r} is a built-in action: omit it"))
+        failure = self.postprocess_failure.action
+        if failure not in self.known_actions():
+            found.append(("postprocess_failure.action", self.unknown_action(failure)))
+        return found
+
+    def known_actions(self) -> list[str]:
+        """The action names this policy's steps may add: the built-in ones and the custom
+        ones it declares under `actions`."""
+        return [*BUILTIN_ACTIONS, *self.actions]
+
+    def unknown_action(self, name: str) -> str:
+        """The message for an action name the policy does not know."""
+        declared = f"; declared: {', '.join(self.actions)}" if self.actions else ""
+        close = difflib.get_close_matches(name, self.known_actions(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (
+            f"unknown action {name!r}{hint}; built-in: {', '.join(BUILTIN_ACTIONS)}{declared}; "
+            "declare a custom action under `actions:`"
+        )
 
     def category(self, category_id: str) -> Category:
         for category in self.categories:
@@ -247,16 +311,12 @@ class Policy(_Strict):
 
 
 class LocatedValueError(ValueError):
-    """A model-level check that knows which field it is about (mapped back to a YAML line)."""
+    """Model-level checks that know which field each is about (mapped back to YAML lines)."""
 
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.message = message
-
-
-def _located(path: str, message: str) -> LocatedValueError:
-    return LocatedValueError(path, message)
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
+        self.path, self.message = problems[0]
 
 
 class CategoryPatch(_Strict):
@@ -295,5 +355,6 @@ class PolicyFile(_Strict):
     output: OutputOptions | None = None
     postprocess: list[PostprocessStep] | None = None
     postprocess_failure: FailurePolicy | None = None
+    actions: list[str] | None = None
     metadata: dict[str, Any] | None = None
     tests: list[PolicyTest] | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support import run_cli
 
 from policy_engine.cli import cli
 from policy_engine.errors import PolicyError
@@ -364,3 +365,52 @@ def test_too_many_values_rejected_while_parsing(tmp_path: Path) -> None:
     assert "document has more than 100,000 values" in first
     # two columns a value: the parser went no further than the limit's worth of values
     assert len(start) < problem.column <= len(start) + 2 * MAX_NODES, first
+
+
+FIVE_STAGES = """\
+extends: llavaguard
+id: five
+descripton: typo key
+exceptions:
+  O99: {status: non-violating}
+categories:
+  - {id: O2, severity: hgih}
+postprocess:
+  - name: rulez
+  - name: rules
+    params:
+      rules:
+        - {when: {category: O77}, then: blok}
+"""
+
+
+def test_check_reports_every_kind_of_problem_in_one_run(tmp_path: Path) -> None:
+    """A newcomer's five mistakes took six runs of `check`: the file's keys, a category's
+    severity, an exception, an unknown step, a step's params and an undeclared action are all
+    reported at once, each at its line."""
+    path = tmp_path / "five.yaml"
+    path.write_text(FIVE_STAGES, encoding="utf-8")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    found = [(p.line, p.path) for p in caught.value.problems]
+    assert found == [
+        (3, "descripton"),
+        (7, "categories[O2].severity"),
+        (5, "exceptions.O99"),
+        (9, "postprocess[0].name"),
+        (13, "postprocess[1].params.rules[0].when.category[0]"),
+        (13, "postprocess[1].params.rules[0].then[0].action"),
+    ]
+    result = run_cli("check", str(path))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 6
+
+
+def test_a_flood_of_problems_is_capped(tmp_path: Path) -> None:
+    rules = "".join(f"        - {{when: {{category: X{i}}}, then: allow}}\n" for i in range(80))
+    text = "extends: llavaguard\nid: many\npostprocess:\n  - name: rules\n    params:\n"
+    path = tmp_path / "many.yaml"
+    path.write_text(text + "      rules:\n" + rules, encoding="utf-8")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    problems = caught.value.problems
+    assert len(problems) == 51 and problems[-1].message == "… and 30 more problems"

@@ -64,10 +64,13 @@ def decide(
     params: dict[str, Any],
     metadata: dict[str, Any] | None = None,
     mode: str = "full",
+    declared: list[str] | None = None,
     **answer: Any,
 ) -> Decision:
     answer.setdefault("rating", "Unsafe")
-    engine = Engine(policy_file(tmp_path, params), Scripted(**answer), mode=mode)  # type: ignore[arg-type]
+    extra = {"actions": declared} if declared else {}
+    policy = policy_file(tmp_path, params, **extra)
+    engine = Engine(policy, Scripted(**answer), mode=mode)  # type: ignore[arg-type]
     return engine.assess(tiny_png(), metadata=metadata)
 
 
@@ -173,7 +176,7 @@ def test_actions_known_and_custom_with_parameters(tmp_path: Path) -> None:
             {"when": {}, "then": {"action": "notify.slack", "params": {"channel": "#trust"}}},
         ],
     }
-    decision = decide(tmp_path, params, category="O7")
+    decision = decide(tmp_path, params, category="O7", declared=["notify.slack"])
     assert actions(decision) == [
         ("escalate", {"queue": "crisis", "priority": "urgent"}),
         ("human_review", {"queue": "q"}),
@@ -462,3 +465,48 @@ def test_the_documented_example_loads_and_acts_as_described(tmp_path: Path) -> N
     ]
     assert run(error="backend down") == ["human_review"]
     assert run(rating="Safe", p_unsafe=0.1) == ["allow"]
+
+
+def test_an_undeclared_action_is_a_load_time_error_with_a_suggestion(tmp_path: Path) -> None:
+    """`then: blok` was accepted as a custom action; custom actions are now declared."""
+    params = {"rules": [{"when": {"rating": "Unsafe"}, "then": "blok"}], "default": "alow"}
+    with pytest.raises(PolicyError) as caught:
+        Engine(policy_file(tmp_path, params), Scripted())
+    messages = [p.message for p in caught.value.problems]
+    assert any("unknown action 'blok' (did you mean 'block'?)" in m for m in messages)
+    assert any("unknown action 'alow' (did you mean 'allow'?)" in m for m in messages)
+    assert len(messages) == 2  # both in one run
+    declared = policy_file(
+        tmp_path, {"rules": [{"when": {}, "then": "quarantine"}]}, actions=["quarantine"]
+    )
+    assert Engine(declared, Scripted()).policy.actions == ["quarantine"]
+
+
+def test_rules_can_act_on_actions_earlier_steps_added(tmp_path: Path) -> None:
+    """A `flag` from thresholds means what a later rule says: here, human review instead of
+    allow."""
+    document = {
+        "extends": "llavaguard",
+        "id": "flags",
+        "postprocess": [
+            {"name": "thresholds", "params": {"p_unsafe": {"default": 0.3}}},
+            {
+                "name": "rules",
+                "id": "moderation",
+                "params": {
+                    "rules": [
+                        {"when": {"action": "flag"}, "then": "human_review"},
+                        {"when": {"rating": "Unsafe"}, "then": "block"},
+                    ],
+                    "default": "allow",
+                },
+            },
+        ],
+    }
+    path = tmp_path / "flags.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    unsure = Engine(path, Scripted(rating="Safe", p_unsafe=0.4)).assess(tiny_png())
+    assert [a.name for a in unsure.actions] == ["flag", "human_review"]
+    assert "action flag (by 0:thresholds)" in unsure.trace[-2].message
+    sure = Engine(path, Scripted(rating="Safe", p_unsafe=0.1)).assess(tiny_png())
+    assert [a.name for a in sure.actions] == ["allow"]
