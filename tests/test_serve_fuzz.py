@@ -72,7 +72,10 @@ FORM = "multipart/form-data"
 
 def build_app(keys: tuple[str, ...]) -> FastAPI:
     pool = EnginePool(POLICIES, "static", backend_options={"rating": "Unsafe", "category": "O2"})
-    return create_app(ServeSettings(api_keys=keys), pool, log=EventLog(io.StringIO()))
+    # no warm-up: schemathesis starts the app for each case, and a readiness probe during a
+    # warm-up that a loaded machine slows down says 503 (tested in test_serve_readiness.py)
+    settings = ServeSettings(api_keys=keys, warmup=False)
+    return create_app(settings, pool, log=EventLog(io.StringIO()))
 
 
 def wait_until_ready(client: Any) -> None:
