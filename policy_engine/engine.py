@@ -201,6 +201,11 @@ class Engine:
                 generations = self._failed(batch, err)
         return list(self._finish(prepared, generations, time.perf_counter() - started))
 
+    def decide(self, verdict: Verdict, metadata: dict[str, Any] | None = None) -> Decision:
+        """Post-process a verdict obtained elsewhere (a policy test's given verdict, a verdict
+        replayed from a log) with this engine's policy: steps in order, then observers."""
+        return self._postprocess(verdict, dict(metadata or {}))
+
     # -- warm-up ---------------------------------------------------------------------------
     def warm_up(self, image: ImageSource | None = None) -> Verdict:
         """Judge one image (default: a small grey one) through the backend and the parser only:

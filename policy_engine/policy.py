@@ -158,16 +158,40 @@ class FailurePolicy(_Strict):
     priority: str | None = None
 
 
+class GivenVerdict(_Strict):
+    """The verdict a test case assumes instead of asking a model: the policy's post-processing
+    is tested on it, with any backend (or none)."""
+
+    rating: Literal["Safe", "Unsafe"]
+    category: str | None = Field(
+        default=None, description="A category id; default: the none-applying one."
+    )
+    p_unsafe: float | None = Field(default=None, ge=0.0, le=1.0)
+    category_scores: dict[str, float] | None = None
+    severity: str | None = Field(
+        default=None, description="The model's severity; default: the category's in the policy."
+    )
+
+
 class PolicyTest(_Strict):
-    """A test case the policy carries: an image and what the policy should decide for it.
+    """A test case the policy carries: an image (or a given verdict) and what the policy should
+    decide for it.
 
     `policy-engine test POLICY` runs them; a relative image path is relative to the file that
     declares the test. Test cases are not part of the policy's meaning: they do not change its
     hash."""
 
     name: str | None = Field(default=None, description="What the case is about.")
-    image: str = Field(
-        min_length=1, description="An image path (relative to this file) or a data: URL."
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="An image path (relative to this file) or a data: URL, judged by the "
+        "backend. Not with `given`.",
+    )
+    given: GivenVerdict | None = Field(
+        default=None,
+        description="The verdict to assume instead of judging an image: tests the "
+        "post-processing chain without a model.",
     )
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Request metadata, as post-processors see it."
@@ -182,6 +206,8 @@ class PolicyTest(_Strict):
     def _expects_something(self) -> PolicyTest:
         if self.rating is None and self.category is None and self.actions is None:
             raise ValueError("a test needs an expectation: rating, category or actions")
+        if (self.image is None) == (self.given is None):
+            raise ValueError("a test needs an image to judge or a given verdict (one of them)")
         return self
 
 
@@ -269,14 +295,36 @@ class Policy(_Strict):
                 )
         known = seen | {self.none_category.id}
         for index, test in enumerate(self.tests):
-            if test.category is not None and test.category not in known:
-                found.append(
-                    (
-                        f"tests.{index}.category",
-                        f"unknown category {test.category!r}; "
-                        f"categories: {', '.join(sorted(known))}",
+            named = (
+                ("category", test.category),
+                ("given.category", test.given.category if test.given else None),
+            )
+            for where, category_id in named:
+                if category_id is not None and category_id not in known:
+                    found.append(
+                        (
+                            f"tests.{index}.{where}",
+                            f"unknown category {category_id!r}; "
+                            f"categories: {', '.join(sorted(known))}",
+                        )
                     )
-                )
+            given = test.given
+            if given is not None:
+                if given.rating == "Unsafe" and given.category in (None, self.none_category.id):
+                    found.append(
+                        (
+                            f"tests.{index}.given.category",
+                            "an Unsafe verdict names one of the policy's categories",
+                        )
+                    )
+                if given.severity is not None and given.severity not in self.severity_levels:
+                    found.append(
+                        (
+                            f"tests.{index}.given.severity",
+                            f"{given.severity!r} is not a severity level; "
+                            f"levels: {', '.join(self.severity_levels)}",
+                        )
+                    )
         for index, name in enumerate(self.actions):
             if name in BUILTIN_ACTIONS:
                 found.append((f"actions.{index}", f"{name!r} is a built-in action: omit it"))

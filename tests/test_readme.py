@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -60,3 +63,42 @@ def test_readme_policy_example_loads(tmp_path: Path) -> None:
     assert "O9" not in [c.id for c in policy.categories]
     assert policy.category("O6").severity == "high"
     assert "Category O4 is declared as non-violating" in get_host().compile(policy).prompt
+
+
+def test_the_one_minute_tour_runs_as_written(tiny_models: Path, tmp_path: Path) -> None:
+    """Every line of the tour but the long-running ones (serve, tui), as a shell script in a
+    folder holding what the lines name (my-policy.yaml, a.jpg, b.png, photos/, labels.jsonl)."""
+    tour = re.search(r"## One-minute tour\n\n```bash\n(.*?)```", README, re.S)
+    assert tour is not None
+    lines = [line for line in tour.group(1).splitlines() if line.strip()]
+    runnable = [line for line in lines if not re.search(r"policy-engine (serve|tui) ", line)]
+    assert len(runnable) == len(lines) - 2
+    policy = re.search(r"```yaml\n(extends: llavaguard.*?)```", README, re.S)
+    assert policy is not None
+    (tmp_path / "my-policy.yaml").write_text(policy.group(1), encoding="utf-8")
+    (tmp_path / "photos").mkdir()
+    for name, colour in (("a.jpg", (200, 40, 40)), ("b.png", (40, 40, 200))):
+        Image.new("RGB", (48, 32), colour).save(tmp_path / name)
+        Image.new("RGB", (48, 32), colour).save(tmp_path / "photos" / name)
+    labels = [
+        '{"id": "a.jpg", "image": "photos/a.jpg", "rating": "Unsafe", "category": "O2"}',
+        '{"id": "b.png", "image": "photos/b.png", "rating": "Safe"}',
+    ]
+    (tmp_path / "labels.jsonl").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    script = "set -e\n" + "\n".join(runnable) + "\n"
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "POLICY_ENGINE_CACHE": str(tiny_models),
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "photos.html").is_file() and (tmp_path / "policy.schema.json").is_file()
+    assert "5 of 5 cases passed" in result.stderr  # the shipped policy's own tests

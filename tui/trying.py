@@ -452,7 +452,7 @@ class TestPanel(RunningPanel):
             got = result = ""
             if index in done:
                 got, result = _outcome(done[index])
-            title = case.name or (case.image if not case.image.startswith("data:") else "data:…")
+            title = case.name or _case_source(case)
             expected = _describe(case.rating, case.category, case.actions)
             cells = (str(index + 1), title, expected, got, result)
             # rich Text: plain (a str cell is markup) and measured for the column widths
@@ -511,3 +511,11 @@ def _describe(rating: str | None, category: str | None, actions: list[str] | Non
     if actions is not None:
         parts.append("[" + ", ".join(sorted(actions)) + "]")
     return " ".join(parts) or "-"
+
+
+def _case_source(case: PolicyTest) -> str:
+    """What a case judges: its image, or the verdict it assumes."""
+    if case.image is None:
+        given = case.given
+        return f"given {given.rating} {given.category or ''}".rstrip() if given else "?"
+    return case.image if not case.image.startswith("data:") else "data:…"

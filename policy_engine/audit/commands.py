@@ -175,17 +175,16 @@ def export_command(results: Path, target: Path, fmt: str | None, errors_only: bo
 def test_command(policy: str, as_json: bool, engine: EngineChoice) -> None:
     """Run the test cases POLICY carries (its `tests:`) and exit 1 if any fails.
 
-    Each case judges its image with the chosen backend and compares the rating, category and
-    actions it expects; so a policy's post-processing can be checked in CI, e.g. with
-    `--backend static` fixing the verdict and the cases checking the actions.
+    A case judges its image with the chosen backend, or assumes the verdict it gives
+    (`given:`, no model needed), and compares the rating, category and actions it expects: a
+    policy's post-processing is checked in CI like code.
     """
     from .policy_tests import run_policy_tests
 
     built = engine.with_policy(policy).build()
     if not built.policy.tests:
         raise PolicyEngineError(f"{policy}: the policy has no tests (add a `tests:` list)")
-    with built:
-        built.load()
+    with built:  # the backend loads only if a case has an image to judge
         results = run_policy_tests(built)
     failed = [r for r in results if not r.passed]
     for result in results:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
-from ..policy import PolicyTest
-from ..verdict import Decision
+from ..policy import GivenVerdict, PolicyTest
+from ..verdict import Decision, Verdict
 
 
 @dataclass
@@ -27,14 +27,14 @@ class CaseResult:
     def title(self) -> str:
         if self.case.name:
             return self.case.name
-        return self.case.image if not self.case.image.startswith("data:") else "a data: URL"
+        return _image_title(self.case)
 
     def to_dict(self) -> dict[str, Any]:
         decision = self.decision
         return {
             "case": self.index + 1,
             "name": self.case.name,
-            "image": self.case.image if not self.case.image.startswith("data:") else "data:…",
+            "image": _image_title(self.case),
             "passed": self.passed,
             "failures": self.failures,
             "rating": decision.rating,
@@ -61,10 +61,49 @@ def check_case(case: PolicyTest, decision: Decision) -> list[str]:
 
 
 def run_policy_tests(engine: Engine) -> list[CaseResult]:
-    """Every case of the engine's policy, in order (batched like any assessment)."""
+    """Every case of the engine's policy, in order: images judged by the backend (batched like
+    any assessment), given verdicts post-processed as they are."""
     cases = engine.policy.tests
-    items = [(case.image, case.metadata) for case in cases]
-    return [
-        CaseResult(index, case, decision, check_case(case, decision))
-        for index, (case, decision) in enumerate(zip(cases, engine.assess_many(items), strict=True))
-    ]
+    judged = iter(
+        engine.assess_many([(c.image, c.metadata) for c in cases if c.image is not None])
+    )
+    results = []
+    for index, case in enumerate(cases):
+        if case.given is not None:
+            decision = engine.decide(given_verdict(engine, case.given), case.metadata)
+        else:
+            decision = next(judged)
+        results.append(CaseResult(index, case, decision, check_case(case, decision)))
+    return results
+
+
+def given_verdict(engine: Engine, given: GivenVerdict) -> Verdict:
+    """The Verdict a test case assumes, as a model's answer would give it."""
+    policy = engine.policy
+    category_id = given.category or policy.none_category.id
+    if category_id == policy.none_category.id:
+        name, level = policy.none_category.name, None
+    else:
+        category = policy.category(category_id)
+        name, level = category.name, category.severity if given.rating == "Unsafe" else None
+    return Verdict(
+        rating=given.rating,
+        category_id=category_id,
+        category_name=name,
+        severity=given.severity or level,
+        p_unsafe=given.p_unsafe,
+        category_scores=given.category_scores,
+        policy_id=policy.id,
+        policy_version=policy.version,
+        policy_hash=engine.compiled.hash,
+        model="given (policy test)",
+        source="given verdict",
+    )
+
+
+def _image_title(case: PolicyTest) -> str:
+    if case.image is None:
+        given = case.given
+        assert given is not None
+        return f"given {given.rating}" + (f" {given.category}" if given.category else "")
+    return case.image if not case.image.startswith("data:") else "a data: URL"
