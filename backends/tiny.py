@@ -15,6 +15,7 @@ imported inside functions only, so importing this module stays cheap.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ TINY_MODELS: dict[str, str] = {
     "tiny-random-qwen": "qwen2.5-vl",
 }
 """Checkpoint name -> model kind."""
+
+logger = logging.getLogger(__name__)
 
 BUILD_VERSION = "1"
 """Bump when the recipe changes: it is part of the cache path, so old builds are never reused."""
@@ -185,6 +188,9 @@ def tiny_model_path(name: str, cache_dir: Path | None = None) -> Path:
             f"{target} exists but is not a complete tiny model; delete it to rebuild"
         )
     models.mkdir(parents=True, exist_ok=True)
+    logger.warning(
+        "building the tiny model %r into %s (once; it takes a little while)", name, models
+    )
     _remove_stale_builds(models, target.name)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=models))
     try:

@@ -161,6 +161,10 @@ class TransformersBackend(Backend):
             "local_files_only": offline,
             "trust_remote_code": opts.trust_remote_code,
         }
+        log.info("loading %s", source)
+        bars = transformers.utils.logging
+        showing = bars.is_progress_bar_enabled()
+        bars.disable_progress_bar()  # its bar on stderr would break our output's lines
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(source, **hub)
             model_kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **hub}
@@ -169,6 +173,9 @@ class TransformersBackend(Backend):
             model = transformers.AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
         except (OSError, ValueError, KeyError) as err:
             raise BackendUnavailableError(_load_error(self.options.model, source, err)) from None
+        finally:
+            if showing:
+                bars.enable_progress_bar()
         self.model = model.to(self.device).eval()
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None or not getattr(self.tokenizer, "is_fast", False):
@@ -368,7 +375,7 @@ class TransformersBackend(Backend):
                 scores = None
                 if want_categories:
                     trie = self._label_trie(compiled)
-                    scores = trie.score(self.model, out.past_key_values, logits)
+                    scores = trie.score(self.model, _cache_of(out), logits)
             results.append(
                 Generation(
                     p_unsafe=p_unsafe,
@@ -444,14 +451,35 @@ class _Trie:
             length = cache.get_seq_length()
             step = model(
                 input_ids=torch.tensor([chain], device=model.device),
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{_cache_argument(model): cache},
             )
-            node._walk(model, step.past_key_values, step.logits[0, -1], prob * p, out)
+            node._walk(model, _cache_of(step), step.logits[0, -1], prob * p, out)
             added = cache.get_seq_length() - length
             if added:
                 cache.crop(-added)  # transformers 5: a negative count removes that many tokens
+
+
+def _cache_argument(model: Any) -> str:
+    """The KV-cache keyword of the model's forward: `cache` from transformers 5.25 on (which
+    deprecates `past_key_values` with a warning on every call), `past_key_values` before."""
+    import inspect
+
+    forward = type(model).forward
+    if forward not in _CACHE_ARGUMENTS:
+        names = inspect.signature(forward).parameters
+        _CACHE_ARGUMENTS[forward] = "cache" if "cache" in names else "past_key_values"
+    return _CACHE_ARGUMENTS[forward]
+
+
+_CACHE_ARGUMENTS: dict[Any, str] = {}
+
+
+def _cache_of(output: Any) -> Any:
+    """The KV cache of a model output, under either name (see `_cache_argument`)."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else output.past_key_values
 
 
 def _env_true(name: str) -> bool:

@@ -6,10 +6,10 @@ Two post-processors:
 the model's P(Unsafe) and category scores; actions earlier steps added), the mode and the
 request metadata, combined with all/any/not; actions allow, block, blur, human_review, escalate
 (with queue and priority), flag, or a custom name the policy declares under `actions:` (an
-undeclared name is a load-time error, so a typo like `blok` is caught). Semantics: rules run in the order listed; with `match: first` (the default) the first
-rule that holds acts and later rules are not evaluated, with `match: all` every rule that holds
-acts, in order; `default` acts when none held. Every evaluated rule leaves a trace line naming
-the facts that decided it.
+undeclared name is a load-time error, so a typo like `blok` is caught). Semantics: rules run
+in the order listed; with `match: first` (the default) the first rule that holds acts and later
+rules are not evaluated, with `match: all` every rule that holds acts, in order; `default`
+acts when none held. Every evaluated rule leaves a trace line naming the facts that decided it.
 
     postprocess:
       - name: rules

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TextIO
 
 ROOT = "policy_engine"
+THIRD_PARTY = r"(transformers|torch|torchvision|huggingface_hub|tokenizers|accelerate)(\.|$)"
 
 
 class _Stderr(logging.StreamHandler[TextIO]):
@@ -38,6 +40,9 @@ def log_to_stderr(level: int = logging.INFO) -> None:
     handler.setFormatter(_Formatter())
     logger.addHandler(handler)
     logger.setLevel(level)
+    # third-party deprecation notices are for developers, not for a CLI user's stderr
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY)
 
 
 def detach_stderr() -> Callable[[], None]:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
+from support import run_cli
 
 from policy_engine.cli import build_cli
 
@@ -224,3 +225,20 @@ def test_tui_without_its_extra_says_what_to_install() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: the tui needs textual: pip install 'policy-engine[tui]'"
+
+
+def test_stderr_holds_only_our_own_lines_with_a_real_model(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """No third-party deprecation warnings, no weight-loading bar: each stderr line is one of
+    ours (the random-weights warning, the loading note)."""
+    image = tmp_path / "x.png"
+    Image.effect_noise((40, 30), 30).convert("RGB").save(image)
+    env = {"POLICY_ENGINE_CACHE": str(tiny_models), "HF_HUB_OFFLINE": "1"}
+    for mode in ("score", "verdict"):
+        args = ("assess", str(image), str(image), "-m", "tiny-random", "--mode", mode)
+        result = run_cli(*args, env=env)
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        assert lines and all(line.startswith("policy-engine: ") for line in lines), lines
+        assert any("RANDOM weights" in line for line in lines)

@@ -64,9 +64,7 @@ def run_policy_tests(engine: Engine) -> list[CaseResult]:
     """Every case of the engine's policy, in order: images judged by the backend (batched like
     any assessment), given verdicts post-processed as they are."""
     cases = engine.policy.tests
-    judged = iter(
-        engine.assess_many([(c.image, c.metadata) for c in cases if c.image is not None])
-    )
+    judged = iter(engine.assess_many([(c.image, c.metadata) for c in cases if c.image is not None]))
     results = []
     for index, case in enumerate(cases):
         if case.given is not None:
