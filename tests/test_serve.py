@@ -1137,3 +1137,19 @@ def test_importing_the_command_does_not_load_the_web_stack() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_flagged_follows_the_policys_decision_not_only_the_rating() -> None:
+    """children-platform blurs a Safe image the model was unsure of: that is flagged."""
+    unsure = EnginePool(
+        ["children-platform"], StaticBackend(rating="Safe", category="O4", p_unsafe=0.4)
+    )
+    with serving(unsure) as api:
+        (result,) = api.post("/v1/moderations", json={"input": [image_part(BLUE)]}).json()[
+            "results"
+        ]
+    assert result["policy_engine"]["rating"] == "Safe"
+    assert [a["name"] for a in result["policy_engine"]["actions"]] == ["blur"]
+    assert result["flagged"] is True
+    assert [c for c, on in result["categories"].items() if on] == ["O4"]
+    assert result["category_scores"]["O4"] == 0.4  # the evidence there is

@@ -72,9 +72,21 @@ def _unit(value: float) -> float:
     return 0.0 if not math.isfinite(value) else min(1.0, max(0.0, value))
 
 
+NOT_FLAGGING = frozenset({"allow"})
+"""Actions that leave an image as it is; any other action (block, blur, review, a flag, a
+custom one) means the policy did something about it."""
+
+
+def is_flagged(decision: Decision) -> bool:
+    """The policy's decision, not only the model's rating: Unsafe, or any action but allow."""
+    return decision.rating == "Unsafe" or any(
+        a.name not in NOT_FLAGGING for a in decision.actions
+    )
+
+
 def flagged_categories(decision: Decision, ids: Sequence[str]) -> set[str]:
-    """The categories of an Unsafe Decision (its final category, and the model's list)."""
-    if decision.rating != "Unsafe":
+    """The categories of a flagged Decision (its final category, and the model's list)."""
+    if not is_flagged(decision):
         return set()
     found = {decision.category_id, *(decision.verdict.categories or [])}
     return {c for c in ids if c in found}
@@ -133,7 +145,7 @@ def moderation_result(compiled: CompiledPolicy, decisions: Sequence[Decision]) -
         images=judgements,
     )
     return ModerationResult(
-        flagged=any(d.rating == "Unsafe" for d in decisions),
+        flagged=any(is_flagged(d) for d in decisions),
         categories={c: c in flagged for c in ids},
         category_scores=scores,
         category_applied_input_types={c: ["image"] if c in flagged else [] for c in ids},
