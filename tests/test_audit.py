@@ -450,3 +450,14 @@ def test_inputs_sharing_an_id_are_counted_and_said(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     assert summary["total"] == 301 and summary["run"]["duplicates"] == 2
     assert "note: 2 inputs share their id with another input" in result.stderr
+
+
+def test_a_start_that_fails_leaves_no_empty_results_file(tmp_path: Path) -> None:
+    make_folder(tmp_path / "imgs", 3)
+    out = tmp_path / "r.db"
+    result = run_cli(
+        "audit", str(tmp_path / "imgs"), "-m", str(tmp_path / "no-model"), "--out", str(out)
+    )
+    assert result.returncode == 2, result.stderr  # the model folder does not exist
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.glob("r.db*")) == []

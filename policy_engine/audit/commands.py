@@ -75,12 +75,20 @@ def audit(
     the_source = Source.open(source, image_column=image_column, id_column=id_column)
     built = engine.build(concurrency=concurrency)
     show = wanted(progress)
+    new_file = not out.exists()
     store = ResultStore(out, create=True, durable=durable)
     with store, built:
         check_resumable(store, audit_meta(built, the_source, the_shard))  # before loading
         if show:
             click.echo(f"loading backend {built.backend.name!r}…", err=True)
-        built.load()
+        try:
+            built.load()
+        except BaseException:
+            if new_file:  # a start that failed leaves no empty results file behind
+                store.close()
+                for leftover in (out, *(out.with_name(out.name + s) for s in ("-wal", "-shm"))):
+                    leftover.unlink(missing_ok=True)
+            raise
         with Progress(None, enabled=show) as bar:
             stats = run_audit(
                 built,
