@@ -79,9 +79,7 @@ custom one) means the policy did something about it."""
 
 def is_flagged(decision: Decision) -> bool:
     """The policy's decision, not only the model's rating: Unsafe, or any action but allow."""
-    return decision.rating == "Unsafe" or any(
-        a.name not in NOT_FLAGGING for a in decision.actions
-    )
+    return decision.rating == "Unsafe" or any(a.name not in NOT_FLAGGING for a in decision.actions)
 
 
 def flagged_categories(decision: Decision, ids: Sequence[str]) -> set[str]:
