@@ -97,12 +97,29 @@ def test_bad_cases_are_located_errors(tmp_path: Path) -> None:
     problem = caught.value.problems[0]
     assert (problem.line, problem.path) == (4, "tests[0]")
     assert "a test needs an expectation" in problem.message
-    policy = write_policy(tmp_path, "  - {image: red.png, category: O99}\n")
-    with pytest.raises(PolicyError, match="unknown category 'O99'") as caught:
-        load_policy(policy)
-    assert caught.value.problems[0].path == "tests[0].category"
     result = run_cli("check", str(policy))
     assert result.returncode == 2 and "p.yaml:4:" in result.stderr
+
+
+def test_cases_naming_a_category_the_policy_lacks_fail_when_they_run(tmp_path: Path) -> None:
+    """Not when the policy loads: a policy that extends another inherits its cases and may
+    remove a category one of them names; the policy must still load, and the case fail."""
+    child = tmp_path / "no-o2.yaml"
+    child.write_text(
+        "extends: children-platform\nid: no-o2\ncategories:\n  - {id: O2, remove: true}\n",
+        encoding="utf-8",
+    )
+    policy = load_policy(child)
+    assert policy.tests  # inherited from the shipped policy
+    result = run_cli("test", str(child), "--json")
+    assert result.returncode == 1
+    cases = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [c["passed"] for c in cases] == [True, False, True, True, True]
+    assert cases[1]["failures"] == [
+        "given category 'O2' is not in the policy; categories: O1, O3, O4, O5, O6, O7, O8, O9"
+    ]
+    expects = write_policy(tmp_path, "  - {image: red.png, category: O99}\n")
+    assert load_policy(expects).tests[0].category == "O99"
 
 
 def test_a_policy_without_cases_is_an_error() -> None:

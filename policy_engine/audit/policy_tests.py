@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
-from ..policy import GivenVerdict, PolicyTest
-from ..verdict import Decision, Verdict
+from ..policy import GivenVerdict, Policy, PolicyTest
+from ..verdict import Decision, Verdict, VerdictError
 
 
 @dataclass
@@ -68,11 +68,49 @@ def run_policy_tests(engine: Engine) -> list[CaseResult]:
     results = []
     for index, case in enumerate(cases):
         if case.given is not None:
-            decision = engine.decide(given_verdict(engine, case.given), case.metadata)
+            problem = given_problem(engine.policy, case)
+            verdict = given_verdict(engine, case.given) if problem is None else None
+            if verdict is None:
+                decision = engine.decide(_refused(engine, str(problem)), case.metadata)
+                results.append(CaseResult(index, case, decision, [str(problem)]))
+                continue
+            decision = engine.decide(verdict, case.metadata)
         else:
             decision = next(judged)
-        results.append(CaseResult(index, case, decision, check_case(case, decision)))
+        failures = check_case(case, decision)
+        known = {c.id for c in engine.policy.categories} | {engine.policy.none_category.id}
+        if case.category is not None and case.category not in known:
+            failures.insert(0, f"expects category {case.category!r}, which the policy lacks")
+        results.append(CaseResult(index, case, decision, failures))
     return results
+
+
+def given_problem(policy: Policy, case: PolicyTest) -> str | None:
+    """Why a case's given verdict does not fit the policy (a category it lacks, …), or None."""
+    given = case.given
+    assert given is not None
+    known = [c.id for c in policy.categories]
+    if given.category is not None and given.category not in [*known, policy.none_category.id]:
+        return f"given category {given.category!r} is not in the policy; categories: " + (
+            ", ".join(known)
+        )
+    if given.rating == "Unsafe" and given.category in (None, policy.none_category.id):
+        return "a given Unsafe verdict names one of the policy's categories"
+    if given.severity is not None and given.severity not in policy.severity_levels:
+        levels = ", ".join(policy.severity_levels)
+        return f"given severity {given.severity!r} is not a level; levels: {levels}"
+    return None
+
+
+def _refused(engine: Engine, message: str) -> Verdict:
+    policy = engine.policy
+    return Verdict(
+        error=VerdictError(kind="config", message=message),
+        policy_id=policy.id,
+        policy_version=policy.version,
+        policy_hash=engine.compiled.hash,
+        source="given verdict",
+    )
 
 
 def given_verdict(engine: Engine, given: GivenVerdict) -> Verdict:
