@@ -153,8 +153,22 @@ def excluded_checks(
     return [negative_data_rejection] if conforms(case, fields) else []
 
 
+def starting(case: schemathesis.Case, response: schemathesis.Response) -> bool:
+    if case.path != "/readyz" or response.status_code != 503:
+        return False
+    with contextlib.suppress(ValueError):
+        return bool(json.loads(response.text).get("status") in ("loading", "warming_up"))
+    return False
+
+
 def call_and_validate(case: schemathesis.Case) -> schemathesis.Response:
     response = case.call()
+    pause = threading.Event()
+    for _ in range(1500):  # a loaded machine may still be loading the backend: as a client,
+        if not starting(case, response):  # ask /readyz again until it has an answer
+            break
+        pause.wait(0.02)
+        response = case.call()
     case.validate_response(response, excluded_checks=excluded_checks(case, response))
     return response
 
