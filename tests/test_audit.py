@@ -461,3 +461,31 @@ def test_a_start_that_fails_leaves_no_empty_results_file(tmp_path: Path) -> None
     assert result.returncode == 2, result.stderr  # the model folder does not exist
     assert "Traceback" not in result.stderr
     assert not out.exists() and list(tmp_path.glob("r.db*")) == []
+
+
+def test_two_runs_of_the_same_audit_give_identical_results(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """Greedy decoding by default: a real (tiny, random) model gives the same verdicts twice."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for index in range(4):
+        Image.effect_noise((40 + 9 * index, 32), 20 + 10 * index).convert("RGB").save(
+            folder / f"{index}.png"
+        )
+    env = {"POLICY_ENGINE_CACHE": str(tiny_models), "HF_HUB_OFFLINE": "1"}
+    verdicts = []
+    for run in ("one", "two"):
+        out = tmp_path / f"{run}.db"
+        result = run_cli("audit", str(folder), "-m", "tiny-random", "--out", str(out), env=env)
+        assert result.returncode == 0, result.stderr
+        with ResultStore(out) as store:
+            verdicts.append(
+                [
+                    (r.id, r.rating, r.category_id, r.decision["verdict"].get("rationale"))
+                    for r in store.rows()
+                ]
+            )
+            decoding = {json.dumps(r.decision["verdict"]["decoding"]) for r in store.rows()}
+    assert len(verdicts[0]) == 4 and verdicts[0] == verdicts[1]
+    assert decoding == {'{"method": "greedy"}'}
