@@ -1,4 +1,5 @@
-"""Modal screens: confirm, help, new policy, open file, add category."""
+"""Modal screens: confirm, help, new policy, save a shipped policy's copy, open file, add
+category."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ from textual.widgets import (
 from textual.widgets.option_list import Option
 
 from policy_engine import shipped_policies
+
+from .naming import (
+    copy_file_problem,
+    copy_id_problem,
+    display_path,
+    resolve_path,
+)
 
 HELP = """\
 # Policy editor: help
@@ -186,6 +194,12 @@ class NewPolicyScreen(ModalScreen["tuple[str, str, Path] | None"]):
         if path.exists():
             error.update(f"{raw} exists: open it with ctrl+o, or pick another name.")
             return
+        if path.stem in shipped_policies():
+            error.update(
+                f"{path.name} is named like the shipped policy {path.stem!r}, and the new "
+                "policy's id comes from the file name: pick another name."
+            )
+            return
         if not path.parent.is_dir():
             error.update(f"No folder {path.parent}.")
             return
@@ -197,6 +211,107 @@ class NewPolicyScreen(ModalScreen["tuple[str, str, Path] | None"]):
         self.dismiss(("", "open", self.folder))
 
     @on(Button.Pressed, "#new-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class SaveCopyScreen(ModalScreen["tuple[str, Path] | None"]):
+    """Where the copy of a shipped policy goes: an id of its own (never a shipped policy's
+    name) and a file, whose full path is shown before anything is written; an existing file
+    is replaced only after a second question. Dismisses with (id, path), or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, origin: str, new_id: str, path: Path, folder: Path) -> None:
+        super().__init__()
+        self.origin = origin
+        self.new_id = new_id
+        self.path = path
+        self.folder = folder
+        self._following = display_path(path, folder)  # the file name follows the id until edited
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="copy-dialog"):
+            yield Label(
+                Content(f"Save your copy of the shipped policy {self.origin!r}"), classes="title"
+            )
+            yield Static(
+                Content(
+                    f"The shipped policy stays as it is, and `{self.origin}` keeps naming it. "
+                    "Your copy gets an id of its own (decisions are stamped with it) and a file."
+                ),
+                classes="note",
+            )
+            yield Label("Id:")
+            yield Input(self.new_id, id="copy-id")
+            yield Label("File:")
+            yield Input(self._following, id="copy-path")
+            yield Static("", id="copy-where")
+            yield Static("", id="copy-error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button(Content("Save [enter]"), variant="primary", id="copy-save")
+                yield Button(Content("Cancel [esc]"), id="copy-cancel")
+
+    def on_mount(self) -> None:
+        self._show_where()
+        self.query_one("#copy-id", Input).focus()
+
+    def _target(self) -> Path:
+        """The file the copy would be written to, in full (`.yaml` added when missing)."""
+        raw = self.query_one("#copy-path", Input).value.strip()
+        path = resolve_path(raw, self.folder)
+        if raw and path.suffix not in (".yaml", ".yml"):
+            path = path.with_name(path.name + ".yaml")
+        return path
+
+    def _show_where(self) -> None:
+        where = self.query_one("#copy-where", Static)
+        if not self.query_one("#copy-path", Input).value.strip():
+            where.update("")
+            return
+        path = self._target()
+        note = "  (exists: saving asks before replacing it)" if path.exists() else ""
+        where.update(Content.assemble(("Saves to ", "$text-muted"), str(path), (note, "bold")))
+
+    @on(Input.Changed, "#copy-id")
+    def _id_typed(self, event: Input.Changed) -> None:
+        field = self.query_one("#copy-path", Input)
+        if field.value == self._following and event.value.strip():
+            self._following = f"./{event.value.strip()}.yaml"
+            field.value = self._following
+
+    @on(Input.Changed, "#copy-path")
+    def _path_typed(self) -> None:
+        self._show_where()
+        self.query_one("#copy-error", Static).update("")
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#copy-save")
+    def action_save(self) -> None:
+        new_id = self.query_one("#copy-id", Input).value.strip()
+        error = self.query_one("#copy-error", Static)
+        if not self.query_one("#copy-path", Input).value.strip():
+            error.update("Give the copy a file, e.g. ./my-platform.yaml.")
+            return
+        path = self._target()
+        problem = copy_id_problem(new_id) or copy_file_problem(path)
+        if problem is not None:
+            error.update(Content(problem))
+            return
+        if not path.exists():
+            self.dismiss((new_id, path))
+            return
+
+        def answered(answer: str | None) -> None:
+            if answer == "y":
+                self.dismiss((new_id, path))
+
+        self.app.push_screen(
+            ConfirmScreen(f"{path} exists. Replace it with this copy?", {"y": "Replace"}),
+            answered,
+        )
+
+    @on(Button.Pressed, "#copy-cancel")
     def action_cancel(self) -> None:
         self.dismiss(None)
 
