@@ -28,6 +28,7 @@ from .dialogs import (
 )
 from .document import PolicyDocument
 from .naming import default_copy, shipped_id_warning, start_for
+from .notices import LibraryMessage, LogToApp
 from .picker import BackendCache, BackendChoice
 from .previews import DiffView, ProblemsPanel, PromptView, SchemaView
 from .trying import TestPanel, TryPanel
@@ -59,6 +60,7 @@ class PolicyApp(App[None]):
         Binding("ctrl+n", "new", "New"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("f9", "problems", "Problems", show=False),
+        Binding("ctrl+t", "backend_options", "Backend options", show=False),
         *[
             # priority: the editors bind some function keys (TextArea: f6, f7)
             Binding(key, f"show_tab('{tab}')", label, show=False, priority=True)
@@ -84,6 +86,7 @@ class PolicyApp(App[None]):
         self.cache = BackendCache(self.host)
         self._analyse_timer: Timer | None = None
         self._inherited: set[str] = set()
+        self._log_handler = LogToApp(self)
 
     # -- layout ------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -111,6 +114,7 @@ class PolicyApp(App[None]):
         return self.query_one(TryPanel).choice()
 
     def on_mount(self) -> None:
+        self._log_handler.attach()
         editor = self.query_one("#yaml-editor", TextArea)
         if "yaml" in editor.available_languages:  # tree-sitter-yaml installed
             editor.language = "yaml"
@@ -121,6 +125,18 @@ class PolicyApp(App[None]):
         else:
             path, base = self.start_new or (None, None)
             self.call_after_refresh(self._ask_new, path, base)
+
+    def on_unmount(self) -> None:
+        self._log_handler.detach()
+
+    @on(LibraryMessage)
+    def _library_said(self, message: LibraryMessage) -> None:
+        self.notify(
+            message.text,
+            severity="error" if message.error else "warning",
+            timeout=10,
+            markup=False,
+        )
 
     # -- documents ---------------------------------------------------------------------------
     def _load(self, document: PolicyDocument) -> None:
@@ -297,6 +313,13 @@ class PolicyApp(App[None]):
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def action_backend_options(self) -> None:
+        """The Try tab's backend options, from anywhere (they serve the Tests tab too)."""
+        if len(self.screen_stack) > 1:
+            return  # a dialog is open
+        self.query_one(TabbedContent).active = "try"
+        self.query_one(TryPanel).action_options()
 
     def action_save(self) -> None:
         self.save_then(None)
