@@ -607,3 +607,24 @@ def test_cancelling_the_new_dialog_with_nothing_open_quits(tmp_path: Path) -> No
         assert not app.is_running
 
     drive(PolicyApp(folder=tmp_path), script)
+
+
+def test_the_editor_says_whether_the_model_reads_an_exception_reason(tmp_path: Path) -> None:
+    """LlavaGuard prompts leave reasons out (they are documentation); the generic format
+    prints them: the note under Reason follows the policy's prompt_format."""
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        note = app.query_one("#cat-reason-note", Static)
+        assert str(note.render()) == "Documentation only: not in the llavaguard-v1.2 prompt (F4)."
+        await select_category(pilot, app, "O3")  # sensitive, with no reason in the prompt
+        assert "Category O3 is declared as sensitive" in prompt(app)
+        await pilot.press("f3")
+        editor = app.query_one("#yaml-editor", TextArea)
+        line = editor.text.splitlines().index('version: "1"')
+        editor.move_cursor((line, 0))
+        await pilot.press(*"prompt_format: generic", "enter")
+        await until(pilot, lambda: "Prompt text" in str(note.render()), "the note to follow")
+        assert str(note.render()) == "Prompt text: the generic prompt shows it to the model (F4)."
+
+    drive(create_app(path), script)

@@ -1,5 +1,5 @@
 """One policy per name, on the TUI's side: the rule for references, where a shipped policy's
-copy goes, and which ids it may take."""
+copy goes, which ids it may take, and whether a prompt format shows exception reasons."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from policy_engine.tui.naming import (
     copy_id_problem,
     default_copy,
     is_file_reference,
+    reason_note,
+    reason_reaches_model,
     start_for,
 )
 
-from policy_engine import PolicyEngineError, shipped_policies
+from policy_engine import PolicyEngineError, get_host, load_policy, shipped_policies
 
 
 @pytest.mark.parametrize(
@@ -70,3 +72,24 @@ def test_the_offered_copy_and_what_it_may_be_called(tmp_path: Path) -> None:
     )
     assert "No folder" in (copy_file_problem(tmp_path / "nope" / "mine.yaml") or "")
     assert ".yaml or .yml" in (copy_file_problem(tmp_path / "mine.txt") or "")
+
+
+def test_which_formats_send_an_exception_reason_to_the_model() -> None:
+    """Checked against the formats themselves: LlavaGuard prompts declare the exception
+    without its reason; the generic prompt prints the reason after the category's name."""
+    assert reason_reaches_model("llavaguard-v1.2") is False
+    assert reason_reaches_model("llavaguard-v1.0") is False
+    assert reason_reaches_model("generic") is True
+    assert reason_reaches_model("no-such-format") is None
+    assert reason_note("llavaguard-v1.2") == (
+        "Documentation only: not in the llavaguard-v1.2 prompt (F4)."
+    )
+    assert reason_note("generic") == "Prompt text: the generic prompt shows it to the model (F4)."
+    assert "depends on the format 'no-such-format'" in reason_note("no-such-format")
+    # the probe agrees with a shipped policy's own reason
+    policy = load_policy("health-platform")
+    [reason] = [e.reason for e in policy.exceptions.values() if e.reason]
+    host = get_host()
+    assert reason not in host.compile(policy).prompt
+    generic = policy.model_copy(update={"prompt_format": "generic"})
+    assert reason in host.compile(generic).prompt

@@ -47,20 +47,26 @@ HELP = """\
    jumps to **Reason**: type why. **Escape** returns to the list.
 3. **F4** shows the prompt the model will see, **F6** how it changed since the last save.
 4. **ctrl+s** saves. Your comments and layout are kept; only what you changed is written.
-5. **F7** tries an image: type its path or **ctrl+b** to browse, pick a backend, **ctrl+r**.
+   A shipped policy is never changed: its copy is saved under an id and file of your own.
+5. **F7** tries an image: type its path or **ctrl+b** to browse, **ctrl+r**. The `static`
+   backend answers without a model; **ctrl+t** goes to the backend's options.
 
 ## Keys everywhere
 - **F2** Categories · **F3** YAML · **F4** Prompt · **F5** Schema · **F6** Diff ·
   **F7** Try · **F8** Tests · **F9** problems list
 - **ctrl+s** save (asks first when the policy has problems) · **ctrl+o** open a file ·
   **ctrl+n** new policy from a shipped one · **ctrl+q** quit (asks about unsaved changes) ·
-  **F1** this help
+  **ctrl+t** backend options (Try) · **F1** this help
 
 ## In the category list
 - **enter** edit the selected category: name, severity, exception and reason, guidelines
   (one per line); **tab** moves between fields, **escape** goes back to the list
 - **x** cycle the exception · **a** add a category · **delete** remove it ·
   **ctrl+up** / **ctrl+down** move it
+
+An exception's **reason** is documentation for people: the LlavaGuard prompt formats leave it
+out (the model reads only that the category is declared non-violating or sensitive); the
+`generic` format shows it to the model. The note under the field says which applies.
 
 In a policy that *extends* another, inherited categories say so; a change to one is written
 as a small override in your file and the parent file is never touched.
@@ -71,9 +77,11 @@ as a small override in your file and the parent file is never touched.
 - **Prompt**, **Schema**, **Diff**: what the model is asked, the JSON Schema its answer must
   satisfy, and the prompt's changes since the last save.
 - **Problems** (under the tabs when there are any): **enter** on one jumps to its line.
-- **Try**: an image, a backend (options as `key=value`, e.g. `model=tiny-random`) and a mode;
-  **ctrl+r** runs, **escape** cancels. **Tests** runs the policy's `tests:` cases with the
-  same backend.
+- **Try**: an image, a backend, its options (`key=value`; **ctrl+t** jumps there) and a mode;
+  **ctrl+r** runs, **escape** cancels. `static` (the default) gives a fixed answer without a
+  model, e.g. `rating=Unsafe category=O2`; `transformers` takes `model=` a hub id or a
+  checkpoint folder, and offline `model=tiny-random` (random weights: meaningless verdicts).
+  **Tests** runs the policy's `tests:` cases with the same backend.
 """
 
 

@@ -1,5 +1,6 @@
 """One policy per name: what a policy reference on the command line means, where the copy of a
-shipped policy goes, and which ids a copy may take.
+shipped policy goes, which ids a copy may take, and whether a prompt format shows exception
+reasons to the model.
 
 The rule (the same in every command): a reference is a file when it contains `/` or `\\`,
 starts with `.`, or ends with `.yaml`/`.yml`; otherwise it is a shipped policy's name. A file
@@ -11,10 +12,17 @@ Like `document.py`, this module does not import Textual.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from policy_engine import PluginHost, PolicyEngineError, shipped_policies
+from policy_engine import (
+    PluginHost,
+    PolicyEngineError,
+    get_host,
+    load_policy_text,
+    shipped_policies,
+)
 
 from .document import PolicyDocument
 
@@ -143,3 +151,43 @@ def shipped_id_warning(document: PolicyDocument) -> str | None:
         f"This file's id {policy.id!r} is a shipped policy's name: its decisions would look "
         "like the shipped policy's. Give it an id of its own (YAML tab, `id:`)."
     )
+
+
+_REASON_PROBE = "zq-reason-probe-4e1"
+_reason_shown: weakref.WeakKeyDictionary[PluginHost, dict[str, bool | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def reason_reaches_model(prompt_format: str, host: PluginHost | None = None) -> bool | None:
+    """Whether the prompt format `prompt_format` puts an exception's reason into the prompt
+    (the LlavaGuard formats do not; the generic one does). Found by compiling a one-category
+    probe policy with that format; None when the probe does not compile."""
+    host = host or get_host()
+    known = _reason_shown.setdefault(host, {})
+    if prompt_format not in known:
+        probe = (
+            "id: reason-probe\n"
+            f"prompt_format: {prompt_format}\n"
+            "categories:\n"
+            "  - {id: P1, name: Probe, should_not: [anything]}\n"
+            "exceptions:\n"
+            f"  P1: {{status: non-violating, reason: {_REASON_PROBE}}}\n"
+        )
+        try:
+            compiled = host.compile(load_policy_text(probe, "reason-probe.yaml", host=host))
+        except PolicyEngineError:
+            known[prompt_format] = None
+        else:
+            known[prompt_format] = _REASON_PROBE in compiled.prompt
+    return known[prompt_format]
+
+
+def reason_note(prompt_format: str, host: PluginHost | None = None) -> str:
+    """One line for the category editor: whether the model reads an exception's reason."""
+    shown = reason_reaches_model(prompt_format, host)
+    if shown is None:
+        return f"Whether the model sees it depends on the format {prompt_format!r} (F4)."
+    if shown:
+        return f"Prompt text: the {prompt_format} prompt shows it to the model (F4)."
+    return f"Documentation only: not in the {prompt_format} prompt (F4)."
