@@ -18,13 +18,25 @@ from policy_engine.tui.dialogs import (
     HelpScreen,
     NewPolicyScreen,
     OpenScreen,
+    SaveCopyScreen,
 )
 from policy_engine.tui.previews import ProblemsPanel
 from policy_engine.tui.trying import TryPanel
 from support import changed_lines, run_cli
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input, Select, Static, TabbedContent, TextArea
-from tui_support import drive, until
+from textual.widgets import (
+    DataTable,
+    Input,
+    RadioButton,
+    RadioSet,
+    Select,
+    Static,
+    TabbedContent,
+    TextArea,
+)
+from tui_support import drive, notices, until
+
+from policy_engine import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 CHILDREN = REPO / "policies" / "children-platform.yaml"
@@ -78,11 +90,11 @@ def test_opening_a_file_shows_its_categories_exceptions_and_prompt(tmp_path: Pat
 
 def test_the_newcomers_path_o2_non_violating_prompt_save_comments_kept(tmp_path: Path) -> None:
     """The issue's 'done when': open the children's policy, make O2 non-violating with a
-    reason, watch the prompt change, save, find the comments intact."""
+    reason, watch the prompt change, save (a copy, under an id of its own), find the comments
+    intact."""
 
     async def script(pilot: Pilot[None], app: PolicyApp) -> None:
-        assert app.document is not None
-        assert app.document.path == tmp_path / "children-platform.yaml"
+        assert app.document is not None and app.document.origin == "children-platform"
         assert "Category O2 is declared" not in prompt(app)
         await pilot.press("f2", "down")  # O1 → O2
         await pilot.press("x")  # exception: none → non-violating; the reason field is next
@@ -93,15 +105,25 @@ def test_the_newcomers_path_o2_non_violating_prompt_save_comments_kept(tmp_path:
         diff = str(app.query_one("#diff-text", Static).render())
         assert "+Category O2 is declared as non-violating" in diff
         await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SaveCopyScreen)
+        await pilot.press("enter")  # the offered id and file
         await until(pilot, lambda: not app.document.dirty, "save")  # type: ignore[union-attr]
+        assert app.document.origin is None and app.sub_title == "children-platform-custom.yaml"
 
     drive(create_app("children-platform", folder=tmp_path), script)
-    saved = (tmp_path / "children-platform.yaml").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["children-platform-custom.yaml"]
+    saved = (tmp_path / "children-platform-custom.yaml").read_text()
     minus, plus = changed_lines(CHILDREN.read_text(), saved)
-    assert minus == []
-    assert plus == ["  O2:", "    status: non-violating", "    reason: News reporting"]
+    assert minus == ["id: children-platform"]
+    assert plus == [
+        "id: children-platform-custom",
+        "  O2:",
+        "    status: non-violating",
+        "    reason: News reporting",
+    ]
     comments = [line for line in CHILDREN.read_text().splitlines() if line.startswith("#")]
     assert comments and all(line in saved.splitlines() for line in comments)
+    assert load_policy(tmp_path / "children-platform-custom.yaml").id == "children-platform-custom"
 
 
 def test_editing_a_guideline_reaches_the_yaml_and_the_prompt(tmp_path: Path) -> None:
@@ -261,7 +283,7 @@ def test_an_edit_the_file_cannot_take_is_explained(tmp_path: Path) -> None:
         before = app.query_one("#yaml-editor", TextArea).text
         await pilot.press("ctrl+down")  # inherited categories keep the parent's order
         await pilot.pause()
-        messages = [n.message for n in app._notifications]
+        messages = [n.message for n in notices(app)]
         assert any("keeps the order of 'llavaguard'" in m for m in messages), messages
         assert app.query_one("#yaml-editor", TextArea).text == before
 
@@ -337,21 +359,169 @@ def test_try_an_image_from_the_app_with_the_edited_policy(tmp_path: Path) -> Non
     drive(create_app(path), script, size=(100, 40))
 
 
-def test_a_shipped_name_edits_a_copy_and_says_so(tmp_path: Path) -> None:
+def test_a_shipped_policy_opens_clean_and_quitting_asks_nothing(tmp_path: Path) -> None:
+    """The issue's 'done when': open children-platform, quit: no question, nothing written."""
+    exited: list[bool] = []
+
     async def script(pilot: Pilot[None], app: PolicyApp) -> None:
-        messages = [n.message for n in app._notifications]
-        assert any("editing a copy" in m and "children-platform.yaml" in m for m in messages)
-        assert app.document is not None and app.document.dirty
-        assert not (tmp_path / "children-platform.yaml").exists()  # nothing written unasked
+        assert app.document is not None and not app.document.dirty
+        assert app.sub_title == "children-platform: a copy (ctrl+s asks where)"  # no dot
+        assert app.query_one("#yaml-editor", TextArea).text == CHILDREN.read_text()
+        messages = [n.message for n in notices(app)]
+        assert any("'children-platform' is a shipped policy" in m for m in messages), messages
+        await pilot.press("f2", "down", "f3", "f7", "f2")  # looking around is not editing
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        exited.append(not app.is_running)
 
     drive(create_app("children-platform", folder=tmp_path), script)
-    (tmp_path / "children-platform.yaml").write_text("extends: children-platform\nid: mine\n")
+    assert exited == [True]
+    assert list(tmp_path.iterdir()) == []  # nothing written unasked
 
-    async def reopened(pilot: Pilot[None], app: PolicyApp) -> None:
-        assert app.document is not None and not app.document.dirty
-        assert app.document.text == "extends: children-platform\nid: mine\n"
 
-    drive(create_app("children-platform", folder=tmp_path), reopened)
+def test_an_edited_shipped_copy_asks_on_quit_and_saves_through_the_copy_dialog(
+    tmp_path: Path,
+) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await select_category(pilot, app, "O9")
+        await pilot.press("x", "escape")  # a real edit
+        assert app.document is not None and app.document.dirty
+        assert app.sub_title.endswith(" ●")
+        await pilot.press("ctrl+q")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert app.screen.question.startswith("Your copy of children-platform has unsaved")
+        await pilot.press("s")
+        assert isinstance(app.screen, SaveCopyScreen)  # saving a copy asks where, even now
+        await pilot.press("enter")
+        await until(pilot, lambda: not app.is_running, "the app to quit after saving")
+
+    drive(create_app("children-platform", folder=tmp_path), script)
+    saved = (tmp_path / "children-platform-custom.yaml").read_text()
+    assert "id: children-platform-custom\n" in saved and "  O9:\n    status: non-violating" in saved
+
+
+def test_the_copy_dialog_is_prefilled_refuses_a_shipped_id_and_writes_the_new_one(
+    tmp_path: Path,
+) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await pilot.press("ctrl+s")  # an unedited copy can be saved too
+        dialog = app.screen
+        assert isinstance(dialog, SaveCopyScreen)
+        id_field = dialog.query_one("#copy-id", Input)
+        path_field = dialog.query_one("#copy-path", Input)
+        assert id_field.value == "children-platform-custom"
+        assert path_field.value == "./children-platform-custom.yaml"
+        where = str(dialog.query_one("#copy-where", Static).render())
+        assert where == f"Saves to {tmp_path / 'children-platform-custom.yaml'}"  # in full
+        error = dialog.query_one("#copy-error", Static)
+        id_field.value = "llavaguard"  # a shipped policy's name
+        await pilot.press("enter")
+        assert "'llavaguard' is a shipped policy's name" in str(error.render())
+        assert isinstance(app.screen, SaveCopyScreen) and list(tmp_path.iterdir()) == []
+        id_field.value = "news-platform"  # the file name follows the id until edited
+        await pilot.pause()
+        assert path_field.value == "./news-platform.yaml"
+        path_field.value = "children-platform.yaml"  # named like the shipped policy
+        await pilot.press("enter")
+        assert "named like the shipped policy 'children-platform'" in str(error.render())
+        path_field.value = "policies/news"  # a folder that is not there
+        await pilot.press("enter")
+        assert f"No folder {tmp_path / 'policies'}" in str(error.render())
+        path_field.value = "news"  # .yaml is added
+        await pilot.pause()
+        assert str(dialog.query_one("#copy-where", Static).render()).endswith(
+            str(tmp_path / "news.yaml")
+        )
+        await pilot.press("enter")
+        await until(pilot, lambda: (tmp_path / "news.yaml").exists(), "the copy")
+
+    drive(create_app("children-platform", folder=tmp_path), script)
+    saved = (tmp_path / "news.yaml").read_text()
+    minus, plus = changed_lines(CHILDREN.read_text(), saved)
+    assert (minus, plus) == (["id: children-platform"], ["id: news-platform"])
+    assert load_policy(tmp_path / "news.yaml").id == "news-platform"
+
+
+def test_the_copy_dialog_replaces_an_existing_file_only_when_confirmed(tmp_path: Path) -> None:
+    earlier = tmp_path / "children-platform-custom.yaml"
+    earlier.write_text("extends: children-platform\nid: children-platform-custom\n")
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await pilot.press("ctrl+s")
+        dialog = app.screen
+        assert isinstance(dialog, SaveCopyScreen)
+        where = str(dialog.query_one("#copy-where", Static).render())
+        assert "exists: saving asks before replacing it" in where
+        await pilot.press("enter")
+        assert isinstance(app.screen, ConfirmScreen) and "exists" in app.screen.question
+        await pilot.press("escape")  # not replaced: back in the dialog
+        assert app.screen is dialog
+        assert earlier.read_text().startswith("extends: children-platform\n")
+        await pilot.press("enter", "y")
+        await until(pilot, lambda: "# A platform for children" in earlier.read_text(), "replaced")
+
+    drive(create_app("children-platform", folder=tmp_path), script)
+
+
+def test_a_shipped_name_means_the_shipped_policy_whatever_files_are_here(tmp_path: Path) -> None:
+    """A copy made earlier, and a file named like the policy, are pointed to, never opened."""
+    (tmp_path / "children-platform-custom.yaml").write_text("extends: llavaguard\nid: mine\n")
+    (tmp_path / "children-platform.yaml").write_text("extends: llavaguard\nid: old\n")
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        assert app.document is not None and app.document.origin == "children-platform"
+        assert app.document.text == CHILDREN.read_text() and not app.document.dirty
+        [notice] = [n.message for n in notices(app)]
+        assert "A copy made earlier is at ./children-platform-custom.yaml" in notice
+        assert "`policy-engine tui ./children-platform-custom.yaml`" in notice
+        assert "./children-platform.yaml here is a file, not this policy" in notice
+
+    drive(create_app("children-platform", folder=tmp_path), script)
+
+
+def test_an_unknown_name_is_an_error_and_a_path_is_a_file(tmp_path: Path) -> None:
+    result = run_cli("tui", "no-such-policy")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: unknown policy 'no-such-policy'; shipped: ")
+    assert "policy-engine tui ./no-such-policy.yaml" in result.stderr
+    mine = tmp_path / "children-platform.yaml"  # by its path, a file is a file
+    mine.write_text("extends: llavaguard\nid: mine\n")
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        assert app.document is not None and app.document.path == mine
+        assert app.document.origin is None
+
+    drive(create_app(f"{tmp_path}/children-platform.yaml"), script)
+
+
+def test_a_file_with_a_shipped_id_is_flagged(tmp_path: Path) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        messages = [n.message for n in notices(app)]
+        assert any(
+            "This file's id 'children-platform' is a shipped policy's name" in m for m in messages
+        ), messages
+
+    drive(create_app(children_copy(tmp_path)), script)
+
+
+def test_the_new_dialog_gives_a_copy_the_id_of_its_file(tmp_path: Path) -> None:
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        await until(pilot, lambda: isinstance(app.screen, NewPolicyScreen), "the New dialog")
+        field = app.screen.query_one("#new-path", Input)
+        app.screen.query_one("#new-how", RadioSet).query(RadioButton)[1].value = True  # copy
+        field.value = "llavaguard.yaml"
+        field.focus()
+        await pilot.press("enter")
+        error = str(app.screen.query_one("#new-error", Static).render())
+        assert "named like the shipped policy 'llavaguard'" in error
+        field.value = "school.yaml"
+        await pilot.press("enter")
+        await until(pilot, lambda: app.document is not None, "a document")
+        assert app.document is not None and app.document.origin is None
+        minus, plus = changed_lines(CHILDREN.read_text(), app.document.text)
+        assert (minus, plus) == (["id: children-platform"], ["id: school"])
+
+    drive(PolicyApp(folder=tmp_path), script)
 
 
 def test_the_command_reports_an_unreadable_file_in_one_line(tmp_path: Path) -> None:
@@ -390,7 +560,7 @@ def test_a_structured_edit_on_unparsable_yaml_says_why(tmp_path: Path) -> None:
         await select_category(pilot, app, "O5")
         await pilot.press("x")
         await pilot.pause()
-        messages = [n.message for n in app._notifications]
+        messages = [n.message for n in notices(app)]
         assert any(
             re.match(r"Cannot set the exception of O5: the YAML does not parse \(line \d+\)", m)
             for m in messages
@@ -437,3 +607,24 @@ def test_cancelling_the_new_dialog_with_nothing_open_quits(tmp_path: Path) -> No
         assert not app.is_running
 
     drive(PolicyApp(folder=tmp_path), script)
+
+
+def test_the_editor_says_whether_the_model_reads_an_exception_reason(tmp_path: Path) -> None:
+    """LlavaGuard prompts leave reasons out (they are documentation); the generic format
+    prints them: the note under Reason follows the policy's prompt_format."""
+    path = children_copy(tmp_path)
+
+    async def script(pilot: Pilot[None], app: PolicyApp) -> None:
+        note = app.query_one("#cat-reason-note", Static)
+        assert str(note.render()) == "Documentation only: not in the llavaguard-v1.2 prompt (F4)."
+        await select_category(pilot, app, "O3")  # sensitive, with no reason in the prompt
+        assert "Category O3 is declared as sensitive" in prompt(app)
+        await pilot.press("f3")
+        editor = app.query_one("#yaml-editor", TextArea)
+        line = editor.text.splitlines().index('version: "1"')
+        editor.move_cursor((line, 0))
+        await pilot.press(*"prompt_format: generic", "enter")
+        await until(pilot, lambda: "Prompt text" in str(note.render()), "the note to follow")
+        assert str(note.render()) == "Prompt text: the generic prompt shows it to the model (F4)."
+
+    drive(create_app(path), script)

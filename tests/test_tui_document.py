@@ -187,8 +187,11 @@ def test_untouched_lines_keep_a_layout_the_dumper_would_change(tmp_path: Path) -
 
 def test_new_documents_from_shipped_policies(tmp_path: Path) -> None:
     copied = PolicyDocument.new_from("children-platform", tmp_path / "kids.yaml", "copy")
-    assert copied.text == (SHIPPED / "children-platform.yaml").read_text()
+    removed, added = changed_lines((SHIPPED / "children-platform.yaml").read_text(), copied.text)
+    assert (removed, added) == (["id: children-platform"], ["id: kids"])  # its own id
     assert copied.dirty and not (tmp_path / "kids.yaml").exists()
+    with pytest.raises(Exception, match="'llavaguard' is a shipped policy's name"):
+        PolicyDocument.new_from("children-platform", tmp_path / "llavaguard.yaml", "copy")
     extending = PolicyDocument.new_from("health-platform", tmp_path / "my clinic.yaml", "extends")
     policy = extending.analysis.policy
     assert policy is not None and policy.id == "my-clinic"
@@ -234,3 +237,43 @@ def test_added_keys_come_before_the_comment_that_introduces_the_next_key(tmp_pat
         "exceptions:\n  A1:\n    status: sensitive\n    reason: why\n\n"
         "# about metadata\nmetadata: {a: 1}\n"
     )
+
+
+def test_a_shipped_copy_is_clean_until_edited_and_saves_under_its_own_id(tmp_path: Path) -> None:
+    shipped = (SHIPPED / "children-platform.yaml").read_text()
+    document = PolicyDocument.shipped_copy("children-platform", tmp_path / "offered.yaml")
+    assert document.text == shipped and document.origin == "children-platform"
+    assert not document.dirty and not document.on_disk
+    assert document.prompt_diff() == ""
+    document.set_exception("O9", "non-violating", "storms")
+    assert document.dirty
+    document.set_exception("O9", "none")
+    assert not document.dirty  # back to what was opened
+    document.set_exception("O9", "sensitive")
+    document.save_as(tmp_path / "mine.yaml", "mine")
+    assert document.path == tmp_path / "mine.yaml" and document.origin is None
+    assert not document.dirty and document.on_disk
+    assert not (tmp_path / "offered.yaml").exists()
+    removed, added = changed_lines(shipped, (tmp_path / "mine.yaml").read_text())
+    assert removed == ["id: children-platform"]
+    assert added == ["id: mine", "  O9:", "    status: sensitive"]
+    assert load_policy(tmp_path / "mine.yaml").id == "mine"
+
+
+def test_a_failed_save_as_leaves_the_copy_as_it_was(tmp_path: Path) -> None:
+    document = PolicyDocument.shipped_copy("health-platform", tmp_path / "offered.yaml")
+    before = document.text
+    with pytest.raises(Exception, match="no such folder"):
+        document.save_as(tmp_path / "missing" / "mine.yaml", "mine")
+    assert document.text == before and document.path == tmp_path / "offered.yaml"
+    assert document.origin == "health-platform" and not document.dirty
+
+
+def test_set_id_writes_the_id_in_place_or_after_extends(tmp_path: Path) -> None:
+    document = PolicyDocument(tmp_path / "p.yaml", "# mine\nextends: llavaguard\nversion: '2'\n")
+    document.set_id("p")
+    assert document.text == "# mine\nextends: llavaguard\nid: p\nversion: '2'\n"
+    document.set_id("q")
+    assert document.text == "# mine\nextends: llavaguard\nid: q\nversion: '2'\n"
+    with pytest.raises(EditError, match="needs an id"):
+        document.set_id(" ")

@@ -159,3 +159,16 @@ def test_tests_tab_with_a_pass_and_a_fail(snap_compare: Any, tmp_path: Path) -> 
         assert panel.results, panel.status
 
     assert snap_compare(create_app(path), terminal_size=(80, 24), run_before=steady(run))
+
+
+def test_saving_a_shipped_policy_asks_for_the_copy_s_id_and_file(snap_compare: Any) -> None:
+    """The dialog shows the full path; the folder is not written to (nothing is saved), so a
+    made-up one keeps the picture the same on every machine."""
+
+    async def save(pilot: SteadyPilot) -> None:
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+
+    folder = Path("/home/reviewer/policies")
+    app = create_app("children-platform", folder=folder)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=steady(save))

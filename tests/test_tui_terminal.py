@@ -104,3 +104,17 @@ def test_the_tui_command_shows_the_policy_and_saves_an_edit(
         saved.replace("  O2:\n    status: non-violating\n    reason: News reporting\n", "")
         == original
     )
+
+
+def test_open_a_shipped_policy_and_quit_asks_nothing(
+    terminal: Callable[[str], Terminal], tmp_path: Path
+) -> None:
+    """The issue's 'done when', in a real terminal: `tui children-platform`, ctrl+q."""
+    command = f"{sys.executable} -m policy_engine tui children-platform; echo exit=$?; sleep 5"
+    term = terminal(f"env TERM=xterm-256color POLICY_ENGINE_PLUGINS= {command}")
+    screen = term.wait_for(lambda s: "Violence, Harm, or Cruelty" in s, "the category list")
+    assert "children-platform: a copy" in screen and "●" not in screen
+    term.keys("C-q")
+    screen = term.wait_for(lambda s: "exit=" in s, "the app to quit")
+    assert "exit=0" in screen and "unsaved" not in screen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmux.sock"]  # nothing written

@@ -18,6 +18,7 @@ from policy_engine.tui.trying import (
     BackendCache,
     BackendChoice,
     BackendPicker,
+    DecisionView,
     ImagePicker,
     TestPanel,
     TryPanel,
@@ -28,10 +29,11 @@ from textual.containers import Vertical
 from textual.pilot import Pilot
 from textual.widgets import DataTable, DirectoryTree, Input, Label, Select, Static
 from tui_support import drive as tui_drive
-from tui_support import until
+from tui_support import notices, until
 
 from policy_engine import (
     Batch,
+    Engine,
     Generation,
     PluginHost,
     Policy,
@@ -88,6 +90,11 @@ def text(widget: Static) -> str:
     return str(widget.render())
 
 
+def shown_decision(panel: TryPanel) -> str:
+    """The decision as the panel shows it: summary, then details."""
+    return panel.query_one(DecisionView).text
+
+
 def status(panel: TryPanel | TestPanel) -> str:
     return panel.status
 
@@ -131,7 +138,7 @@ def test_unsafe_self_harm_shows_rating_actions_and_trace(children: Policy, tmp_p
         assert decision is not None and app.decisions == [decision]
         assert decision.rating == "Unsafe" and decision.category_id == "O7"
         assert [a.name for a in decision.actions] == ["escalate", "block"]
-        shown = text(panel.query_one("#decision", Static))
+        shown = shown_decision(panel)
         assert "Unsafe  O7: Self-Harm" in shown
         assert "P(unsafe) 1.000" in shown
         assert "Static answer: no model was consulted." in shown  # the rationale
@@ -151,7 +158,7 @@ def test_safe_verdict_shows_no_actions(children: Policy, tmp_path: Path) -> None
     async def script(pilot: Pilot[None], app: Harness) -> None:
         panel = await try_image(pilot, app, path, "static", "rating=Safe")
         assert panel.last_decision is not None and panel.last_decision.actions == []
-        shown = text(panel.query_one("#decision", Static))
+        shown = shown_decision(panel)
         assert "Safe  NA: None applying" in shown
         assert "Actions\n  none" in shown
 
@@ -165,7 +172,7 @@ def test_error_verdict_is_shown_with_its_reason(children: Policy, tmp_path: Path
         panel = await try_image(pilot, app, path, "static", "raw=nonsense")
         decision = panel.last_decision
         assert decision is not None and decision.verdict.error is not None
-        shown = text(panel.query_one("#decision", Static))
+        shown = shown_decision(panel)
         assert "Error (output): no JSON object in the reply" in shown
         assert "human_review queue=moderation priority=high" in shown  # review-failures rule
         assert status(panel) == "no verdict: output error"
@@ -197,7 +204,7 @@ def test_request_metadata_reaches_the_rules(tmp_path: Path) -> None:
         await try_image(pilot, app, path, "static", "rating=Unsafe category=O2")
         assert panel.last_decision is not None
         assert [a.name for a in panel.last_decision.actions] == ["block"]
-        assert "metadata audience=minors" in text(panel.query_one("#decision", Static))
+        assert "metadata audience=minors" in shown_decision(panel)
         meta.value = ""
         await try_image(pilot, app, path, "static", "rating=Unsafe category=O2")
         assert [a.name for a in panel.last_decision.actions] == ["human_review"]
@@ -306,7 +313,9 @@ def test_picker_defaults_per_backend(children: Policy) -> None:
         picker = app.query_one(BackendPicker)
         backend = picker.query_one("#backend", Select)
         options = picker.query_one("#options", Input)
-        assert backend.value == "transformers"
+        assert backend.value == "static" and options.value == ""  # offline, no set-up
+        backend.value = "transformers"
+        await pilot.pause()
         assert options.value == "model=AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
         backend.value = "sglang"
         await pilot.pause()
@@ -395,7 +404,7 @@ def test_cancel_frees_the_ui_and_drops_the_late_result(children: Policy, tmp_pat
         await pilot.press("ctrl+r")
         await until(pilot, gate.entered.is_set, "the backend call")
         assert panel.running and panel.has_class("-running")  # the spinner shows
-        assert status(panel) == "assessing red.png with gate … (esc cancels)"
+        assert status(panel) == "loading gate, then assessing red.png with gate … (esc cancels)"
         assert "cancel" in {b.binding.action for b in app.active_bindings.values()}
         await pilot.press("escape")
         assert status(panel).startswith("cancelled")
@@ -410,7 +419,7 @@ def test_cancel_frees_the_ui_and_drops_the_late_result(children: Policy, tmp_pat
         )
         await pilot.pause()
         assert panel.last_decision is None and app.decisions == []
-        assert text(panel.query_one("#decision", Static)) == ""
+        assert shown_decision(panel) == ""
         assert status(panel).startswith("cancelled")
         # the next run works, with the same (cached) backend
         await try_image(pilot, app, path, "gate", UNSAFE_O7 + " wait=true")
@@ -493,7 +502,7 @@ def test_tiny_random_model_end_to_end(children: Policy, tiny_cache: Path, tmp_pa
         assert verdict.ok, verdict.error  # constrained decoding: always a schema-valid verdict
         assert verdict.rating in ("Safe", "Unsafe") and verdict.category_id is not None
         assert verdict.model == "tiny-random (random weights)"
-        shown = text(panel.query_one("#decision", Static))
+        shown = shown_decision(panel)
         assert f"{verdict.rating}  {verdict.category_id}:" in shown
         assert "tiny-random (random weights)" in shown
 
@@ -607,8 +616,6 @@ def test_cancelling_the_test_run(tmp_path: Path) -> None:
 
 
 def test_render_decision_is_plain_readable_text(children: Policy, tmp_path: Path) -> None:
-    from policy_engine import Engine
-
     engine = Engine(children, "static", backend_options={"rating": "Unsafe", "category": "O3"})
     decision = engine.assess(image(tmp_path), metadata={"audience": "minors"})
     shown = render_decision(decision).plain
@@ -617,5 +624,198 @@ def test_render_decision_is_plain_readable_text(children: Policy, tmp_path: Path
     assert "\nmetadata audience=minors\n" in shown
     scored = Engine(children, "static", mode="score", backend_options={"p_unsafe": 0.4})
     shown = render_decision(scored.assess(image(tmp_path))).plain
-    assert shown.startswith("Safe  P(unsafe) 0.400\nmodel static\n"), shown
+    # the summary (rating, score, actions) comes before the model and the rationale
+    assert shown.startswith("Safe  P(unsafe) 0.400\nActions\n  blur reason="), shown
     assert "blur reason=the model was unsure this image is safe" in shown
+    assert shown.index("\nActions\n") < shown.index("\nmodel static\n")
+
+
+# --- the Try tab inside the app: defaults, keys, layout at 80x24, messages -------------------
+
+
+def app_drive(app: Any, script: Callable[[Pilot[None], Any], Awaitable[None]]) -> None:
+    """Run `script` against the whole app in an 80x24 terminal."""
+    tui_drive(app, script, size=(80, 24))
+
+
+def test_the_defaults_try_an_image_offline_with_no_configuration(tmp_path: Path) -> None:
+    from policy_engine.tui.app import create_app
+
+    path = image(tmp_path)
+
+    async def script(pilot: Pilot[None], app: Any) -> None:
+        await pilot.press("f7", *str(path), "ctrl+r")  # the image field has the focus
+        panel = app.query_one(TryPanel)
+        await until(pilot, lambda: panel.last_decision is not None, "a decision")
+        assert panel.choice() == BackendChoice("static", "full", {})
+        assert status(panel) == "done: Safe NA", status(panel)
+        assert "static: a fixed answer, no model (offline)" in str(
+            panel.query_one("#picker-hint", Label).render()
+        )
+        assert not [n for n in notices(app) if n.severity == "error"]
+
+    app_drive(create_app("children-platform", folder=tmp_path), script)
+
+
+def test_the_options_are_three_tabs_from_the_image_or_ctrl_t_from_anywhere(
+    tmp_path: Path,
+) -> None:
+    from policy_engine.tui.app import create_app
+    from textual.widgets import TabbedContent
+
+    async def script(pilot: Pilot[None], app: Any) -> None:
+        options = app.query_one("#options", Input)
+        await pilot.press("f7")
+        assert app.focused is app.query_one("#image", Input)
+        await pilot.press("tab")
+        assert app.focused is app.query_one("#backend", Select)
+        await pilot.press("tab", "tab")  # mode, then the options
+        assert app.focused is options
+        await pilot.press("tab")
+        assert app.focused is app.query_one("#metadata", Input)
+        await pilot.press("f2", "ctrl+t")  # from the Categories tab
+        assert app.query_one(TabbedContent).active == "try" and app.focused is options
+        await pilot.press("f8", "ctrl+t")  # from the Tests tab, whose runs use them
+        assert app.query_one(TabbedContent).active == "try" and app.focused is options
+
+    app_drive(create_app("children-platform", folder=tmp_path), script)
+
+
+def test_the_summary_is_above_the_rationale_at_80x24(tmp_path: Path) -> None:
+    """A screen of rationale scrolls below the summary; rating, category, P(unsafe) and
+    every action stay in view."""
+    from policy_engine.tui.app import create_app
+
+    path = image(tmp_path)
+    rationale = "A long rationale sentence. " * 60
+
+    async def script(pilot: Pilot[None], app: Any) -> None:
+        await pilot.press("f7")
+        panel = app.query_one(TryPanel)
+        panel.picker.configure("static", "full", f'{UNSAFE_O7} rationale="{rationale}"')
+        panel.query_one("#image", Input).value = str(path)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: panel.last_decision is not None, "a decision")
+        summary = panel.query_one("#decision-summary", Static)
+        scroll = panel.query_one("#decision-scroll")
+        await until(pilot, lambda: scroll.max_scroll_y > 0, "the laid-out details")
+        shown = text(summary)
+        assert shown.startswith("Unsafe  O7: Self-Harm  severity critical  P(unsafe) 1.000")
+        assert "escalate queue=safeguarding" in shown and "\n  block" in shown
+        assert "rationale" not in shown
+        assert "A long rationale" in text(panel.query_one("#decision-details", Static))
+        # the rationale does not fit (it scrolls: waited for above), the summary does
+        region = summary.region
+        assert app.screen.region.contains_region(region) and region.bottom <= scroll.region.y
+        width = summary.content_size.width
+        needed = summary.get_content_height(summary.size, app.size, width)
+        assert needed <= summary.content_size.height, "the summary is cut"
+        for y in range(region.y, region.bottom):  # on screen, not under anything
+            assert app.get_widget_at(region.x + 1, y)[0] is summary
+
+    app_drive(create_app("children-platform", folder=tmp_path), script)
+
+
+def test_a_random_weights_model_is_flagged_before_and_after_the_run(
+    children: Policy, tmp_path: Path
+) -> None:
+    async def script(pilot: Pilot[None], app: Harness) -> None:
+        picker = app.query_one(BackendPicker)
+        hint = picker.query_one("#picker-hint", Label)
+        picker.configure("transformers", "full", None)
+        await pilot.pause()
+        assert "offline without one: model=tiny-random" in str(hint.render())
+        assert not hint.has_class("-warning")
+        picker.query_one("#options", Input).value = "model=tiny-random"
+        await pilot.pause()
+        assert str(hint.render()).startswith("model=tiny-random has RANDOM weights")
+        assert hint.has_class("-warning")
+
+    drive(Harness(children), script)
+    engine = Engine(children, "static", backend_options={"model": "tiny (random weights)"})
+    shown = render_decision(engine.assess(image(tmp_path))).plain
+    assert "\nmodel tiny (random weights): its verdicts are meaningless\n" in shown
+
+
+def test_the_offline_error_speaks_of_the_options_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real transformers backend, offline, without the hub model in its cache."""
+    pytest.importorskip("transformers")
+    from policy_engine.tui.app import create_app
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = image(tmp_path)
+
+    async def script(pilot: Pilot[None], app: Any) -> None:
+        await pilot.press("f7")
+        panel = app.query_one(TryPanel)
+        panel.picker.configure("transformers", "full", None)  # the default: the hub model
+        panel.query_one("#image", Input).value = str(path)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: not panel.running, "the run to end")
+        line = status(panel)
+        assert line.startswith("error: cannot load model 'AIML-TUDA/"), line
+        assert "Pass a local checkpoint directory with model=PATH, or model=tiny-random" in line
+        assert line.endswith("; type it in the options field (ctrl+t)")
+        assert "--model" not in line
+
+    app_drive(create_app("children-platform", folder=tmp_path), script)
+
+
+def test_in_app_terms_turns_flags_into_options() -> None:
+    from policy_engine.tui.picker import in_app_terms
+
+    from policy_engine import CliFlag
+
+    flags = [
+        CliFlag("--model", "model", short="-m"),
+        CliFlag("--url", "url"),
+        CliFlag("--launch", "launch", is_flag=True),
+    ]
+    assert in_app_terms("use --model tiny-random, or -m PATH", flags) == (
+        "use model=tiny-random, or model=PATH; type it in the options field (ctrl+t)"
+    )
+    assert in_app_terms("start one (--launch) or give --url=http://h:1", flags) == (
+        "start one (launch=true) or give url=http://h:1; type it in the options field (ctrl+t)"
+    )
+    assert in_app_terms("no flags --here", flags) == "no flags --here"
+
+
+class Warner(StaticBackend):
+    """Logs a warning while loading, as the transformers backend does for random weights."""
+
+    name = "warner"
+
+    def load(self) -> None:
+        import logging
+
+        logging.getLogger("policy_engine.test").warning("model 'x' has RANDOM weights")
+
+
+def test_library_warnings_during_a_run_become_notices(tmp_path: Path) -> None:
+    """The CLI prints library warnings on stderr, which the running app draws on."""
+    from policy_engine.tui.app import create_app
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):  # type: ignore[no-untyped-def]
+            register(Warner)
+
+    host = PluginHost()
+    host.register(Plugin(), "warner-test")
+    path = image(tmp_path)
+
+    async def script(pilot: Pilot[None], app: Any) -> None:
+        await pilot.press("f7")
+        panel = app.query_one(TryPanel)
+        panel.picker.configure("warner", "full", "")
+        panel.query_one("#image", Input).value = str(path)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: panel.last_decision is not None, "a decision")
+        await until(pilot, lambda: any(n.severity == "warning" for n in notices(app)), "the notice")
+        warnings = [n for n in notices(app) if n.severity == "warning"]
+        assert [n.message for n in warnings] == ["model 'x' has RANDOM weights"]
+
+    app_drive(create_app("children-platform", folder=tmp_path, host=host), script)

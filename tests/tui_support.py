@@ -10,7 +10,9 @@ assertion reads the screen one message early. `SteadyPilot` waits for the app it
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from textual.app import App
@@ -102,6 +104,8 @@ def drive(
     """Run `script(pilot, app)` against the app in a headless terminal of `size`, with a
     `SteadyPilot`."""
 
+    record_notices(app)
+
     async def main() -> None:
         async with app.run_test(size=size):
             pilot = SteadyPilot(app)
@@ -119,3 +123,34 @@ async def until(pilot: Pilot[Any], condition: Callable[[], bool], what: str) -> 
             return
         await pilot.pause(0.05)
     raise AssertionError(f"gave up waiting for {what}")
+
+
+@dataclass(frozen=True)
+class Notice:
+    message: str
+    severity: str
+
+
+_NOTICES: weakref.WeakKeyDictionary[App[Any], list[Notice]] = weakref.WeakKeyDictionary()
+
+
+def notices(app: App[Any]) -> list[Notice]:
+    """Every notice `app` showed while `drive` ran it (see `record_notices`)."""
+    return _NOTICES[app]
+
+
+def record_notices(app: App[Any]) -> list[Notice]:
+    """Every notice `app` shows from now on (`drive` calls it before the app runs). The app's
+    own list drops a notice once its display time runs out, by the wall clock, which a test on
+    a loaded machine can outlast; this list keeps them all."""
+    if app in _NOTICES:
+        return _NOTICES[app]
+    shown = _NOTICES[app] = []
+    notify = app.notify
+
+    def recording(message: str, *args: Any, **kwargs: Any) -> None:
+        shown.append(Notice(str(message), str(kwargs.get("severity", "information"))))
+        notify(message, *args, **kwargs)
+
+    app.notify = recording  # type: ignore[method-assign]
+    return shown

@@ -14,11 +14,21 @@ from textual.binding import Binding
 from textual.timer import Timer
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane, TextArea
 
-from policy_engine import PluginHost, PolicyEngineError, get_host, shipped_policies
+from policy_engine import PluginHost, PolicyEngineError, get_host
 
+from .analysis import Analysis
 from .categories import CategoriesPane, Edit
-from .dialogs import AddCategoryScreen, ConfirmScreen, HelpScreen, NewPolicyScreen, OpenScreen
-from .document import Analysis, PolicyDocument
+from .dialogs import (
+    AddCategoryScreen,
+    ConfirmScreen,
+    HelpScreen,
+    NewPolicyScreen,
+    OpenScreen,
+    SaveCopyScreen,
+)
+from .document import PolicyDocument
+from .naming import default_copy, shipped_id_warning, start_for
+from .notices import LibraryMessage, LogToApp
 from .picker import BackendCache, BackendChoice
 from .previews import DiffView, ProblemsPanel, PromptView, SchemaView
 from .trying import TestPanel, TryPanel
@@ -50,6 +60,7 @@ class PolicyApp(App[None]):
         Binding("ctrl+n", "new", "New"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("f9", "problems", "Problems", show=False),
+        Binding("ctrl+t", "backend_options", "Backend options", show=False),
         *[
             # priority: the editors bind some function keys (TextArea: f6, f7)
             Binding(key, f"show_tab('{tab}')", label, show=False, priority=True)
@@ -75,6 +86,7 @@ class PolicyApp(App[None]):
         self.cache = BackendCache(self.host)
         self._analyse_timer: Timer | None = None
         self._inherited: set[str] = set()
+        self._log_handler = LogToApp(self)
 
     # -- layout ------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -102,16 +114,29 @@ class PolicyApp(App[None]):
         return self.query_one(TryPanel).choice()
 
     def on_mount(self) -> None:
+        self._log_handler.attach()
         editor = self.query_one("#yaml-editor", TextArea)
         if "yaml" in editor.available_languages:  # tree-sitter-yaml installed
             editor.language = "yaml"
         if self.document is not None:
             self._load(self.document)
             if self.notice:
-                self.notify(self.notice, timeout=8, markup=False)
+                self.notify(self.notice, timeout=12, markup=False)
         else:
             path, base = self.start_new or (None, None)
             self.call_after_refresh(self._ask_new, path, base)
+
+    def on_unmount(self) -> None:
+        self._log_handler.detach()
+
+    @on(LibraryMessage)
+    def _library_said(self, message: LibraryMessage) -> None:
+        self.notify(
+            message.text,
+            severity="error" if message.error else "warning",
+            timeout=10,
+            markup=False,
+        )
 
     # -- documents ---------------------------------------------------------------------------
     def _load(self, document: PolicyDocument) -> None:
@@ -121,6 +146,9 @@ class PolicyApp(App[None]):
             editor.load_text(document.text)
         self._refresh()
         self.query_one("#category-table").focus()
+        warning = shipped_id_warning(document)
+        if warning is not None:
+            self.notify(warning, severity="warning", timeout=10, markup=False)
 
     def _ask_new(self, path: Path | None = None, base: str | None = None) -> None:
         def created(result: tuple[str, str, Path] | None) -> None:
@@ -177,10 +205,15 @@ class PolicyApp(App[None]):
             )
 
     def _show_title(self) -> None:
-        """The file's name in the header, with a dot while there are unsaved changes."""
-        if self.document is not None:
-            dirty = " ●" if self.document.dirty else ""
-            self.sub_title = f"{self.document.path.name}{dirty}"
+        """The file's name in the header (for a shipped policy's copy: that it is one), with
+        a dot while there are unsaved changes."""
+        document = self.document
+        if document is not None:
+            dirty = " ●" if document.dirty else ""
+            if document.origin is not None:
+                self.sub_title = f"{document.origin}: a copy (ctrl+s asks where){dirty}"
+            else:
+                self.sub_title = f"{document.path.name}{dirty}"
 
     # -- keeping text and views in sync -----------------------------------------------------
     @on(TextArea.Changed, "#yaml-editor")
@@ -281,24 +314,42 @@ class PolicyApp(App[None]):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
+    def action_backend_options(self) -> None:
+        """The Try tab's backend options, from anywhere (they serve the Tests tab too)."""
+        if len(self.screen_stack) > 1:
+            return  # a dialog is open
+        self.query_one(TabbedContent).active = "try"
+        self.query_one(TryPanel).action_options()
+
     def action_save(self) -> None:
+        self.save_then(None)
+
+    def save_then(self, then: Callable[[], object] | None) -> None:
+        """Save, asking first what needs asking (a policy with problems, a file changed on
+        disk, where a shipped policy's copy goes); `then()` after a successful save."""
         self.flush()
         document = self.document
         if document is None:
             return
         analysis = document.analysis
 
-        def overwrite_checked() -> None:
-            if document.changed_on_disk():
+        def write() -> None:
+            if self._save() and then is not None:
+                then()
+
+        def placed() -> None:
+            if document.origin is not None:
+                self._save_copy(document, then)
+            elif document.changed_on_disk():
                 self.push_screen(
                     ConfirmScreen(
                         f"{document.path} changed on disk since it was opened. Overwrite it?",
                         {"y": "Overwrite"},
                     ),
-                    lambda answer: self._save_if(answer == "y"),
+                    lambda answer: write() if answer == "y" else None,
                 )
             else:
-                self._save()
+                write()
 
         if not analysis.ok:
             count = len(analysis.problems)
@@ -308,14 +359,34 @@ class PolicyApp(App[None]):
                     "load until fixed. Save anyway?",
                     {"y": "Save anyway"},
                 ),
-                lambda answer: overwrite_checked() if answer == "y" else None,
+                lambda answer: placed() if answer == "y" else None,
             )
         else:
-            overwrite_checked()
+            placed()
 
-    def _save_if(self, yes: bool) -> None:
-        if yes:
-            self._save()
+    def _save_copy(self, document: PolicyDocument, then: Callable[[], object] | None) -> None:
+        """Ask for the copy's own id and file (the full path shown), then write it there."""
+        origin = document.origin
+        if origin is None:
+            return
+        new_id, path = default_copy(origin, self.folder)
+
+        def chosen(result: tuple[str, Path] | None) -> None:
+            if result is None:
+                return
+            new_id, path = result
+            try:
+                document.save_as(path, new_id)
+            except PolicyEngineError as err:
+                self.notify(f"Not saved: {err}", severity="error", markup=False)
+                return
+            self._set_editor_text(document.text)  # the id line changed
+            self.notify(f"Saved {path} (id {new_id})", markup=False)
+            self._refresh()
+            if then is not None:
+                then()
+
+        self.push_screen(SaveCopyScreen(origin, new_id, path, self.folder), chosen)
 
     def _save(self) -> bool:
         document = self.document
@@ -340,14 +411,14 @@ class PolicyApp(App[None]):
 
         def answered(answer: str | None) -> None:
             if answer == "s":
-                if self._save():
-                    then()
+                self.save_then(then)
             elif answer == "d":
                 then()
 
+        name = f"Your copy of {document.origin}" if document.origin else document.path.name
         self.push_screen(
             ConfirmScreen(
-                f"{document.path.name} has unsaved changes. Save them before {doing}?",
+                f"{name} has unsaved changes. Save them before {doing}?",
                 {"s": "Save", "d": "Discard"},
             ),
             answered,
@@ -429,27 +500,13 @@ def create_app(
     folder: Path | None = None,
     host: PluginHost | None = None,
 ) -> PolicyApp:
-    """The app for a policy argument: a file to edit, a new file's path, a shipped policy's
-    name (edited as a copy beside you, never in place), or nothing (the New dialog asks)."""
+    """The app for a policy argument, by the naming rule (`naming.py`): a file to edit (a
+    missing one: the New dialog for that path), a shipped policy's name (an unsaved copy of
+    it, which saving puts under an id and file of your own), or nothing (the New dialog)."""
     folder = folder or Path.cwd()
     if policy is None:
         return PolicyApp(folder=folder, host=host)
-    ref = str(policy)
-    if ref in shipped_policies() and not Path(ref).exists():
-        target = folder / f"{ref}.yaml"
-        if target.exists():
-            notice = f"Opened your copy of the shipped policy {ref!r}: {target.name}."
-            document = PolicyDocument.open(target, host=host)
-        else:
-            notice = (
-                f"{ref!r} is a shipped policy: you are editing a copy, which ctrl+s saves as "
-                f"{target.name} here."
-            )
-            document = PolicyDocument.new_from(ref, target, "copy", host=host)
-        return PolicyApp(document, folder=folder, host=host, notice=notice)
-    path = Path(ref).expanduser()
-    if not path.is_absolute():
-        path = folder / path
-    if not path.exists():
-        return PolicyApp(folder=path.parent, start_new=(path, None), host=host)
-    return PolicyApp(PolicyDocument.open(path, host=host), folder=path.parent, host=host)
+    start = start_for(policy, folder, host)
+    if start.document is None:
+        return PolicyApp(folder=start.folder, start_new=(start.new_path, None), host=host)
+    return PolicyApp(start.document, folder=start.folder, host=host, notice=start.notice)

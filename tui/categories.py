@@ -23,6 +23,8 @@ from textual.widgets import DataTable, Input, Label, Select, Static, TextArea
 from policy_engine import Policy
 
 from .document import EXCEPTION_STATES, PolicyDocument
+from .naming import reason_note
+from .picker import app_host
 
 DEBOUNCE = 0.4  # seconds of quiet typing before an edit is written
 DEFAULT_SEVERITIES = ("low", "medium", "high", "critical")
@@ -150,6 +152,7 @@ class CategoriesPane(Horizontal):
                     id="cat-reason",
                     compact=True,
                 )
+            yield Static("", id="cat-reason-note")
             yield Label("Should not (one guideline per line)", classes="section")
             yield TextArea(id="cat-should-not", soft_wrap=True, tab_behavior="focus", compact=True)
             yield Label("Can (one guideline per line)", classes="section")
@@ -211,6 +214,8 @@ class CategoriesPane(Horizontal):
             )
             self._set_input("#cat-reason", (exception.reason or "") if exception else "", focused)
             self.query_one("#cat-reason", Input).disabled = exception is None
+            note = reason_note(policy.prompt_format, app_host(self))
+            self.query_one("#cat-reason-note", Static).update(Content(note))
             for widget_id, lines in (
                 ("#cat-should-not", category.should_not),
                 ("#cat-can", category.can),

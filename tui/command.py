@@ -16,8 +16,10 @@ def tui_command(policy: str | None) -> None:
     """Edit a policy in a terminal app: categories, exceptions, YAML, live prompt and schema,
     problems, trying images and running the policy's tests.
 
-    POLICY: a policy file to edit (created on save if it does not exist), or a shipped policy's
-    name (edited as a copy in the current folder). Without it, the app asks.
+    POLICY: a file (a path with / or \\, starting with ., or ending in .yaml/.yml; created
+    on save if missing), or else a shipped policy's name, whatever files are in the current
+    folder: it opens as an unsaved copy, which ctrl+s saves under an id and file of your own
+    (offered: NAME-custom, ./NAME-custom.yaml). Without it, the app asks.
     """
     try:
         from .app import create_app

@@ -1,4 +1,5 @@
-"""Modal screens: confirm, help, new policy, open file, add category."""
+"""Modal screens: confirm, help, new policy, save a shipped policy's copy, open file, add
+category."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ from textual.widgets.option_list import Option
 
 from policy_engine import shipped_policies
 
+from .naming import (
+    copy_file_problem,
+    copy_id_problem,
+    display_path,
+    resolve_path,
+)
+
 HELP = """\
 # Policy editor: help
 
@@ -39,20 +47,26 @@ HELP = """\
    jumps to **Reason**: type why. **Escape** returns to the list.
 3. **F4** shows the prompt the model will see, **F6** how it changed since the last save.
 4. **ctrl+s** saves. Your comments and layout are kept; only what you changed is written.
-5. **F7** tries an image: type its path or **ctrl+b** to browse, pick a backend, **ctrl+r**.
+   A shipped policy is never changed: its copy is saved under an id and file of your own.
+5. **F7** tries an image: type its path or **ctrl+b** to browse, **ctrl+r**. The `static`
+   backend answers without a model; **ctrl+t** goes to the backend's options.
 
 ## Keys everywhere
 - **F2** Categories · **F3** YAML · **F4** Prompt · **F5** Schema · **F6** Diff ·
   **F7** Try · **F8** Tests · **F9** problems list
 - **ctrl+s** save (asks first when the policy has problems) · **ctrl+o** open a file ·
   **ctrl+n** new policy from a shipped one · **ctrl+q** quit (asks about unsaved changes) ·
-  **F1** this help
+  **ctrl+t** backend options (Try) · **F1** this help
 
 ## In the category list
 - **enter** edit the selected category: name, severity, exception and reason, guidelines
   (one per line); **tab** moves between fields, **escape** goes back to the list
 - **x** cycle the exception · **a** add a category · **delete** remove it ·
   **ctrl+up** / **ctrl+down** move it
+
+An exception's **reason** is documentation for people: the LlavaGuard prompt formats leave it
+out (the model reads only that the category is declared non-violating or sensitive); the
+`generic` format shows it to the model. The note under the field says which applies.
 
 In a policy that *extends* another, inherited categories say so; a change to one is written
 as a small override in your file and the parent file is never touched.
@@ -63,9 +77,11 @@ as a small override in your file and the parent file is never touched.
 - **Prompt**, **Schema**, **Diff**: what the model is asked, the JSON Schema its answer must
   satisfy, and the prompt's changes since the last save.
 - **Problems** (under the tabs when there are any): **enter** on one jumps to its line.
-- **Try**: an image, a backend (options as `key=value`, e.g. `model=tiny-random`) and a mode;
-  **ctrl+r** runs, **escape** cancels. **Tests** runs the policy's `tests:` cases with the
-  same backend.
+- **Try**: an image, a backend, its options (`key=value`; **ctrl+t** jumps there) and a mode;
+  **ctrl+r** runs, **escape** cancels. `static` (the default) gives a fixed answer without a
+  model, e.g. `rating=Unsafe category=O2`; `transformers` takes `model=` a hub id or a
+  checkpoint folder, and offline `model=tiny-random` (random weights: meaningless verdicts).
+  **Tests** runs the policy's `tests:` cases with the same backend.
 """
 
 
@@ -186,6 +202,12 @@ class NewPolicyScreen(ModalScreen["tuple[str, str, Path] | None"]):
         if path.exists():
             error.update(f"{raw} exists: open it with ctrl+o, or pick another name.")
             return
+        if path.stem in shipped_policies():
+            error.update(
+                f"{path.name} is named like the shipped policy {path.stem!r}, and the new "
+                "policy's id comes from the file name: pick another name."
+            )
+            return
         if not path.parent.is_dir():
             error.update(f"No folder {path.parent}.")
             return
@@ -197,6 +219,107 @@ class NewPolicyScreen(ModalScreen["tuple[str, str, Path] | None"]):
         self.dismiss(("", "open", self.folder))
 
     @on(Button.Pressed, "#new-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class SaveCopyScreen(ModalScreen["tuple[str, Path] | None"]):
+    """Where the copy of a shipped policy goes: an id of its own (never a shipped policy's
+    name) and a file, whose full path is shown before anything is written; an existing file
+    is replaced only after a second question. Dismisses with (id, path), or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, origin: str, new_id: str, path: Path, folder: Path) -> None:
+        super().__init__()
+        self.origin = origin
+        self.new_id = new_id
+        self.path = path
+        self.folder = folder
+        self._following = display_path(path, folder)  # the file name follows the id until edited
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="copy-dialog"):
+            yield Label(
+                Content(f"Save your copy of the shipped policy {self.origin!r}"), classes="title"
+            )
+            yield Static(
+                Content(
+                    f"The shipped policy stays as it is, and `{self.origin}` keeps naming it. "
+                    "Your copy gets an id of its own (decisions are stamped with it) and a file."
+                ),
+                classes="note",
+            )
+            yield Label("Id:")
+            yield Input(self.new_id, id="copy-id")
+            yield Label("File:")
+            yield Input(self._following, id="copy-path")
+            yield Static("", id="copy-where")
+            yield Static("", id="copy-error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button(Content("Save [enter]"), variant="primary", id="copy-save")
+                yield Button(Content("Cancel [esc]"), id="copy-cancel")
+
+    def on_mount(self) -> None:
+        self._show_where()
+        self.query_one("#copy-id", Input).focus()
+
+    def _target(self) -> Path:
+        """The file the copy would be written to, in full (`.yaml` added when missing)."""
+        raw = self.query_one("#copy-path", Input).value.strip()
+        path = resolve_path(raw, self.folder)
+        if raw and path.suffix not in (".yaml", ".yml"):
+            path = path.with_name(path.name + ".yaml")
+        return path
+
+    def _show_where(self) -> None:
+        where = self.query_one("#copy-where", Static)
+        if not self.query_one("#copy-path", Input).value.strip():
+            where.update("")
+            return
+        path = self._target()
+        note = "  (exists: saving asks before replacing it)" if path.exists() else ""
+        where.update(Content.assemble(("Saves to ", "$text-muted"), str(path), (note, "bold")))
+
+    @on(Input.Changed, "#copy-id")
+    def _id_typed(self, event: Input.Changed) -> None:
+        field = self.query_one("#copy-path", Input)
+        if field.value == self._following and event.value.strip():
+            self._following = f"./{event.value.strip()}.yaml"
+            field.value = self._following
+
+    @on(Input.Changed, "#copy-path")
+    def _path_typed(self) -> None:
+        self._show_where()
+        self.query_one("#copy-error", Static).update("")
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#copy-save")
+    def action_save(self) -> None:
+        new_id = self.query_one("#copy-id", Input).value.strip()
+        error = self.query_one("#copy-error", Static)
+        if not self.query_one("#copy-path", Input).value.strip():
+            error.update("Give the copy a file, e.g. ./my-platform.yaml.")
+            return
+        path = self._target()
+        problem = copy_id_problem(new_id) or copy_file_problem(path)
+        if problem is not None:
+            error.update(Content(problem))
+            return
+        if not path.exists():
+            self.dismiss((new_id, path))
+            return
+
+        def answered(answer: str | None) -> None:
+            if answer == "y":
+                self.dismiss((new_id, path))
+
+        self.app.push_screen(
+            ConfirmScreen(f"{path} exists. Replace it with this copy?", {"y": "Replace"}),
+            answered,
+        )
+
+    @on(Button.Pressed, "#copy-cancel")
     def action_cancel(self) -> None:
         self.dismiss(None)
 

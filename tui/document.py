@@ -12,12 +12,10 @@ without a screen.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +25,14 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from policy_engine import (
-    CompiledPolicy,
     PluginHost,
     Policy,
     PolicyEngineError,
-    PolicyError,
-    Problem,
-    get_host,
     load_policy,
-    load_policy_text,
     shipped_policies,
 )
 
+from .analysis import Analysis, analyse, prompt_diff
 from .roundtrip import (
     LAYOUTS,
     append,
@@ -60,48 +54,6 @@ class EditError(PolicyEngineError):
     """A structured edit that cannot be written into this file (the message says why)."""
 
 
-@dataclass(frozen=True)
-class Analysis:
-    """What a text means: the policy and its compiled form, or the problems that stop it."""
-
-    text: str
-    policy: Policy | None = None
-    compiled: CompiledPolicy | None = None
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.policy is not None and not self.problems
-
-
-def analyse(text: str, path: Path, host: PluginHost | None = None) -> Analysis:
-    """Load and compile `text` as the file at `path`, collecting problems instead of raising."""
-    try:
-        policy = load_policy_text(text, path, host=host)
-        compiled = (host or get_host()).compile(policy)
-    except PolicyError as err:
-        return Analysis(text, problems=list(err.problems))
-    except PolicyEngineError as err:
-        return Analysis(text, problems=[Problem(str(path), 0, 0, "", err.message)])
-    return Analysis(text, policy, compiled)
-
-
-def prompt_diff(saved: Analysis, current: Analysis) -> str:
-    """A unified diff of the compiled prompt: last saved version against the current text."""
-    if current.compiled is None:
-        return ""
-    before = saved.compiled.prompt if saved.compiled is not None else ""
-    after = current.compiled.prompt
-    lines = difflib.unified_diff(
-        before.splitlines(keepends=True),
-        after.splitlines(keepends=True),
-        fromfile="prompt (saved)",
-        tofile="prompt (edited)",
-        n=2,
-    )
-    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
-
-
 # -- the document --------------------------------------------------------------------------
 
 
@@ -115,6 +67,7 @@ class PolicyDocument:
         *,
         saved_text: str | None = None,
         host: PluginHost | None = None,
+        origin: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.text = text
@@ -122,6 +75,9 @@ class PolicyDocument:
         self.on_disk = saved_text is None  # False until a new document is first saved
         self.initial_text = text  # a new document's prompt diff starts from what it copied
         self.host = host
+        self.origin = origin
+        """The shipped policy this unsaved copy was opened from (None for any file): saving
+        it asks for an id and a file of its own (`save_as`)."""
         self._analysis: Analysis | None = None
         self._saved_analysis: Analysis | None = None
         self._parents: dict[str, Policy | None] = {}
@@ -153,14 +109,21 @@ class PolicyDocument:
     ) -> PolicyDocument:
         """A new, unsaved document at `path` from a shipped policy: a verbatim copy (comments
         and all) or a small file that `extends` it."""
-        shipped = shipped_policies()
-        if base not in shipped:
-            raise PolicyEngineError(f"unknown policy {base!r}; shipped: {', '.join(shipped)}")
         path = Path(path).expanduser()
+        new_id = _id_from(path.stem)
+        if new_id in shipped_policies():
+            raise PolicyEngineError(
+                f"{new_id!r} is a shipped policy's name: a new policy needs an id of its own "
+                "(it comes from the file name: pick another)"
+            )
         if how == "copy":
-            text = Path(shipped[base]).read_text(encoding="utf-8")
-        elif how == "extends":
-            new_id = _id_from(path.stem)
+            document = cls.shipped_copy(base, path, host=host)
+            document.origin = None
+            document.set_id(new_id)
+            document.initial_text = document.text
+            return document
+        if how == "extends":
+            _shipped_text(base)  # an unknown name is refused here, not when the file loads
             text = (
                 f"# {new_id}: based on the shipped policy {base!r}. Its categories, exceptions\n"
                 "# and post-processors apply unless this file overrides them.\n"
@@ -173,10 +136,26 @@ class PolicyDocument:
             raise PolicyEngineError(f"unknown way to start a policy {how!r}; use copy or extends")
         return cls(path, text, saved_text="", host=host)
 
+    @classmethod
+    def shipped_copy(
+        cls, name: str, path: str | Path, host: PluginHost | None = None
+    ) -> PolicyDocument:
+        """An unsaved, unedited copy of the shipped policy `name` (comments and all), still
+        with its id: clean until edited; `save_as` gives it an id and file of its own, `path`
+        being the file first offered."""
+        text = _shipped_text(name)
+        return cls(Path(path).expanduser(), text, saved_text="", host=host, origin=name)
+
     # -- state ---------------------------------------------------------------------------
     @property
     def dirty(self) -> bool:
-        return self.text != self.saved_text or not self.on_disk
+        """Unsaved changes: an edit since the last save; a new file not yet written; an edit
+        of a shipped policy's copy (opened unedited, that copy is clean)."""
+        if self.on_disk:
+            return self.text != self.saved_text
+        if self.origin is not None:
+            return self.text != self.initial_text
+        return True
 
     @property
     def analysis(self) -> Analysis:
@@ -224,6 +203,20 @@ class PolicyDocument:
             raise PolicyEngineError(f"{self.path}: cannot save: {err.strerror}") from None
         self.saved_text = self.text
         self.on_disk = True
+        self.origin = None
+
+    def save_as(self, path: str | Path, new_id: str) -> None:
+        """Give the document the id `new_id` (written into the text, comments kept) and save it
+        at `path`; on failure the document is as it was."""
+        before = (self.text, self.path, self._layout)
+        if self._plain().get("id") != new_id:
+            self.set_id(new_id)
+        self.path = Path(path)
+        try:
+            self.save()
+        except PolicyEngineError:
+            self.text, self.path, self._layout = before
+            raise
 
     # -- what the file itself says ---------------------------------------------------------
     def _load_tree(self) -> tuple[YAML, Any]:
@@ -293,6 +286,19 @@ class PolicyDocument:
         return self.text
 
     # -- structured edits --------------------------------------------------------------------
+    def set_id(self, new_id: str) -> str:
+        """Set the policy's own `id:` (in place, or added after `extends:` when missing)."""
+        if not new_id.strip():
+            raise EditError("a policy needs an id")
+
+        def change(data: CommentedMap, parent: Policy | None) -> None:
+            if "id" in data or "extends" not in data:
+                put(data, "id", new_id)
+            else:
+                data.insert(list(data).index("extends") + 1, "id", new_id)
+
+        return self._edit(change)
+
     def set_severity(self, category_id: str, severity: str) -> str:
         return self._set_field(category_id, "severity", severity)
 
@@ -448,6 +454,13 @@ class PolicyDocument:
 
 
 # -- helpers on the round-trip tree --------------------------------------------------------
+
+
+def _shipped_text(name: str) -> str:
+    shipped = shipped_policies()
+    if name not in shipped:
+        raise PolicyEngineError(f"unknown policy {name!r}; shipped: {', '.join(shipped)}")
+    return Path(shipped[name]).read_text(encoding="utf-8")
 
 
 def _id_from(stem: str) -> str:

@@ -4,6 +4,7 @@ across runs so that trying an image twice does not reload the model."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import threading
 from collections.abc import Iterable, Iterator
@@ -21,16 +22,27 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import DirectoryTree, Input, Label, Select
 
-from policy_engine import Backend, Mode, PluginHost, PolicyEngineError, get_host
+from policy_engine import Backend, CliFlag, Mode, PluginHost, PolicyEngineError, get_host
 from policy_engine.cli import parse_pairs
 
 MODES: tuple[str, ...] = get_args(Mode)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+DEFAULT_BACKEND = "static"
+"""The backend the picker starts with: it answers offline, with no model and no set-up."""
 DEFAULT_OPTIONS: dict[str, str] = {
     "transformers": "model=AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf",
     "sglang": "url=http://127.0.0.1:30000",
 }
-"""Options a backend starts with in the picker (`model=tiny-random`: an offline random model)."""
+"""Options a backend starts with in the picker."""
+HINTS: dict[str, str] = {
+    "static": "static: a fixed answer, no model (offline). Set it: rating=Unsafe category=O2",
+    "transformers": "model=HUB-ID or a checkpoint folder; offline without one: model=tiny-random",
+    "sglang": "url=http://HOST:PORT of a running SGLang or OpenAI-compatible server",
+}
+"""One line under the picker: what the backend's options field takes."""
+RANDOM_WEIGHTS = (
+    "model={model} has RANDOM weights: its verdicts are meaningless (it tries the pipeline offline)"
+)
 
 
 def app_host(widget: Widget) -> PluginHost:
@@ -44,6 +56,32 @@ def one_line(err: Exception) -> str:
     lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
     more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
     return lines[0] + more
+
+
+def in_app_terms(message: str, flags: Iterable[CliFlag]) -> str:
+    """A backend's message in the Try tab's terms: the command-line flags it suggests
+    (`--model tiny-random`) become the options they set (`model=tiny-random`), which the
+    options field takes."""
+    changed = 0
+    for flag in flags:
+        names = "|".join(re.escape(n) for n in (flag.flag, flag.short) if n)
+        pattern = rf"(?<![\w-])(?:{names})"
+        if flag.is_flag:
+            message, count = re.subn(rf"{pattern}(?![\w-])", f"{flag.option}=true", message)
+        else:
+            message, count = re.subn(
+                rf"{pattern}(?:=|\s+)([^\s,;)]+)", rf"{flag.option}=\1", message
+            )
+        changed += count
+    if changed:
+        message += "; type it in the options field (ctrl+t)"
+    return message
+
+
+def random_weights_model(options: dict[str, Any]) -> str | None:
+    """The model named in `options` when it is one of the tiny random-weight models."""
+    model = options.get("model")
+    return model if isinstance(model, str) and model.startswith("tiny-random") else None
 
 
 def parse_options(text: str, what: str = "options") -> dict[str, Any]:
@@ -87,6 +125,12 @@ class BackendCache:
     @property
     def current(self) -> Backend | None:
         return self._backend
+
+    def holds(self, name: str, options: dict[str, Any], host: PluginHost | None = None) -> bool:
+        """Whether a lease of this choice would reuse the backend already here."""
+        host = host or self.host or get_host()
+        with self._lock:
+            return self._backend is not None and self._key == (host, name, options)
 
     @contextmanager
     def lease(
@@ -133,7 +177,8 @@ class BackendCache:
 
 
 class BackendPicker(Widget):
-    """Backend, mode and options on one compact row, plus a line for a bad option."""
+    """Backend, mode and options on one compact row; under it, what the options field takes
+    (or a random-weights warning), and a line for a bad option."""
 
     DEFAULT_CSS = """
     BackendPicker { height: auto; }
@@ -142,6 +187,8 @@ class BackendPicker(Widget):
     BackendPicker #backend { width: 18; margin: 0 1 0 0; }
     BackendPicker #mode { width: 12; margin: 0 1 0 0; }
     BackendPicker #options { width: 1fr; }
+    BackendPicker #picker-hint { color: $text-muted; width: 100%; height: auto; }
+    BackendPicker #picker-hint.-warning { color: $text-warning; text-style: bold; }
     BackendPicker #picker-error { color: $text-error; display: none; }
     """
 
@@ -151,7 +198,7 @@ class BackendPicker(Widget):
 
     def compose(self) -> ComposeResult:
         names = sorted(app_host(self).backends())
-        default = "transformers" if "transformers" in names else (names[0] if names else None)
+        default = DEFAULT_BACKEND if DEFAULT_BACKEND in names else (names[0] if names else None)
         with Horizontal():
             yield Label("Backend")
             yield Select(
@@ -171,7 +218,33 @@ class BackendPicker(Widget):
                 compact=True,
                 id="options",
             )
+        yield Label("", id="picker-hint")
         yield Label("", id="picker-error")
+
+    def on_mount(self) -> None:
+        self._show_hint()
+
+    def _show_hint(self) -> None:
+        """The line under the row: what this backend's options take, or, for a model with
+        random weights, that its verdicts mean nothing."""
+        backend = self.query_one("#backend", Select).value
+        name = "" if backend is Select.NULL else str(backend)
+        try:
+            model = random_weights_model(parse_options(self.query_one("#options", Input).value))
+        except PolicyEngineError:
+            model = None
+        if model is not None:
+            text = RANDOM_WEIGHTS.format(model=model)
+        elif name in HINTS:
+            text = HINTS[name]
+        else:
+            try:
+                text = f"{name}: {app_host(self).backend(name).description}" if name else ""
+            except PolicyEngineError:
+                text = ""
+        hint = self.query_one("#picker-hint", Label)
+        hint.update(Content(text))
+        hint.set_class(model is not None, "-warning")
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id != "backend":
@@ -181,6 +254,7 @@ class BackendPicker(Widget):
         self.query_one("#options", Input).value = self._edited.get(
             name, DEFAULT_OPTIONS.get(name, "")
         )
+        self._show_hint()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
@@ -194,6 +268,7 @@ class BackendPicker(Widget):
         except PolicyEngineError as err:
             error.update(Content(one_line(err)))
         error.display = bool(error.content)
+        self._show_hint()
 
     def configure(self, backend: str, mode: str = "full", options: str | None = None) -> None:
         """Set the form (e.g. from saved settings); `options` as typed, None: that backend's

@@ -15,7 +15,7 @@ from textual.widgets.option_list import Option
 
 from policy_engine import Problem
 
-from .document import Analysis
+from .analysis import Analysis
 
 
 class ReadOnlyView(TextArea):

@@ -16,12 +16,12 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal
 from textual.content import Content
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
-from textual.widgets import Button, DataTable, Input, Label, LoadingIndicator, Static
+from textual.widgets import Button, DataTable, Input, Label, LoadingIndicator
 from textual.worker import get_current_worker
 
 from policy_engine import (
@@ -38,12 +38,14 @@ from policy_engine import (
 if TYPE_CHECKING:
     from policy_engine import PolicyTest
 
+from .decisionview import DecisionView, render_decision
 from .picker import (
     BackendCache,
     BackendChoice,
     BackendPicker,
     ImagePicker,
     app_host,
+    in_app_terms,
     one_line,
     parse_options,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "BackendCache",
     "BackendChoice",
     "BackendPicker",
+    "DecisionView",
     "ImagePicker",
     "TestPanel",
     "TryPanel",
@@ -59,54 +62,6 @@ __all__ = [
 ]
 
 Outcome = Any  # a result, or the PolicyEngineError that replaced it
-
-
-def render_decision(decision: Decision) -> Content:
-    """A Decision as readable text: rating, category, score, rationale, actions, trace."""
-    verdict = decision.verdict
-    parts: list[str | tuple[str, str]] = []
-    if verdict.error is not None:
-        parts += [
-            ("Error", "bold $text-error"),
-            f" ({verdict.error.kind}): {verdict.error.message}",
-        ]
-    else:
-        style = "bold $text-error" if decision.rating == "Unsafe" else "bold $text-success"
-        parts.append((decision.rating or "?", style))
-        if decision.category_id:  # none in mode score without category scores
-            parts.append(f"  {decision.category_id}: {decision.category_name}")
-        if decision.severity:
-            parts.append(f"  severity {decision.severity}")
-        if decision.overrides:
-            said = f"{verdict.rating} {verdict.category_id or ''}".rstrip()
-            parts.append((f"  (the model said {said})", "$text-muted"))
-    if verdict.p_unsafe is not None:
-        parts.append(f"  P(unsafe) {verdict.p_unsafe:.3f}")
-    if verdict.model:
-        parts.append(("\nmodel ", "$text-muted"))
-        parts.append(verdict.model)
-    if decision.metadata:
-        parts += [("\nmetadata ", "$text-muted"), " ".join(_pairs(decision.metadata))]
-    if verdict.rationale:
-        parts += [("\nrationale ", "$text-muted"), verdict.rationale]
-    parts.append(("\nActions", "bold"))
-    for action in decision.actions:
-        params = " ".join(_pairs(action.params))
-        parts += ["\n  ", (action.name, "bold"), f" {params}" if params else ""]
-        parts.append((f"  (by {action.by})", "$text-muted"))
-    if not decision.actions:
-        parts.append(("\n  none", "$text-muted"))
-    parts.append(("\nTrace", "bold"))
-    for entry in decision.trace:
-        parts += ["\n  ", (f"{entry.step}: ", "$text-muted")]
-        parts.append((entry.message, "$text-error") if entry.error else entry.message)
-    if not decision.trace:
-        parts.append(("\n  none", "$text-muted"))
-    return Content.assemble(*parts)
-
-
-def _pairs(values: dict[str, Any]) -> list[str]:
-    return [f"{key}={value}" for key, value in values.items()]
 
 
 class RunningPanel(Widget):
@@ -134,6 +89,7 @@ class RunningPanel(Widget):
         self.policy: Policy | None = None
         self._token = 0  # which run the UI waits for: a result of another run is stale
         self._lock = threading.Lock()
+        self._backend: str | None = None  # the running (or last) run's backend
         self.discarded = 0
         """Results that came back after their run was cancelled, and were dropped."""
 
@@ -166,8 +122,9 @@ class RunningPanel(Widget):
             return None if self.running else True
         return True
 
-    def start(self, text: str) -> int:
+    def start(self, text: str, backend: str) -> int:
         self._token += 1
+        self._backend = backend
         self.running = True
         self.say(text)
         return self._token
@@ -204,9 +161,17 @@ class RunningPanel(Widget):
             return
         self.running = False
         if isinstance(outcome, PolicyEngineError):
-            self.say(f"error: {one_line(outcome)}", error=True)
+            self.say(f"error: {self.in_app_terms(one_line(outcome))}", error=True)
         else:
             self.finish(outcome)
+
+    def in_app_terms(self, message: str) -> str:
+        """A message of the run's backend, its command-line flags turned into options."""
+        try:
+            flags = self.host.backend(self._backend).cli_flags if self._backend else ()
+        except PolicyEngineError:
+            flags = ()
+        return in_app_terms(message, flags)
 
     def finish(self, outcome: Any) -> None:
         raise NotImplementedError
@@ -222,12 +187,12 @@ class TryPanel(RunningPanel):
     DEFAULT_CSS = """
     TryPanel #image, TryPanel #metadata { width: 1fr; }
     TryPanel Button { min-width: 8; margin: 0 0 0 1; }
-    TryPanel #result { height: 1fr; padding: 0 1; }
     """
     BINDINGS = [
         Binding("ctrl+r", "run", "Run"),
         Binding("escape", "cancel", "Cancel"),
         Binding("ctrl+b", "browse", "Browse"),
+        Binding("ctrl+t", "options", "Options"),
     ]
     WORKER_GROUP = "try"
 
@@ -252,11 +217,18 @@ class TryPanel(RunningPanel):
         self.last_decision: Decision | None = None
 
     def compose(self) -> ComposeResult:
+        # Focus order: image, backend, mode, options, metadata (the buttons have keys:
+        # ctrl+b, ctrl+r); ctrl+t jumps to the options.
         with Horizontal(classes="row"):
             yield Label("Image ")
             yield Input(placeholder="path to an image (ctrl+b browses)", compact=True, id="image")
-            yield Button("Browse…", compact=True, id="browse")
-            yield Button("Run", compact=True, variant="primary", id="run")
+            for button in (
+                Button("Browse…", compact=True, id="browse"),
+                Button("Run", compact=True, variant="primary", id="run"),
+            ):
+                button.can_focus = False
+                yield button
+        yield self.picker
         with Horizontal(classes="row"):
             yield Label("Meta  ")
             yield Input(
@@ -264,10 +236,8 @@ class TryPanel(RunningPanel):
                 compact=True,
                 id="metadata",
             )
-        yield self.picker
         yield from self.compose_status()
-        with VerticalScroll(id="result"):
-            yield Static("", id="decision")
+        yield DecisionView(id="result")
 
     def on_mount(self) -> None:
         self.set_policy(self.policy)
@@ -275,6 +245,10 @@ class TryPanel(RunningPanel):
     def choice(self) -> BackendChoice:
         """The picker's backend settings (for a TestPanel's `choice`)."""
         return self.picker.choice()
+
+    def action_options(self) -> None:
+        """Focus the backend's options field."""
+        self.picker.query_one("#options", Input).focus()
 
     def set_policy(self, policy: Policy | None) -> None:
         self.policy = policy
@@ -325,7 +299,10 @@ class TryPanel(RunningPanel):
         except PolicyEngineError as err:
             self.say(f"error: {one_line(err)}", error=True)
             return
-        token = self.start(f"assessing {path.name} with {choice.backend} … (esc cancels)")
+        what = f"assessing {path.name} with {choice.backend}"
+        if not self.cache.holds(choice.backend, choice.options, self.host):
+            what = f"loading {choice.backend}, then {what}"
+        token = self.start(f"{what} … (esc cancels)", choice.backend)
         self._assess(token, policy, path, metadata, choice, self.host)
 
     @work(thread=True, exclusive=True, group="try")
@@ -348,7 +325,7 @@ class TryPanel(RunningPanel):
     def finish(self, outcome: Any) -> None:
         decision = cast(Decision, outcome)
         self.last_decision = decision
-        self.query_one("#decision", Static).update(render_decision(decision))
+        self.query_one(DecisionView).show(decision)
         verdict = decision.verdict
         if verdict.error is not None:
             self.say(f"no verdict: {verdict.error.kind} error", error=True)
@@ -370,6 +347,7 @@ class TestPanel(RunningPanel):
     BINDINGS = [
         Binding("ctrl+r", "run", "Run tests"),
         Binding("escape", "cancel", "Cancel"),
+        Binding("ctrl+t", "app.backend_options", "Options"),  # in the Try tab
     ]
     WORKER_GROUP = "tests"
     COLUMNS = ("#", "case", "expected", "got", "result")
@@ -472,7 +450,9 @@ class TestPanel(RunningPanel):
             self.say(f"error: {one_line(err)}", error=True)
             return
         count = len(policy.tests)
-        token = self.start(f"running {count} cases with {choice.backend} … (esc cancels)")
+        token = self.start(
+            f"running {count} cases with {choice.backend} … (esc cancels)", choice.backend
+        )
         self._run_tests(token, policy, choice, self.host)
 
     @work(thread=True, exclusive=True, group="tests")
