@@ -141,9 +141,11 @@ def test_tests_tab_with_a_pass_and_a_fail(snap_compare: Any, tmp_path: Path) -> 
 
     Image.new("RGB", (16, 16), (0, 90, 200)).save(tmp_path / "calm.png")
     path = tmp_path / "kids.yaml"
+    shipped = CHILDREN.read_text()
+    assert shipped.count("\ntests:\n") == 1, "the shipped cases are the file's last section"
     path.write_text(
-        CHILDREN.read_text()
-        + "tests:\n"
+        shipped.split("\ntests:\n")[0]  # this picture's two cases replace the shipped ones
+        + "\ntests:\n"
         + "  - {name: a calm picture, image: calm.png, rating: Safe, actions: []}\n"
         + "  - {name: self-harm is escalated, image: calm.png, category: O7}\n"
     )
