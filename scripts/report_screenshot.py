@@ -5,12 +5,13 @@
     .venv/bin/python scripts/report_screenshot.py /tmp/report-demo --png /tmp/report-screenshot.png
 
 It writes scikit-image's sample photographs into DIR/photos, audits them as a user would
-(`policy-engine audit` with the offline tiny-random model: random weights, so the report must
-warn), writes `policy-engine report --html`, and screenshots the page twice: as opened, and
-with every flagged thumbnail revealed (the page's own CSS switch, checked). Then it checks that
-the page is not blank, that the random-weights banner is drawn (its red border is on screen),
-and that the flagged thumbnails are blurred: where the two renders differ (the pictures), the
-blurred one keeps little detail (mean edge strength under a third of the revealed one's).
+(`policy-engine audit` with the offline tiny-random model, sampling with a seed: random
+weights, so the report must warn), writes `policy-engine report --html`, and screenshots the
+page twice: as opened, and with every flagged thumbnail revealed (the page's own CSS switch,
+checked). Then it checks that the page is not blank, that the random-weights banner is drawn
+(its red border is on screen), and that the flagged thumbnails are blurred: where the two
+renders differ (the pictures), the blurred one keeps little detail (mean edge strength under a
+third of the revealed one's).
 It prints one JSON line of what it measured and exits 1 if a check fails, 2 on a usage problem
 (no scikit-image, no Chromium).
 
@@ -72,7 +73,12 @@ def main() -> int:
 
     results = args.dir / "results.db"
     results.unlink(missing_ok=True)
-    options = audit_options or ["--backend", "transformers", "-m", "tiny-random", "-o", "seed=0"]
+    # Seeded sampling: greedy decoding of random weights can call every photo Safe, and then
+    # the page has no flagged thumbnail whose blur could be checked.
+    options = audit_options or [
+        *("--backend", "transformers", "-m", "tiny-random"),
+        *("-o", "greedy=false", "-o", "seed=0"),
+    ]
     audit = [str(cli), "audit", str(photos), "--out", str(results), "--no-progress", *options]
     done = subprocess.run(audit, capture_output=True, text=True, check=False)
     if done.returncode not in (0, 1):  # 1: some rows are errors, still a report
@@ -142,8 +148,10 @@ def main() -> int:
         soft = ImageStat.Stat(shown.convert("L").filter(ImageFilter.FIND_EDGES), mask).mean[0]
         measured |= {"edges_revealed": round(sharp, 2), "edges_blurred": round(soft, 2)}
         checks["flagged thumbnails blurred"] = soft < sharp / 3
+    elif measured["flagged_thumbnails"]:
+        checks["flagged thumbnails blurred"] = False  # revealing them changed nothing
     else:
-        checks["flagged thumbnails blurred"] = measured["flagged_thumbnails"] == 0
+        measured["note"] = "nothing was flagged: the blur was not checked"
     measured["checks"] = checks
     print(json.dumps(measured))
     return 0 if all(checks.values()) else 1
