@@ -145,7 +145,9 @@ class EngineActor:
 
         items = [
             (str(path) if path else bytes(data), json.loads(str(meta)))
-            for path, data, meta in zip(batch["path"], batch["data"], batch["metadata"], strict=True)
+            for path, data, meta in zip(
+                batch["path"], batch["data"], batch["metadata"], strict=True
+            )
         ]
         decisions = list(self.engine.assess_many(items))
         seconds = [d.verdict.timings.get("generate") for d in decisions]
@@ -176,7 +178,9 @@ class EngineActor:
             rating=np.array([d.rating or "" for d in decisions], dtype=object),
             category=np.array([d.category_id or "" for d in decisions], dtype=object),
             p_unsafe=np.array([math.nan if p is None else p for p in p_unsafe], dtype=float),
-            actions=np.array([",".join(a.name for a in d.actions) for d in decisions], dtype=object),
+            actions=np.array(
+                [",".join(a.name for a in d.actions) for d in decisions], dtype=object
+            ),
             error=np.array([f"{e.kind}: {e.message}" if e else "" for e in errors], dtype=object),
             policy_hash=np.array([self.engine.compiled.hash] * len(decisions), dtype=object),
             model=np.array([model] * len(decisions), dtype=object),
@@ -229,9 +233,7 @@ def assess_dataset(
     if workers < 1:
         raise PolicyEngineError("assess_dataset: workers must be at least 1")
     the_policy = policy if isinstance(policy, Policy) else load_policy(policy)
-    spec = EngineSpec(
-        the_policy, backend, mode, dict(backend_options or {}), lenient=lenient
-    )
+    spec = EngineSpec(the_policy, backend, mode, dict(backend_options or {}), lenient=lenient)
     spec.build().close()  # fail here, in the caller, on a bad policy, backend or option
     return ds.map_batches(
         EngineActor,

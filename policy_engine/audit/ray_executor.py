@@ -32,6 +32,7 @@ from .store import ResultRow, ResultStore
 log = logging.getLogger(__name__)
 
 ROWS_PER_CALL = 16  # images per actor call: small enough to lose little when an actor dies
+MAX_BLOCKS = 100_000  # beyond this, blocks grow instead (Ray's per-block bookkeeping)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,9 @@ def run_ray_audit(
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # plans, "finished in"
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False  # ours is the one progress line
-            blocks = min(len(todo), max(2 * settings.workers, math.ceil(len(todo) / 64)))
+            # one block per actor call: each result streams back (and is committed) as soon
+            # as its call ends, and a retried call redoes few images
+            blocks = min(MAX_BLOCKS, math.ceil(len(todo) / ROWS_PER_CALL))
             dataset = ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
                 EngineActor,
                 fn_constructor_kwargs={"spec": EngineSpec.from_engine(engine), "output": "ledger"},

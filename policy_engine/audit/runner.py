@@ -135,7 +135,9 @@ def run_audit(
     committing what is done (stats.interrupted)."""
     meta = audit_meta(engine, source, shard)
     check_resumable(store, meta)
-    store.set_meta({**meta, "executor": "local", "started": store.meta.get("started", str(time.time()))})
+    store.set_meta(
+        {**meta, "executor": "local", "started": store.meta.get("started", str(time.time()))}
+    )
     stats = AuditStats()
     if progress is not None:
         _counter(source, shard, store, retry_errors, stats).start()
