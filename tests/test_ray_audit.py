@@ -187,6 +187,20 @@ def test_a_worker_that_dies_mid_batch_is_retried_with_nothing_lost_or_doubled(
     assert set(rows(tmp_path / "r.db")) == {p.name for p in folder.iterdir()}
 
 
+def test_a_backend_that_cannot_load_in_the_workers_is_one_user_error(
+    ray_address: str, tmp_path: Path
+) -> None:
+    from policy_engine.errors import PolicyEngineError
+
+    folder = make_folder(tmp_path / "imgs", 2)
+    engine = Engine("llavaguard", "transformers", backend_options={"model": str(tmp_path)})
+    with ResultStore(tmp_path / "r.db", create=True) as store:
+        with pytest.raises(PolicyEngineError, match="a Ray worker failed: model ") as caught:
+            run_ray_audit(engine, Source.open(str(folder)), store, RaySettings(cpus_per_worker=0.5))
+        assert store.count() == 0
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+
+
 def test_assess_dataset_adds_verdict_columns_and_error_rows(ray_address: str) -> None:
     items = [{"key": f"k{i}", "image": png(i)} for i in range(4)]
     items.append({"key": "broken", "image": b"not an image"})

@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import errors
 from ..engine import Engine
+from ..errors import PolicyEngineError
 from ..progress import Progress
 from ..verdict import Decision
 from .runner import WHOLE, AuditStats, audit_meta, check_resumable, finish_audit, pending_items
@@ -85,6 +88,8 @@ def run_ray_audit(
         need = settings.workers * settings.cpus_per_worker
         with ray_session(settings.address, num_cpus=need) as ray:
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # plans, "finished in"
+            # its warning that progress bars are off: they are, on purpose
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False  # ours is the one progress line
             # one block per actor call: each result streams back (and is committed) as soon
@@ -98,7 +103,10 @@ def run_ray_audit(
                 num_cpus=settings.cpus_per_worker,
                 num_gpus=settings.gpus_per_worker or None,
             )
-            _collect(dataset, store, stats, progress, commit_every, commit_seconds)
+            try:
+                _collect(dataset, store, stats, progress, commit_every, commit_seconds)
+            except ray.exceptions.RayError as err:
+                raise _as_user_error(err) from None
     finish_audit(store, stats, retry_errors=retry_errors)
     return stats
 
@@ -151,3 +159,23 @@ def _collect(
     finally:
         if rows:
             store.write(rows)
+
+
+_ENGINE_ERROR = re.compile(r"^policy_engine\.errors\.(\w+): (.+)$", re.M)
+
+
+def _as_user_error(err: Exception) -> PolicyEngineError:
+    """A Ray job failure in one line. Ray does not hand back the worker's exception object
+    (an actor that failed to start arrives as ActorDiedError with the traceback as text): an
+    engine error in that text keeps its message and exit status; anything else is a fault."""
+    log.debug("the Ray job failed", exc_info=err)
+    found = _ENGINE_ERROR.findall(str(err))
+    if found:
+        name, message = found[-1]
+        error = PolicyEngineError(f"a Ray worker failed: {message.strip()}")
+        error.exit_code = getattr(errors, name, PolicyEngineError).exit_code
+        return error
+    first = next((line for line in str(err).splitlines() if line.strip()), "")
+    error = PolicyEngineError(f"the Ray job failed: {type(err).__name__}: {first.strip()}")
+    error.exit_code = 1
+    return error
