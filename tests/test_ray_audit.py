@@ -32,6 +32,8 @@ from policy_engine.audit.sources import Source  # noqa: E402
 from policy_engine.audit.store import ResultStore, StoreError  # noqa: E402
 from policy_engine.ray import assess_dataset  # noqa: E402
 
+# Ray's own DataContext warns about its deprecated fields whenever it is copied to a worker
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 TESTS = Path(__file__).resolve().parent
 STATIC = ["-b", "static", "-o", "rating=Unsafe", "-o", "category=O2", "-o", "p_unsafe=0.8"]
 
