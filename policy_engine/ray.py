@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backend import Backend
@@ -206,7 +207,7 @@ def _image(value: Any) -> Any:
 
 def assess_dataset(
     ds: ray.data.Dataset,
-    policy: Policy | str,
+    policy: Policy | str | Path,
     backend: str | type[Backend],
     *,
     mode: Mode = "full",

@@ -260,3 +260,31 @@ def test_results_meta_of_a_ray_audit_match_a_local_audits_identity(
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["run"]["assessed"] == 1
     assert set(rows(out)) == {f"{i:04d}.png" for i in range(4)}
+
+
+def test_retry_errors_and_merge_work_on_ray_results(ray_address: str, tmp_path: Path) -> None:
+    """Shards may run on different executors; merge and --retry-errors read one ledger."""
+    folder = make_folder(tmp_path / "imgs", 6, bad=(2, 5))
+    ray_args = ["--executor", "ray", "--ray-address", ray_address, "--cpus-per-worker", "0.5"]
+    shards = [tmp_path / "s1.db", tmp_path / "s2.db"]
+    first = run_cli("audit", str(folder), *STATIC, "--shard", "1/2", "--out", str(shards[0]))
+    second = run_cli(
+        "audit", str(folder), *STATIC, "--shard", "2/2", "--out", str(shards[1]), *ray_args
+    )
+    assert "Traceback" not in first.stderr + second.stderr, second.stderr
+    assert sum(json.loads(r.stdout)["errors"] for r in (first, second)) == 2  # the bad files
+    for index in (2, 5):  # the bad files, fixed
+        (folder / f"{index:04d}.png").write_bytes(png(index))
+    for shard, number in zip(shards, ("1/2", "2/2"), strict=True):
+        retried = run_cli(
+            "audit", str(folder), *STATIC, "--shard", number, "--out", str(shard),
+            "--retry-errors", *ray_args,
+        )  # fmt: skip
+        assert retried.returncode == 0, retried.stderr
+    merged = run_cli(
+        "merge", *map(str, shards), "--out", str(tmp_path / "all.db"), "--source", str(folder)
+    )
+    assert merged.returncode == 0, merged.stderr
+    found = rows(tmp_path / "all.db")
+    assert set(found) == {f"{i:04d}.png" for i in range(6)}
+    assert all(row["ok"] for row in found.values())
