@@ -490,3 +490,23 @@ def test_two_runs_of_the_same_audit_give_identical_results(
             decoding = {json.dumps(r.decision["verdict"]["decoding"]) for r in store.rows()}
     assert len(verdicts[0]) == 4 and verdicts[0] == verdicts[1]
     assert decoding == {'{"method": "greedy"}'}
+
+
+def test_executor_ray_without_ray_installed_is_a_one_line_error(tmp_path: Path) -> None:
+    make_folder(tmp_path / "imgs", 2)
+    fake = tmp_path / "site" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('ray is not installed here')\n")
+    out = tmp_path / "r.db"
+    args = ("audit", str(tmp_path / "imgs"), *STATIC, "--out", str(out))
+    result = run_cli(*args, "--executor", "ray", pythonpath=tmp_path / "site")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --executor ray needs ray: pip install 'policy-engine[ray]'"
+    )
+    assert not out.exists()
+    misplaced = run_cli(*args, "--workers", "2")
+    assert misplaced.returncode == 2
+    assert misplaced.stderr.strip() == "error: --workers applies to --executor ray only"
+    zero = run_cli(*args, "--executor", "ray", "--workers", "0")
+    assert zero.returncode == 2 and "Traceback" not in zero.stderr

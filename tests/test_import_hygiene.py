@@ -31,6 +31,7 @@ FORBIDDEN = (
     "ruamel",
     "tree_sitter",
     "tree_sitter_yaml",
+    "ray",
 )
 
 PROBE = """

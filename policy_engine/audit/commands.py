@@ -46,6 +46,37 @@ from ..progress import Progress, wanted
     default=None,
     help="A progress bar on stderr (default: when stderr is a terminal).",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: an actor pool on Ray Data (the `ray` extra; docs/scale.md).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDRESS",
+    help="Ray: the cluster to join (default: start a local Ray for this run).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ray: actors, each with its own loaded backend [default: 1].",
+)
+@click.option(
+    "--cpus-per-worker",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Ray: CPUs reserved per actor [default: 1].",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Ray: GPUs reserved per actor [default: 0].",
+)
 def audit(
     source: str,
     out: Path,
@@ -56,6 +87,11 @@ def audit(
     id_column: str | None,
     durable: bool,
     progress: bool | None,
+    executor: str,
+    ray_address: str | None,
+    workers: int | None,
+    cpus_per_worker: float | None,
+    gpus_per_worker: float | None,
     engine: EngineChoice,
 ) -> None:
     """Judge every image of SOURCE into a resumable results file.
@@ -65,8 +101,24 @@ def audit(
     folder or parquet files). Kill it at any moment and run the same command again: it
     continues, and every input ends up exactly once in the results.
 
+    `--executor ray` spreads the work over Ray actors (a local Ray, or --ray-address's
+    cluster) with the same results file and guarantees (docs/scale.md).
+
     Exit status 1 when rows are errors (each has its reason: `policy-engine report`).
     """
+    ray_given = {
+        "--ray-address": ray_address,
+        "--workers": workers,
+        "--cpus-per-worker": cpus_per_worker,
+        "--gpus-per-worker": gpus_per_worker,
+    }
+    misplaced = [name for name, value in ray_given.items() if value is not None]
+    if executor != "ray" and misplaced:
+        raise PolicyEngineError(f"{misplaced[0]} applies to --executor ray only")
+    if executor == "ray":
+        from ..ray import require_ray
+
+        require_ray()  # before anything is loaded or created
     from .runner import audit_meta, check_resumable, run_audit
     from .sources import Shard, Source
     from .store import ResultStore
@@ -80,9 +132,11 @@ def audit(
     with store, built:
         check_resumable(store, audit_meta(built, the_source, the_shard))  # before loading
         if show:
-            click.echo(f"loading backend {built.backend.name!r}…", err=True)
+            where = " in each Ray worker" if executor == "ray" else ""
+            click.echo(f"loading backend {built.backend.name!r}{where}…", err=True)
         try:
-            built.load()
+            if executor == "local":
+                built.load()  # Ray workers load their own; the driver never does
         except BaseException:
             if new_file:  # a start that failed leaves no empty results file behind
                 store.close()
@@ -90,15 +144,35 @@ def audit(
                     leftover.unlink(missing_ok=True)
             raise
         with Progress(None, enabled=show) as bar:
-            stats = run_audit(
-                built,
-                the_source,
-                store,
-                shard=the_shard,
-                retry_errors=retry_errors,
-                metadata=engine.metadata,
-                progress=bar if show else None,
-            )
+            if executor == "ray":
+                from .ray_executor import RaySettings, run_ray_audit
+
+                settings = RaySettings(
+                    address=ray_address,
+                    workers=workers or 1,
+                    cpus_per_worker=cpus_per_worker or 1.0,
+                    gpus_per_worker=gpus_per_worker or 0.0,
+                )
+                stats = run_ray_audit(
+                    built,
+                    the_source,
+                    store,
+                    settings,
+                    shard=the_shard,
+                    retry_errors=retry_errors,
+                    metadata=engine.metadata,
+                    progress=bar if show else None,
+                )
+            else:
+                stats = run_audit(
+                    built,
+                    the_source,
+                    store,
+                    shard=the_shard,
+                    retry_errors=retry_errors,
+                    metadata=engine.metadata,
+                    progress=bar if show else None,
+                )
         total, errors = store.count(), store.count(errors_only=True)
         retryable = store.count(errors_only=True, retryable=True)
     summary = {"results": str(out), "total": total, "errors": errors, "run": stats.to_dict()}

@@ -135,23 +135,18 @@ def run_audit(
     committing what is done (stats.interrupted)."""
     meta = audit_meta(engine, source, shard)
     check_resumable(store, meta)
-    store.set_meta({**meta, "started": store.meta.get("started", str(time.time()))})
+    store.set_meta(
+        {**meta, "executor": "local", "started": store.meta.get("started", str(time.time()))}
+    )
     stats = AuditStats()
     if progress is not None:
         _counter(source, shard, store, retry_errors, stats).start()
     pending: deque[SourceItem] = deque()
 
     def todo() -> Iterator[tuple[Any, dict[str, Any]]]:
-        for chunk in batched((item for item in source.items() if shard.holds(item.id)), CHUNK):
-            status = store.status([item.id for item in chunk])
-            stats.seen += len(chunk)
-            for item in chunk:
-                state = status.get(item.id)
-                if (state is False) if retry_errors else (state is None):
-                    pending.append(item)
-                    yield item.image, {**(metadata or {}), **item.metadata}
-                else:
-                    stats.skipped += 1
+        for item in pending_items(source, store, stats, shard=shard, retry_errors=retry_errors):
+            pending.append(item)
+            yield item.image, {**(metadata or {}), **item.metadata}
 
     rows: list[ResultRow] = []
     last_commit = time.monotonic()
@@ -182,11 +177,37 @@ def run_audit(
     finally:
         if rows:
             store.write(rows)
+    finish_audit(store, stats, retry_errors=retry_errors)
+    return stats
+
+
+def pending_items(
+    source: Source,
+    store: ResultStore,
+    stats: AuditStats,
+    *,
+    shard: Shard = WHOLE,
+    retry_errors: bool = False,
+) -> Iterator[SourceItem]:
+    """The items of `shard` that `store` lacks (with `retry_errors`: whose row is an error),
+    looked up chunk by chunk; counts what it reads and skips in `stats`."""
+    for chunk in batched((item for item in source.items() if shard.holds(item.id)), CHUNK):
+        status = store.status([item.id for item in chunk])
+        stats.seen += len(chunk)
+        for item in chunk:
+            state = status.get(item.id)
+            if (state is False) if retry_errors else (state is None):
+                yield item
+            else:
+                stats.skipped += 1
+
+
+def finish_audit(store: ResultStore, stats: AuditStats, *, retry_errors: bool) -> None:
+    """A run that saw its whole source records that it finished, and how many rows."""
     if not stats.interrupted and not retry_errors:
         total = store.count()
         stats.duplicates = max(0, stats.seen - total)
         store.set_meta({"finished": str(time.time()), "total": str(total)})
-    return stats
 
 
 def _source_key(source: Source) -> str:
