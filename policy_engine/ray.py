@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "pip install 'policy-engine[ray]'"
 # The verdict columns assess_dataset adds, in this order.
-COLUMNS = ("rating", "category", "p_unsafe", "actions", "error", "policy_hash", "model")
+COLUMNS = (
+    *("rating", "category", "p_unsafe", "actions", "error"),
+    *("policy_id", "policy_version", "policy_hash", "model", "decoding"),
+)
 # Environment variables a worker needs to see the same plugins and model cache as the driver.
 FORWARDED_ENV = (
     "POLICY_ENGINE_PLUGINS",
@@ -183,8 +186,14 @@ class EngineActor:
                 [",".join(a.name for a in d.actions) for d in decisions], dtype=object
             ),
             error=np.array([f"{e.kind}: {e.message}" if e else "" for e in errors], dtype=object),
-            policy_hash=np.array([self.engine.compiled.hash] * len(decisions), dtype=object),
-            model=np.array([model] * len(decisions), dtype=object),
+            policy_id=np.array([d.verdict.policy_id for d in decisions], dtype=object),
+            policy_version=np.array([d.verdict.policy_version for d in decisions], dtype=object),
+            policy_hash=np.array([d.verdict.policy_hash for d in decisions], dtype=object),
+            model=np.array([d.verdict.model or model for d in decisions], dtype=object),
+            decoding=np.array(
+                [json.dumps(d.verdict.decoding) if d.verdict.decoding else "" for d in decisions],
+                dtype=object,
+            ),
         )
         return out
 
@@ -221,7 +230,9 @@ def assess_dataset(
 ) -> ray.data.Dataset:
     """`ds` with the verdict columns added: rating, category (the final Decision's; "" on an
     error), p_unsafe (NaN when the mode gives none), actions (comma-separated names), error
-    ("kind: message", "" when fine), policy_hash and model.
+    ("kind: message", "" when fine), and what produced the verdict: policy_id,
+    policy_version, policy_hash, model and decoding (JSON; "" when the backend decodes
+    nothing).
 
     `image_column` holds paths or URLs readable by the workers, encoded bytes, HF image structs
     or pixel arrays (`ray.data.read_images`). `workers` actors each load the backend once;

@@ -228,6 +228,7 @@ def test_assess_dataset_adds_verdict_columns_and_error_rows(ray_address: str) ->
             "",
         )
         assert row["model"] == "static" and row["image"] == png(int(key[1:]))
+        assert (row["policy_id"], row["policy_version"]) == ("llavaguard", "1.2")
     broken = found["broken"]
     assert broken["rating"] == "" and broken["error"].startswith("image: cannot load image")
 
