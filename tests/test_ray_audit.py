@@ -289,3 +289,13 @@ def test_retry_errors_and_merge_work_on_ray_results(ray_address: str, tmp_path: 
     found = rows(tmp_path / "all.db")
     assert set(found) == {f"{i:04d}.png" for i in range(6)}
     assert all(row["ok"] for row in found.values())
+
+
+def test_a_small_job_is_cut_into_a_block_per_worker_and_a_large_one_per_call() -> None:
+    from policy_engine.audit.ray_executor import MAX_BLOCKS, ROWS_PER_CALL, block_count
+
+    assert block_count(12, 2) == 2  # was 1: one of two actors stayed idle
+    assert block_count(1, 4) == 1
+    assert block_count(10 * ROWS_PER_CALL, 2) == 10
+    assert block_count(10 * ROWS_PER_CALL + 1, 2) == 11
+    assert block_count(ROWS_PER_CALL * (MAX_BLOCKS + 5), 8) == MAX_BLOCKS

@@ -92,9 +92,7 @@ def run_ray_audit(
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False  # ours is the one progress line
-            # one block per actor call: each result streams back (and is committed) as soon
-            # as its call ends, and a retried call redoes few images
-            blocks = min(MAX_BLOCKS, math.ceil(len(todo) / ROWS_PER_CALL))
+            blocks = block_count(len(todo), settings.workers)
             dataset = ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
                 EngineActor,
                 fn_constructor_kwargs={"spec": EngineSpec.from_engine(engine), "output": "ledger"},
@@ -109,6 +107,14 @@ def run_ray_audit(
                 raise _as_user_error(err) from None
     finish_audit(store, stats, retry_errors=retry_errors)
     return stats
+
+
+def block_count(items: int, workers: int) -> int:
+    """How many blocks to cut `items` inputs into: one per actor call, so each result streams
+    back (and is committed) as soon as its call ends and a retried call redoes few images; at
+    least one per worker, so a small job still uses every worker (12 images in one block kept
+    one of two actors idle)."""
+    return min(MAX_BLOCKS, max(math.ceil(items / ROWS_PER_CALL), min(items, workers)))
 
 
 def _collect(
