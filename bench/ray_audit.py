@@ -63,6 +63,7 @@ def main() -> None:
     from policy_engine.audit.runner import run_audit
     from policy_engine.audit.sources import Source
     from policy_engine.audit.store import ResultStore
+    from policy_engine.ray import LOCAL_SYSTEM_CONFIG
 
     tiny_model_path("tiny-random")  # built once, into the cache above
     print(
@@ -70,7 +71,12 @@ def main() -> None:
         f"{platform.python_version()}, Ray {ray.__version__}; images: 64x48 PNG"
     )
     started = time.perf_counter()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"ray.init (local, 4 logical CPUs): {time.perf_counter() - started:.1f} s")
 

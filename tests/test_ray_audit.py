@@ -30,7 +30,7 @@ from policy_engine import Engine  # noqa: E402
 from policy_engine.audit.ray_executor import RaySettings, run_ray_audit  # noqa: E402
 from policy_engine.audit.sources import Source  # noqa: E402
 from policy_engine.audit.store import ResultStore, StoreError  # noqa: E402
-from policy_engine.ray import assess_dataset  # noqa: E402
+from policy_engine.ray import LOCAL_SYSTEM_CONFIG, assess_dataset  # noqa: E402
 
 # Ray's own DataContext warns about its deprecated fields whenever it is copied to a worker
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
@@ -44,7 +44,12 @@ def ray_address(tiny_cache: Path) -> Iterator[str]:
     tasks), started after the tiny-model cache is in the environment its workers inherit."""
     if ray.is_initialized():  # pragma: no cover - another module left one running
         ray.shutdown()
-    context = ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    context = ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield str(context.address_info["gcs_address"])
@@ -299,3 +304,16 @@ def test_a_small_job_is_cut_into_a_block_per_worker_and_a_large_one_per_call() -
     assert block_count(10 * ROWS_PER_CALL, 2) == 10
     assert block_count(10 * ROWS_PER_CALL + 1, 2) == 11
     assert block_count(ROWS_PER_CALL * (MAX_BLOCKS + 5), 8) == MAX_BLOCKS
+
+
+def test_a_local_ray_we_start_runs_its_workers_at_normal_priority(tmp_path: Path) -> None:
+    """Ray starts workers at niceness 15: beside other work they starved (5 min for 12 photos)."""
+    script = (
+        "import os\n"
+        "from policy_engine.ray import ray_session\n"
+        "with ray_session(None, num_cpus=1) as ray:\n"
+        "    print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(os.nice(0))]

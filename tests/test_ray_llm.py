@@ -27,6 +27,7 @@ from policy_engine.backends.ray_llm import (  # noqa: E402
 from sglang_server import FakeSGLang  # noqa: E402
 
 from policy_engine import PolicyEngineError, get_host, load_policy  # noqa: E402
+from policy_engine.ray import LOCAL_SYSTEM_CONFIG  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 POLICY = "children-platform"
@@ -130,7 +131,12 @@ def test_score_mode_and_the_sglang_engine_processor_are_refused() -> None:
 def local_ray() -> Iterator[None]:
     if ray.is_initialized():  # pragma: no cover - another module left one running
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
