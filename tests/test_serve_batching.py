@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from test_serve import Api, ColorBackend, data_url, png, wait_for
+from test_serve import Api, ColorBackend, data_url, metric, parse_prometheus, png, wait_for
 
 from policy_engine import Batch, Capabilities, Generation
 from policy_engine.cli import cli
@@ -119,8 +119,18 @@ def test_concurrent_requests_share_backend_calls_with_the_same_decisions() -> No
     with serving(batched, 600_000, batch_size=8) as api:
         batched.batches.clear()
         answers = _concurrently(api, bodies)
+        samples = parse_prometheus(api.get("/metrics").text)
     assert [a.status_code for a in answers] == [200] * len(bodies)
     assert batched.batches == [8, 8]
+    # metrics count requests and Decisions as without batching (warm-up is not counted)
+    requests = "policy_engine_http_requests_total"
+    assert metric(samples, requests, method="POST", route="/v1/assess", status="200") == 16
+    verdicts = "policy_engine_verdicts_total"
+    reds = sum(1 for body in bodies if body["image"] == RED)
+    assert metric(samples, verdicts, policy="llavaguard", rating="Unsafe", category="O2") == reds
+    assert metric(samples, verdicts, policy="llavaguard", rating="Safe", category="NA") == 16 - reds
+    count = "policy_engine_assessment_duration_seconds_count"
+    assert metric(samples, count, policy="llavaguard", mode="full") == 16
     got = [a.json()["decision"] for a in answers]
     assert [_stable(d) for d in got] == [_stable(d) for d in expected]
     assert [d["metadata"]["n"] for d in got] == list(range(len(bodies)))
