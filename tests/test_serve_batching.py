@@ -283,3 +283,33 @@ def test_the_window_option_is_validated(value: str) -> None:
     assert "Traceback" not in result.output
     with pytest.raises(ValueError, match="batch_window_ms"):
         ServeSettings(batch_window_ms=float(value))
+
+
+class FlakyBackend(RecordingBackend):
+    """Once armed, its first call raises (a bug), later calls answer."""
+
+    name = "flaky-test"
+
+    def generate(self, batch: Batch) -> list[Generation]:
+        if self.armed:
+            self.armed = False
+            with self.lock:
+                self.batches.append(len(batch))
+            raise RuntimeError("internal detail 4242")
+        return super().generate(batch)
+
+
+def test_a_failing_batch_call_is_an_error_verdict_for_each_of_its_images_only() -> None:
+    backend = FlakyBackend()
+    with serving(backend, 600_000, batch_size=2) as api:
+        backend.batches.clear()
+        backend.armed = True
+        failed = _concurrently(api, [{"image": RED}, {"image": BLUE}])
+        after = _concurrently(api, [{"image": RED}, {"image": BLUE}])
+    assert backend.batches == [2, 2]
+    for answer in failed:
+        assert answer.status_code == 200
+        error = answer.json()["decision"]["verdict"]["error"]
+        assert error["kind"] != "image" and "4242" not in answer.text
+    ratings = [a.json()["decision"]["verdict"]["rating"] for a in after]
+    assert ratings == ["Unsafe", "Safe"]
