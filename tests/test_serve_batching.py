@@ -201,13 +201,17 @@ def test_a_request_past_its_deadline_gets_504_while_its_batch_completes_for_othe
 
     monkeypatch.setattr(service_module, "request_context", context)
     backend = RecordingBackend()
-    with serving(backend, 600_000, batch_size=2) as api:
+    # a window longer than the short deadline: if the late request's image came too late for
+    # the batch (a loaded machine), the patient one still goes to the backend after it
+    with serving(backend, 2000, batch_size=2) as api:
+        service = api.client.app.state.service  # type: ignore[attr-defined]
         backend.batches.clear()
         backend.armed = True
         with ThreadPoolExecutor(2) as pool:
             patient = pool.submit(
                 api.post, "/v1/assess", json={"image": BLUE}, headers={"x-test-patient": "1"}
             )
+            wait_for(lambda: any(b and b.images for b in service.batchers.values()))
             late = pool.submit(api.post, "/v1/assess", json={"image": RED})
             late_answer = late.result()  # the 504 comes while the backend holds the batch
             assert not patient.done()

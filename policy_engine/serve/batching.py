@@ -59,6 +59,7 @@ class Batcher:
         self.engine = engine
         self.window = window
         self.batches = 0  # backend calls made
+        self.images = 0  # images queued
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Entry] | None = None
         self._collector: asyncio.Task[None] | None = None
@@ -79,6 +80,7 @@ class Batcher:
         ]
         for entry in entries:
             queue.put_nowait(entry)
+        self.images += len(entries)
         try:
             generations = [await entry.future for entry in entries]
         finally:  # cancelled (deadline, client gone): the collector skips what is left
