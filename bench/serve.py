@@ -23,6 +23,14 @@ clients the client's own CPU is part of what limits throughput. Nothing here is 
     .venv/bin/python bench/serve.py --first-request    # tiny-random, with and without warm-up
     .venv/bin/python bench/serve.py --first-request --model PATH --mode verdict -o greedy=true
 
+    .venv/bin/python bench/serve.py --model-throughput   # tiny-random: serve vs assess_many
+
+`--model-throughput` compares `serve` with an in-process model (default `tiny-random`) with the
+engine's own batched throughput: `Engine.assess_many` over the same image in batches of the
+backend's batch size, images per second; then the server (once per `--windows` value of
+`--batch-window-ms`, 0 being no cross-request batching) under 1, 16 and 64 clients of
+`/v1/assess` (one image per request), and the ratio of its rate to the engine's.
+
 `--first-request` measures what the warm-up buys: the server with a model (default `tiny-random`,
 built offline on first use) is started twice, with and without `--no-warmup`; each time it
 prints the seconds from start to ready, the warm-up's own seconds (its log line), the latency
@@ -275,6 +283,58 @@ def first_request(model: str, mode: str, options: list[str]) -> None:
     )
 
 
+# -- a model behind the service vs the engine's own batches -------------------------------------
+def engine_batched_rate(
+    model: str, mode: str, options: list[str], images: int
+) -> tuple[float, int]:
+    """(images/s, batch size) of Engine.assess_many over `images` copies of the image."""
+    image = data_url()
+    backend_options: dict[str, Any] = {"model": model}
+    for option in options:
+        key, _, value = option.partition("=")
+        backend_options[key] = value
+    with Engine("llavaguard", "transformers", mode=mode, backend_options=backend_options) as e:
+        for _ in e.assess_many([image] * e.batch_size):  # warm-up: first calls compile, cache
+            pass
+        started = time.perf_counter()
+        decisions = list(e.assess_many([image] * images))
+        seconds = time.perf_counter() - started
+        failed = sum(1 for d in decisions if d.verdict.error is not None)
+        if failed:
+            print(f"note: {failed} of {images} engine verdicts are errors")
+        return images / seconds, e.batch_size
+
+
+def model_throughput(args: argparse.Namespace) -> None:
+    shown_options = " ".join(f"-o {o}" for o in args.option) or "none"
+    print(machine())
+    print(f"model: {args.model}, mode: {args.mode}, options: {shown_options}; one image a request")
+    rate, size = engine_batched_rate(args.model, args.mode, args.option, args.images)
+    print(f"Engine.assess_many, batches of {size}: {rate:.2f} images/s")
+    print(
+        f"{'window ms':>10}{'clients':>8}{'req/s':>9}{'p50 s':>9}{'rate/engine':>13}{'errors':>8}"
+    )
+    for window in args.windows:
+        command = ["--model", args.model, "--mode", args.mode, *(f"-o{o}" for o in args.option)]
+        command += ["--batch-window-ms", f"{window:g}", "--timeout", "3600", "--max-queue", "1024"]
+        with tempfile.TemporaryDirectory() as folder:
+            process, url = start_server(Path(folder) / "server.log", command, attempts=12_000)
+            try:
+                for clients in args.clients:
+                    row = run(url, process.pid, "assess", clients, args)
+                    print(
+                        f"{window:>10g}{clients:>8}{row['rate']:>9.2f}{row['p50']:>9.2f}"
+                        f"{row['rate'] / rate:>12.2f}x{row['errors']:>8}"
+                    )
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+    print(
+        "req/s: answers per second in the measured window (one image each); rate/engine: that "
+        "over Engine.assess_many's images/s; window 0: no cross-request batching."
+    )
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
@@ -310,11 +370,20 @@ def main() -> None:
         action="store_true",
         help="measure the first request after ready, with and without warm-up",
     )
-    parser.add_argument("--model", default="tiny-random", help="with --first-request")
-    parser.add_argument("--mode", default="full", help="with --first-request")
     parser.add_argument(
-        "-o", "--option", action="append", default=[], help="with --first-request: KEY=VALUE"
+        "--model-throughput",
+        action="store_true",
+        help="a model behind the service vs Engine.assess_many (use --seconds 30 or more)",
     )
+    parser.add_argument("--model", default="tiny-random", help="with a model")
+    parser.add_argument("--mode", default="full", help="with a model")
+    parser.add_argument(
+        "-o", "--option", action="append", default=[], help="with a model: KEY=VALUE"
+    )
+    parser.add_argument(
+        "--windows", type=float, nargs="+", default=[5.0, 0.0], help="--batch-window-ms values"
+    )
+    parser.add_argument("--images", type=int, default=64, help="images for Engine.assess_many")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", choices=sorted(PATHS), help=argparse.SUPPRESS)
@@ -325,6 +394,9 @@ def main() -> None:
         return
     if args.first_request:
         first_request(args.model, args.mode, args.option)
+        return
+    if args.model_throughput:
+        model_throughput(args)
         return
 
     image = data_url()

@@ -906,7 +906,9 @@ def test_the_last_resort_handler_hides_details(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(Engine, "aassess_many", broken)
     log = io.StringIO()
     pool = EnginePool(["llavaguard"], StaticBackend())
-    app = create_app(ServeSettings(warmup=False), pool, log=EventLog(log))
+    # no cross-request batching: each request runs the (broken) aassess_many
+    settings = ServeSettings(warmup=False, batch_window_ms=0)
+    app = create_app(settings, pool, log=EventLog(log))
     with TestClient(app) as client:
         wait_for(lambda: client.get("/readyz").status_code == 200)
         answer = client.post("/v1/assess", json={"image": RED})

@@ -120,6 +120,7 @@ def create_app(
         finally:
             service.state = "stopping"
             await loading
+            await service.stop_batching()
             await asyncio.to_thread(pool.close)
             service.log.emit("stopped", backend=pool.backend.name)
 

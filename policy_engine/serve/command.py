@@ -121,6 +121,16 @@ INSTALL_HINT = "pip install 'policy-engine[serve]'"
     help="Seconds /readyz reuses the backend's last health probe (0: probe every time).",
 )
 @click.option(
+    "--batch-window-ms",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Milliseconds an image waits for images of other requests (same policy and mode) "
+    "to be judged in one batch, sent sooner once the batch is full; adds up to this much "
+    "latency. 0: off. Only in-process backends that batch (a server such as SGLang batches "
+    "itself).",
+)
+@click.option(
     "--no-warmup",
     is_flag=True,
     help="Say ready as soon as the backend is loaded, without judging a generated image once "
@@ -138,6 +148,7 @@ def serve_command(
     max_pixels: int | None,
     shutdown_timeout: float,
     health_cache: float,
+    batch_window_ms: float,
     no_warmup: bool,
     engine: EngineChoice,
 ) -> None:
@@ -146,6 +157,10 @@ def serve_command(
     One backend (--backend and its options) serves every --policy; clients choose the policy by
     its id. Logs are JSON lines on stderr. See docs/serve.md.
     """
+    if not batch_window_ms >= 0:
+        raise PolicyEngineError(
+            f"--batch-window-ms must be 0 (off) or a positive number, not {batch_window_ms:g}"
+        )
     keys = api_keys_from_env(api_key_env)
     if not keys and not is_loopback(host):
         raise PolicyEngineError(
@@ -178,6 +193,7 @@ def serve_command(
         default_metadata=choice.metadata,
         health_cache=health_cache,
         warmup=not no_warmup,
+        batch_window_ms=batch_window_ms,
     )
     log = EventLog(sys.stderr)
     # from here on, stderr is JSON lines only (until a start-up error's one `error:` line)

@@ -18,6 +18,7 @@ from ..errors import PolicyEngineError
 from ..types import Mode
 from ..verdict import Decision
 from .accesslog import EventLog
+from .batching import Batcher, batches_across_requests
 from .context import request_context
 from .errors import ApiError
 from .limits import Limiter
@@ -47,6 +48,7 @@ class Service:
         self.error: str | None = None  # why the state is "failed"
         self.limiter = Limiter(settings.max_concurrency, settings.max_queue)
         self.health = HealthProbe(pool.backend.health, settings.health_cache, self._health_changed)
+        self.batchers: dict[tuple[str, Mode], Batcher | None] = {}
         self.metrics = ServiceMetrics(
             in_flight=lambda: self.limiter.running,
             queued=lambda: self.limiter.waiting,
@@ -175,7 +177,7 @@ class Service:
         try:
             async with timer, self.limiter.slot():
                 started = time.perf_counter()
-                results = await asyncio.gather(*(_collect(e, items) for e, items in groups))
+                results = await asyncio.gather(*(self._judge(e, items) for e, items in groups))
                 seconds = time.perf_counter() - started
         except TimeoutError:
             if not timer.expired():
@@ -187,6 +189,27 @@ class Service:
         for (engine, _), decisions in zip(groups, results, strict=True):
             self.metrics.decisions(engine.policy.id, engine.mode, decisions, seconds)
         return results
+
+    def batcher(self, engine: Engine) -> Batcher | None:
+        """The engine's cross-request batcher, or None when its requests are not batched."""
+        key = (engine.policy.id, engine.mode)
+        if key not in self.batchers:
+            window = self.settings.batch_window_ms / 1000
+            use = batches_across_requests(engine, window)
+            self.batchers[key] = Batcher(engine, window) if use else None
+        return self.batchers[key]
+
+    async def _judge(self, engine: Engine, items: list[EngineItem]) -> list[Decision]:
+        batcher = self.batcher(engine)
+        if batcher is None:
+            return await _collect(engine, items)
+        return await batcher.judge(items)
+
+    async def stop_batching(self) -> None:
+        """Stop the batchers' collectors (at shutdown, after in-flight requests drained)."""
+        for batcher in self.batchers.values():
+            if batcher is not None:
+                await batcher.close()
 
     def metadata(self, given: dict[str, Any]) -> dict[str, Any]:
         return {**self.settings.default_metadata, **given}

@@ -31,6 +31,10 @@ class ServeSettings:
       (`Backend.health()`); 0 probes on every call (still one probe at a time).
     - `warmup`: judge a generated image once per (policy, mode) after loading the backend,
       before `/readyz` says ready (`--no-warmup` turns it off).
+    - `batch_window_ms`: how long (milliseconds) the first image of a batch waits for images of
+      other requests for the same (policy, mode) before the batch goes to the backend (sooner
+      once it holds the engine's batch size); 0 turns cross-request batching off. Only for
+      in-process backends that batch (`serve/batching.py`); a remote server batches itself.
 
     `host`, `port`, `api_key_env` and `shutdown_timeout` are the command's business;
     `create_app` reads the rest. The pixel limit is the pool's (`EnginePool(max_pixels=...)`):
@@ -49,6 +53,7 @@ class ServeSettings:
     default_metadata: dict[str, object] = field(default_factory=dict)
     health_cache: float = 5.0
     warmup: bool = True
+    batch_window_ms: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -59,6 +64,8 @@ class ServeSettings:
             raise ValueError("timeout and max_body_bytes must be positive")
         if self.health_cache < 0:
             raise ValueError("health_cache must not be negative")
+        if not self.batch_window_ms >= 0:  # also refuses NaN
+            raise ValueError("batch_window_ms must not be negative")
 
     @property
     def auth(self) -> bool:
