@@ -28,7 +28,15 @@ from ..engine import Engine
 from ..errors import PolicyEngineError
 from ..progress import Progress
 from ..verdict import Decision
-from .runner import WHOLE, AuditStats, audit_meta, check_resumable, finish_audit, pending_items
+from .runner import (
+    WHOLE,
+    AuditStats,
+    RowWriter,
+    audit_meta,
+    check_resumable,
+    finish_audit,
+    pending_items,
+)
 from .sources import Shard, Source
 from .store import ResultRow, ResultStore
 
@@ -127,8 +135,7 @@ def _collect(
 ) -> None:
     """Write results as they stream back (in completion order), each id once."""
     written: set[str] = set()
-    rows: list[ResultRow] = []
-    last_commit = time.monotonic()
+    writer = RowWriter(store, commit_every, commit_seconds)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for item_id, seq, source, text, seconds in zip(
@@ -146,25 +153,14 @@ def _collect(
                 written.add(item_id)
                 decision = Decision.model_validate_json(str(text))
                 took = None if math.isnan(seconds) else float(seconds)
-                rows.append(ResultRow.from_decision(item_id, int(seq), decision, took, str(source)))
-                stats.assessed += 1
-                if decision.verdict.ok:
-                    stats.ratings[decision.rating or "?"] += 1
-                    if decision.rating == "Unsafe" and decision.category_id:
-                        stats.categories[decision.category_id] += 1
-                else:
-                    stats.errors += 1
+                writer.add(ResultRow.from_decision(item_id, int(seq), decision, took, str(source)))
+                stats.count(decision)
                 if progress is not None:
                     progress.update(decision)
-            now = time.monotonic()
-            if len(rows) >= commit_every or now - last_commit >= commit_seconds:
-                store.write(rows)
-                rows, last_commit = [], now
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
-        if rows:
-            store.write(rows)
+        writer.flush()
 
 
 _ENGINE_ERROR = re.compile(r"^policy_engine\.errors\.(\w+): (.+)$", re.M)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..engine import Engine, batched
 from ..progress import Progress
+from ..verdict import Decision
 from .sources import Shard, Source, SourceItem
 from .store import ResultRow, ResultStore, StoreError
 
@@ -49,6 +50,16 @@ class AuditStats:
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
+    def count(self, decision: Decision) -> None:
+        """One more assessed input: its final rating, or its error."""
+        self.assessed += 1
+        if decision.verdict.ok:
+            self.ratings[decision.rating or "?"] += 1
+            if decision.rating == "Unsafe" and decision.category_id:
+                self.categories[decision.category_id] += 1
+        else:
+            self.errors += 1
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "assessed": self.assessed,
@@ -61,6 +72,28 @@ class AuditStats:
             "images_per_second": round(self.assessed / max(self.seconds, 1e-9), 2),
             "interrupted": self.interrupted,
         }
+
+
+class RowWriter:
+    """Rows into the ledger in small transactions: once `every` rows wait, or `seconds` have
+    passed since the last commit; `flush` commits the rest."""
+
+    def __init__(self, store: ResultStore, every: int, seconds: float) -> None:
+        self.store, self.every, self.seconds = store, every, seconds
+        self.rows: list[ResultRow] = []
+        self.last_commit = time.monotonic()
+
+    def add(self, row: ResultRow) -> None:
+        self.rows.append(row)
+        now = time.monotonic()
+        if len(self.rows) >= self.every or now - self.last_commit >= self.seconds:
+            self.flush()
+            self.last_commit = now
+
+    def flush(self) -> None:
+        if self.rows:
+            self.store.write(self.rows)
+            self.rows = []
 
 
 def audit_meta(engine: Engine, source: Source, shard: Shard) -> dict[str, str]:
@@ -148,25 +181,14 @@ def run_audit(
             pending.append(item)
             yield item.image, {**(metadata or {}), **item.metadata}
 
-    rows: list[ResultRow] = []
-    last_commit = time.monotonic()
+    writer = RowWriter(store, commit_every, commit_seconds)
     progress_total_set = False
     try:
         for decision in engine.assess_many(todo()):
             item = pending.popleft()
             seconds = decision.verdict.timings.get("generate")
-            rows.append(ResultRow.from_decision(item.id, item.seq, decision, seconds, item.source))
-            stats.assessed += 1
-            if decision.verdict.ok:
-                stats.ratings[decision.rating or "?"] += 1
-                if decision.rating == "Unsafe" and decision.category_id:
-                    stats.categories[decision.category_id] += 1
-            else:
-                stats.errors += 1
-            now = time.monotonic()
-            if len(rows) >= commit_every or now - last_commit >= commit_seconds:
-                store.write(rows)
-                rows, last_commit = [], now
+            writer.add(ResultRow.from_decision(item.id, item.seq, decision, seconds, item.source))
+            stats.count(decision)
             if progress is not None:
                 if stats.total is not None and not progress_total_set:
                     progress.set_total(stats.total)  # counted in the background
@@ -175,8 +197,7 @@ def run_audit(
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
-        if rows:
-            store.write(rows)
+        writer.flush()
     finish_audit(store, stats, retry_errors=retry_errors)
     return stats
 
