@@ -238,9 +238,8 @@ def test_a_worker_killed_mid_audit_loses_nothing_and_doubles_nothing(tmp_path: P
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            give_up = time.monotonic() + READY_WITHIN
+            # the audit itself ends the wait if the worker never gets 5 requests
             while b.counts["/generate"] < 5 and audit.poll() is None:
-                assert time.monotonic() < give_up, router.tail()
                 time.sleep(0.02)  # polling the worker's own count
             b.stop()  # killed mid-audit: its requests in flight are cut off
             answered_before = a.counts["/generate"] + b.counts["/generate"]
