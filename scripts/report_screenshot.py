@@ -34,6 +34,33 @@ PHOTOS = (
     "immunohistochemistry", "cat", "horse", "coins", "moon",
 )  # fmt: skip
 BANNER_RED = (198, 40, 40)  # --unsafe, the banner's border
+CHROMIUM_FLAGS = (
+    *("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"),
+    *("--disable-background-networking", "--disable-component-update", "--disable-sync"),
+    "--hide-scrollbars",
+)
+
+
+def chromium_screenshot(browser: str, page: Path, png: Path, window: str) -> str:
+    """Render the HTML file `page` with headless Chromium (a fresh profile) into `png`, at
+    `window` ("WIDTH,HEIGHT"); returns what Chromium said on stderr. Also used by
+    tests/test_report_browser.py."""
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run(
+            [
+                browser,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                f"--screenshot={png}",
+                f"--window-size={window}",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+    return done.stderr
 
 
 def main() -> int:
@@ -99,27 +126,7 @@ def main() -> int:
     )
 
     def shoot(source: Path, target: Path, window: str) -> Image.Image:
-        with tempfile.TemporaryDirectory() as profile:
-            subprocess.run(
-                [
-                    browser,
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--hide-scrollbars",
-                    f"--user-data-dir={profile}",
-                    f"--screenshot={target}",
-                    f"--window-size={window}",
-                    source.resolve().as_uri(),
-                ],
-                capture_output=True,
-                check=False,
-                timeout=300,
-            )
+        chromium_screenshot(browser, source, target, window)
         return Image.open(target).convert("RGB")
 
     saved = shoot(page, args.png, args.window)

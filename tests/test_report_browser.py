@@ -7,7 +7,7 @@ Skipped, saying why, when no Chromium is installed (`apt-get install -y chromium
 from __future__ import annotations
 
 import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,10 @@ from PIL import Image, ImageChops, ImageStat
 from test_report import make_store, policy_meta, row
 
 from policy_engine.audit.report import write_html
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from report_screenshot import chromium_screenshot
+
 from policy_engine.audit.store import ResultStore
 
 BROWSER = next(
@@ -51,23 +55,8 @@ def screenshot(page: str, folder: Path, name: str) -> Image.Image:
     html_file.write_text(page, encoding="utf-8")
     png = folder / f"{name}.png"
     assert BROWSER is not None
-    command = [
-        BROWSER,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={folder / f'profile-{name}'}",
-        f"--screenshot={png}",
-        "--window-size=1280,3000",
-        html_file.as_uri(),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert png.is_file(), f"Chromium wrote no screenshot:\n{done.stderr[-2000:]}"
+    said = chromium_screenshot(BROWSER, html_file, png, "1280,3000")
+    assert png.is_file(), f"Chromium wrote no screenshot:\n{said[-2000:]}"
     return Image.open(png).convert("RGB")
 
 
