@@ -229,8 +229,24 @@ def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
     )
 
 
+# Policy keys added after the file format's first release. When a policy leaves one out (None),
+# it is left out of the hash too, so a policy that does not use a newer feature keeps the hash
+# it had before the feature existed (verdicts, results files and reports stay comparable).
+# Top-level keys by name; category keys as "categories.KEY".
+OPTIONAL_KEYS: frozenset[str] = frozenset()
+
+
 def _policy_data(policy: Policy) -> Any:
-    return policy.model_dump(mode="json", exclude={"tests"})
+    data = policy.model_dump(mode="json", exclude={"tests"})
+    for key in OPTIONAL_KEYS:
+        if key.startswith("categories."):
+            name = key.removeprefix("categories.")
+            for category in data.get("categories", []):
+                if category.get(name) is None:
+                    category.pop(name, None)
+        elif data.get(key) is None:
+            data.pop(key, None)
+    return data
 
 
 def _canonical(value: Any) -> str:
