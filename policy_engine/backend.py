@@ -13,6 +13,7 @@ import asyncio
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -121,6 +122,7 @@ class Backend(ABC):
             raise PolicyEngineError(f"backend {self.name!r}: {message}") from None
         self.__loaded = False
         self.__lifecycle = threading.RLock()
+        self.__call_thread: ThreadPoolExecutor | None = None
 
     # -- lifecycle (owned here) --------------------------------------------------------------
     @property
@@ -139,6 +141,9 @@ class Backend(ABC):
         with self.__lifecycle:
             self.release()
             self.__loaded = False
+            thread, self.__call_thread = self.__call_thread, None
+        if thread is not None:
+            thread.shutdown(wait=False)
 
     def __enter__(self) -> Backend:
         self.ensure_loaded()
@@ -160,8 +165,24 @@ class Backend(ABC):
         `error`; an exception fails the whole batch (each image gets an error verdict)."""
 
     async def agenerate(self, batch: Batch) -> list[Generation]:
-        """Async twin; the default runs `generate` in a worker thread."""
-        return await asyncio.to_thread(self.generate, batch)
+        """Async twin; the default runs `generate` in a worker thread. For an in-process
+        backend (not `concurrent`) that is always the same thread, the backend's call thread:
+        native libraries keep per-thread state (under torch, one OpenMP thread team per
+        calling thread), and batches handed round the event loop's shared worker threads ran
+        about 45% slower, the idle teams spinning on the cores the model needed
+        (bench/serve.py --model-throughput). A `concurrent` backend may be called from many
+        threads at once and keeps the shared ones."""
+        if self.capabilities.concurrent:
+            return await asyncio.to_thread(self.generate, batch)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._call_thread(), self.generate, batch)
+
+    def _call_thread(self) -> ThreadPoolExecutor:
+        with self.__lifecycle:
+            if self.__call_thread is None:
+                name = f"policy-engine-{self.name}"
+                self.__call_thread = ThreadPoolExecutor(1, thread_name_prefix=name)
+            return self.__call_thread
 
     def health(self) -> str | None:
         """After `load()`: None when the backend can answer now, else one line saying why not

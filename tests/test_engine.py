@@ -428,3 +428,35 @@ def test_an_unexpected_backend_exception_is_an_error_verdict_not_a_crash(
         return [d async for d in engine.aassess_many([png(), png()])]
 
     assert [d.verdict.ok for d in asyncio.run(run_async())] == [False, False]
+
+
+class _ThreadRecorder(Backend):
+    """Records which thread each generate() call ran on."""
+
+    name = "test-threads"
+    capabilities = Capabilities(batching=True, max_batch_size=2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def generate(self, batch: Batch) -> list[Generation]:
+        self.threads.append(threading.current_thread().name)
+        answer = {"rating": "Safe", "category": "NA: None applying", "rationale": "x"}
+        return [Generation(text=json.dumps(answer)) for _ in batch]
+
+
+def test_an_in_process_backend_answers_async_calls_on_its_one_call_thread() -> None:
+    """torch keeps per-thread state (OpenMP teams): an in-process backend's async calls all
+    run on its own call thread, not round the event loop's shared worker threads."""
+    backend = _ThreadRecorder()
+    engine = Engine("llavaguard", backend, concurrency=4)
+
+    async def many() -> list[str | None]:
+        return [d.rating async for d in engine.aassess_many([png()] * 16)]
+
+    assert asyncio.run(many()) == ["Safe"] * 16
+    assert backend.threads == ["policy-engine-test-threads_0"] * 8
+    backend.close()  # the call thread goes with the backend; a reload starts another
+    assert asyncio.run(many()) == ["Safe"] * 16
+    assert set(backend.threads) == {"policy-engine-test-threads_0"}
