@@ -76,14 +76,14 @@ INSTALL_HINT = "pip install 'policy-engine[serve]'"
     type=click.IntRange(min=1),
     default=64,
     show_default=True,
-    help="Requests being assessed at once.",
+    help="Images being assessed at once (a request holds as many slots as it has images).",
 )
 @click.option(
     "--max-queue",
     type=click.IntRange(min=0),
     default=256,
     show_default=True,
-    help="Requests admitted to wait for a slot; beyond: 429 with Retry-After.",
+    help="Images admitted to wait for a slot; beyond: 429 with Retry-After.",
 )
 @click.option(
     "--timeout",

@@ -53,6 +53,8 @@ class ServiceMetrics:
         in_flight: Callable[[], float] = lambda: 0,
         queued: Callable[[], float] = lambda: 0,
         ready: Callable[[], float] = lambda: 0,
+        images_in_flight: Callable[[], float] = lambda: 0,
+        images_queued: Callable[[], float] = lambda: 0,
     ) -> None:
         self.registry = ServiceRegistry(auto_describe=True)
         p, registry = PREFIX, self.registry
@@ -105,6 +107,17 @@ class ServiceMetrics:
         gauges = (
             ("requests_in_flight", "Requests being assessed.", in_flight),
             ("requests_queued", "Admitted requests waiting for a slot.", queued),
+            (
+                "images_in_flight",
+                "Images being assessed (what --max-concurrency counts).",
+                images_in_flight,
+            ),
+            (
+                "images_queued",
+                "Admitted images waiting for a slot (a request whose body is "
+                "not read yet counts one).",
+                images_queued,
+            ),
             (
                 "backend_ready",
                 "1 while /readyz says ready: the backend loaded, warmed up and reachable.",

@@ -21,7 +21,7 @@ from .accesslog import EventLog
 from .batching import Batcher, batches_across_requests
 from .context import request_context
 from .errors import ApiError
-from .limits import Limiter
+from .limits import Limiter, Saturated, busy
 from .metrics import ServiceMetrics
 from .pool import EnginePool, ModeUnavailableError
 from .readiness import HealthProbe, State, Status, warm_up
@@ -52,6 +52,8 @@ class Service:
         self.metrics = ServiceMetrics(
             in_flight=lambda: self.limiter.running,
             queued=lambda: self.limiter.waiting,
+            images_in_flight=lambda: self.limiter.images_running,
+            images_queued=lambda: self.limiter.images_waiting,
             ready=lambda: 1 if self.state == "ready" and self.health.reason is None else 0,
         )
 
@@ -168,17 +170,22 @@ class Service:
     async def judge(
         self, request: Request, groups: Sequence[tuple[Engine, list[EngineItem]]]
     ) -> list[list[Decision]]:
-        """Judge each group with its engine inside one concurrency slot and the request's
-        deadline (504 when it passes, while waiting or while judging)."""
+        """Judge each group with its engine, within slots for all its images (429 when they do
+        not fit in the service) and the request's deadline (504 when it passes, while waiting
+        or while judging)."""
         ctx = request_context(request.scope)
         loop = asyncio.get_running_loop()
         deadline = ctx.deadline if ctx else loop.time() + self.settings.timeout
         timer = asyncio.timeout_at(deadline)
+        images = sum(len(items) for _, items in groups)
         try:
-            async with timer, self.limiter.slot():
+            async with timer, self.limiter.slot(images):
                 started = time.perf_counter()
                 results = await asyncio.gather(*(self._judge(e, items) for e, items in groups))
                 seconds = time.perf_counter() - started
+        except Saturated:
+            self.metrics.reject("saturated")
+            raise busy(self.limiter, images) from None
         except TimeoutError:
             if not timer.expired():
                 raise

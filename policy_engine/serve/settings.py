@@ -20,8 +20,8 @@ class ServeSettings:
 
     - `api_keys`: accepted Bearer keys; empty means no authentication (loopback only, which
       the command enforces; `create_app` trusts its caller).
-    - `max_concurrency`: assessment requests being assessed at once; `max_queue`: admitted
-      requests waiting for one of those slots (or still sending their body). Beyond both: 429.
+    - `max_concurrency`: images being assessed at once; `max_queue`: admitted images waiting
+      for those slots (a request still sending its body counts one). Beyond both: 429.
     - `timeout`: seconds from a request's arrival to its answer: 504 beyond.
     - `max_body_bytes`: request body size limit: 413 beyond.
     - `shutdown_timeout`: seconds the command drains in-flight requests on SIGTERM/SIGINT.
