@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -257,3 +259,58 @@ def test_generic_format_states_exception_reason() -> None:
     prompt = compiled_for(policy).prompt
     assert "[exception: Clinical and educational images" in prompt
     assert "Category O4 is declared as non-violating" in prompt
+
+
+# -- the plain check before jsonschema --------------------------------------------------------
+
+
+def _mutations(answer: dict[str, Any], compiled: CompiledPolicy, rng: random.Random) -> list[Any]:
+    """Answers near a valid one: each a small change a model or server might make."""
+    out: list[Any] = [[answer], json.dumps(answer), None]
+    for key in answer:
+        for value in (None, 1, True, "", "x" * 5000, ["a"], {"k": "v"}, 1.5):
+            out.append({**answer, key: value})
+        out.append({k: v for k, v in answer.items() if k != key})
+    out.append({**answer, "extra": "field"})
+    out.append({**answer, "rating": "unsafe"})
+    out.append({**answer, "rating": "Unsafe", "category": compiled.none_label})
+    out.append({**answer, "category": compiled.none_label + " "})
+    if "categories" in answer:
+        labels = compiled.unsafe_labels
+        out.append({**answer, "categories": [labels[0], labels[0]]})
+        out.append({**answer, "categories": [labels[0], compiled.none_label]})
+        out.append({**answer, "categories": [rng.choice(labels), 3]})
+    return out
+
+
+def _generic_with_extras() -> Policy:
+    base = load_policy("llavaguard")
+    output = base.output.model_copy(update={"extra_fields": ["severity", "categories"]})
+    return base.model_copy(update={"prompt_format": "generic", "output": output})
+
+
+@pytest.mark.parametrize(
+    "policy_name", ["llavaguard", "children-platform", "llavaguard-v1.0", "generic+extras"]
+)
+@pytest.mark.parametrize("mode", ["full", "verdict", "score"])
+def test_the_plain_check_accepts_only_what_the_schema_accepts(policy_name: str, mode: str) -> None:
+    """`problem` skips jsonschema for answers it can see are valid: it must never pass one the
+    schema refuses, and must pass the schema's ordinary instances (or it saves nothing)."""
+    from schema_instances import instance_for
+
+    policy = _generic_with_extras() if policy_name == "generic+extras" else None
+    compiled = get_host().compile(policy or load_policy(policy_name))
+    validator = jsonschema.Draft202012Validator(compiled.schema_for(mode))  # type: ignore[arg-type]
+    rng = random.Random(7)
+    plain_hits = checked = 0
+    for _ in range(60):
+        answer = instance_for(compiled.schema_for(mode), rng)  # type: ignore[arg-type]
+        assert compiled._plainly_valid(answer, mode)  # type: ignore[arg-type]
+        plain_hits += 1
+        for candidate in _mutations(answer, compiled, rng):
+            checked += 1
+            valid = validator.is_valid(candidate)
+            if compiled._plainly_valid(candidate, mode):  # type: ignore[arg-type]
+                assert valid, candidate
+            assert (compiled.problem(candidate, mode) is None) == valid, candidate  # type: ignore[arg-type]
+    assert plain_hits == 60 and checked > 1000

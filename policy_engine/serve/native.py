@@ -69,6 +69,12 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A body up to this size is parsed on the event loop: json.loads takes microseconds for it, far
+# less than the hop to a worker thread and back (the lean request path: docs/serve.md).
+# Larger bodies (a big image in a data URL) are parsed in a thread, not to stall other requests.
+INLINE_JSON_BYTES = 64 * 1024
+
+
 def parse_json(raw: bytes) -> Any:
     """Strict JSON: NaN and Infinity are refused like any other invalid text."""
     return json.loads(raw, parse_constant=_no_constants)
@@ -81,7 +87,10 @@ async def read_item(request: Request, max_part_size: int) -> Item:
     if media == "application/json" or media.endswith("+json"):
         raw = await request.body()
         try:
-            data = await asyncio.to_thread(parse_json, raw)
+            if len(raw) <= INLINE_JSON_BYTES:
+                data = parse_json(raw)
+            else:
+                data = await asyncio.to_thread(parse_json, raw)
         except (ValueError, RecursionError):
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
         try:
