@@ -12,11 +12,12 @@ The rule's score (the Unsafe share of the votes, or the mean p_unsafe) is the ve
 p_unsafe, so score mode rates by it too. Every judge's answer is kept in the verdict
 (`judges`), with the rule's reason (`decided_by`).
 
-Errors (`errors`): by default (`error`) a failed judge makes the image an error unless the
-outcome holds whatever that judge would have said (e.g. `any_unsafe` with an Unsafe from a
-working judge, or a majority the failed judges cannot overturn). `ignore` applies the rule to the
-judges that answered (an error only if none did). A judge without p_unsafe counts as failed
-for `mean`. Details: docs/judges.md.
+Errors (`errors`): by default (`error`) a failed judge makes the image an error, unless the
+outcome is Unsafe whatever that judge would have said (`any_unsafe` with an Unsafe from a
+working judge, or an Unsafe majority the failed judges cannot overturn): never a Safe that a
+failed judge might have contradicted. `robust` also decides a Safe that the failed judges cannot
+overturn. `ignore` applies the rule to the judges that answered (an error only if none did). A
+judge without p_unsafe counts as failed for `mean`. Details: docs/judges.md.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ class EnsembleOptions(CompositeOptions):
     threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Rules mean and weighted: Unsafe at >= this."
     )
-    errors: Literal["error", "ignore"] = Field(
+    errors: Literal["error", "robust", "ignore"] = Field(
         default="error",
-        description="error: a failed judge is the image's error unless the outcome holds "
-        "whatever it says; ignore: the rule over the judges that answered.",
+        description="error: a failed judge is the image's error unless the outcome is Unsafe "
+        "whatever it says; robust: unless the outcome holds whatever it says; ignore: the rule "
+        "over the judges that answered.",
     )
 
 
@@ -147,10 +149,11 @@ class EnsembleBackend(CompositeBackend):
             j.name: v.decoding for j, v in zip(self.judges, verdicts, strict=True)
         }
         note = ""
-        if unknown and opts.errors == "error":
+        if unknown and opts.errors in ("error", "robust"):
             lo = rule_score(rule, [*votes, *(_Vote(self.weights[i], False, 0.0) for i in unknown)])
             hi = rule_score(rule, [*votes, *(_Vote(self.weights[i], True, 1.0) for i in unknown)])
-            if (lo >= cut) != (hi >= cut):
+            holds = lo >= cut if opts.errors == "error" else (lo >= cut) == (hi >= cut)
+            if not holds:
                 return self._error(
                     batch,
                     verdicts,
