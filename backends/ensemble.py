@@ -144,10 +144,7 @@ class EnsembleBackend(CompositeBackend):
         failed = [self.judges[i].name for i in unknown]
         votes = [v for _, v in working]
         model = "ensemble(" + ", ".join(dict.fromkeys(str(v.model) for v in verdicts)) + ")"
-        decoding: dict[str, Any] = {"method": f"ensemble {rule}"}
-        decoding["judges"] = {
-            j.name: v.decoding for j, v in zip(self.judges, verdicts, strict=True)
-        }
+        decoding: dict[str, Any] = {"method": "ensemble", "rule": rule}  # judges': in `judges`
         note = ""
         if unknown and opts.errors in ("error", "robust"):
             lo = rule_score(rule, [*votes, *(_Vote(self.weights[i], False, 0.0) for i in unknown)])

@@ -150,6 +150,7 @@ class Judge:
             model=verdict.model,
             mode=self.mode(batch),
             policy_id=verdict.policy_id,
+            decoding=verdict.decoding,
             rating=verdict.rating,
             category_id=verdict.category_id,
             p_unsafe=verdict.p_unsafe,

@@ -43,6 +43,7 @@ class JudgeVerdict(BaseModel):
     model: str | None = None
     mode: Mode
     policy_id: str | None = None
+    decoding: dict[str, Any] | None = None
     rating: Rating | None = None
     category_id: str | None = None
     p_unsafe: float | None = Field(default=None, ge=0.0, le=1.0)
