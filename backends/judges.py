@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,7 +30,6 @@ from policy_engine import (
     CompiledPolicy,
     Generation,
     JudgeVerdict,
-    LoadedImage,
     Mode,
     PluginHost,
     PolicyEngineError,
@@ -39,6 +38,9 @@ from policy_engine import (
     get_host,
     load_policy,
 )
+
+if TYPE_CHECKING:
+    from policy_engine import LoadedImage  # Pillow: imported when images are judged
 
 log = logging.getLogger(__name__)
 

@@ -253,6 +253,26 @@ def test_the_cascade_owns_and_closes_its_judges(host: PluginHost) -> None:
     assert not any(j.loaded for j in judges)
 
 
+def test_serves_pool_shares_one_cascade_across_policies(host: PluginHost) -> None:
+    from policy_engine.serve.pool import EnginePool
+
+    options = {"first": CHEAP, "second": EXACT}
+    pool = EnginePool(
+        ["llavaguard", "children-platform"], "cascade", backend_options=options, host=host
+    )
+    cascade = pool.backend
+    assert isinstance(cascade, CascadeBackend)
+    pool.load()
+    assert cascade.second.backend.loaded
+    for policy_id in pool.policies:
+        decision = pool.engine(policy_id).assess(red_image(0.55))
+        assert decision.rating == "Unsafe" and decision.verdict.policy_id == policy_id
+        assert (decision.verdict.decided_by or "").startswith("second, because")
+    assert pool.modes == ("full", "verdict", "score")
+    pool.close()
+    assert not cascade.first.backend.loaded and not cascade.second.backend.loaded
+
+
 # -- ensemble -------------------------------------------------------------------------------
 
 THREE = [
@@ -354,6 +374,17 @@ def test_ensemble_needs_two_judges_and_known_rules(host: PluginHost) -> None:
         EnsembleBackend(host=host, judges=[{**THREE[0], "weight": 0}, THREE[1]])
     with pytest.raises(PolicyEngineError, match="weight"):  # a cascade judge has no weight
         CascadeBackend(host=host, first={**CHEAP, "weight": 2}, second=EXACT)
+
+
+def test_a_composite_judge_inside_a_composite(host: PluginHost) -> None:
+    panel = {"backend": "ensemble", "name": "panel", "options": {"judges": THREE}}
+    low, middle = run(host, "cascade", [0.1, 0.6], first=CHEAP, second=panel)
+    assert (low.verdict.decided_by or "").startswith("first: ")
+    assert middle.rating == "Unsafe" and middle.verdict.model == "ensemble(colour)"
+    assert [(j.name, j.backend) for j in middle.verdict.judges or []] == [
+        ("first", "colour"),
+        ("panel", "ensemble"),
+    ]
 
 
 # -- kappa ----------------------------------------------------------------------------------
