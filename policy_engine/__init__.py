@@ -29,7 +29,16 @@ from .loader import load_policy, load_policy_text, shipped_policies
 from .policy import Category, Policy, PolicyTest
 from .postprocess import PostProcessor, StepContext, unknown_categories
 from .types import MODES, Check, Mode, NoParams
-from .verdict import Action, Decision, Override, TraceEntry, Verdict, parse_verdict
+from .verdict import (
+    Action,
+    Decision,
+    JudgeVerdict,
+    Override,
+    TraceEntry,
+    Verdict,
+    build_verdict,
+    parse_verdict,
+)
 
 
 def _version() -> str:
@@ -82,6 +91,7 @@ __all__ = [
     "Engine",
     "Generation",
     "ImageError",
+    "JudgeVerdict",
     "LoadedImage",
     "Mode",
     "NoParams",
@@ -104,6 +114,7 @@ __all__ = [
     "UnknownNameError",
     "Verdict",
     "answer_grammar",
+    "build_verdict",
     "compile_policy",
     "get_host",
     "hookimpl",

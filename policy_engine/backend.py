@@ -25,6 +25,7 @@ from .types import Mode, NoParams
 if TYPE_CHECKING:
     from .compiler import CompiledPolicy
     from .images import LoadedImage
+    from .verdict import JudgeVerdict
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class Generation:
     retryable: bool = False
     hint: str | None = None  # added to the error if the text is not a valid verdict (why, fix)
     timings: dict[str, float] = field(default_factory=dict)
+    judges: list[JudgeVerdict] | None = None  # a composite backend's per-judge answers
+    decided_by: str | None = None  # a composite backend: which judge or rule decided, and why
 
 
 class Backend(ABC):

@@ -32,6 +32,25 @@ class VerdictError(BaseModel):
     retryable: bool = False
 
 
+class JudgeVerdict(BaseModel):
+    """One judge's answer inside a composite backend's verdict (cascade, ensemble): what that
+    judge said, read strictly like any verdict, or why it failed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="The judge's name in the composite's options.")
+    backend: str
+    model: str | None = None
+    mode: Mode
+    policy_id: str | None = None
+    decoding: dict[str, Any] | None = None
+    rating: Rating | None = None
+    category_id: str | None = None
+    p_unsafe: float | None = Field(default=None, ge=0.0, le=1.0)
+    error: str | None = None
+    decided: bool = Field(default=False, description="This judge's answer decided the item.")
+
+
 class Verdict(BaseModel):
     """What the model said about one image, validated against the policy's schema. Frozen:
     post-processors record their changes as overrides on the Decision."""
@@ -59,6 +78,12 @@ class Verdict(BaseModel):
     )
     source: str | None = Field(default=None, description="Which image this is about.")
     timings: dict[str, float] = Field(default_factory=dict)
+    judges: list[JudgeVerdict] | None = Field(
+        default=None, description="Each judge's answer, from a composite backend."
+    )
+    decided_by: str | None = Field(
+        default=None, description="Which judge (or rule) decided, and why: composite backends."
+    )
 
     @property
     def ok(self) -> bool:
@@ -340,7 +365,34 @@ def build_verdict(
 ) -> Verdict:
     """The one way a backend's Generation becomes a Verdict, for every mode: a failure is an
     error verdict; score mode rates by `score_threshold` and picks the likeliest category;
-    full and verdict modes parse the text (strictly unless `lenient`)."""
+    full and verdict modes parse the text (strictly unless `lenient`). A composite backend's
+    per-judge answers and its reason (`judges`, `decided_by`) are kept, errors included."""
+    verdict = _build_verdict(
+        compiled,
+        mode,
+        generation,
+        source=source,
+        timings=timings,
+        score_threshold=score_threshold,
+        lenient=lenient,
+    )
+    if generation.judges is None and generation.decided_by is None:
+        return verdict
+    return verdict.model_copy(
+        update={"judges": generation.judges, "decided_by": generation.decided_by}
+    )
+
+
+def _build_verdict(
+    compiled: CompiledPolicy,
+    mode: Mode,
+    generation: Generation,
+    *,
+    source: str | None = None,
+    timings: dict[str, float] | None = None,
+    score_threshold: float = 0.5,
+    lenient: bool = False,
+) -> Verdict:
     extra: dict[str, Any] = {
         "model": generation.model,
         "decoding": generation.decoding,

@@ -166,7 +166,8 @@ def test_assess_data_url(runner: CliRunner) -> None:
         (["check", "no-such-policy"], "error: unknown policy 'no-such-policy'; installed: "),
         (
             ["assess", "x.png", "-b", "nope"],
-            "error: unknown backend 'nope'; installed: sglang, static, transformers",
+            "error: unknown backend 'nope'; installed: cascade, ensemble, sglang, static, "
+            "transformers",
         ),
         (["assess", "x.png", "-b", "static", "-o", "rating=Maybe"], "option rating"),
         (["assess", "x.png", "-b", "static", "-o", "novalue"], "is not KEY=VALUE"),

@@ -37,6 +37,8 @@ from policy_engine.engine import Engine
 from policy_engine.host import set_host
 
 BUILTINS = {
+    "builtin-cascade",
+    "builtin-ensemble",
     "builtin-escalation",
     "builtin-formats",
     "builtin-severity",
@@ -235,8 +237,10 @@ def test_unknown_name_lists_installed_names() -> None:
         host.backend("nope")
     assert caught.value.kind == "backend"
     assert caught.value.name == "nope"
-    assert caught.value.known == ["sglang", "static", "transformers"]
-    assert str(caught.value) == "unknown backend 'nope'; installed: sglang, static, transformers"
+    assert caught.value.known == ["cascade", "ensemble", "sglang", "static", "transformers"]
+    assert str(caught.value) == (
+        "unknown backend 'nope'; installed: cascade, ensemble, sglang, static, transformers"
+    )
 
     with pytest.raises(UnknownNameError) as caught:
         host.prompt_format("llavaguard-v9")
@@ -373,7 +377,10 @@ def test_loading_is_lazy_and_happens_once() -> None:
 
 
 def test_blocklisting_a_builtin_removes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    disabled = " builtin-static , builtin-transformers, builtin-sglang, something-else"
+    disabled = (
+        " builtin-static , builtin-transformers, builtin-sglang, builtin-cascade, "
+        "builtin-ensemble, something-else"
+    )
     monkeypatch.setenv("POLICY_ENGINE_DISABLE_PLUGINS", disabled)
     host = PluginHost()
     assert "static" not in host.backends()
@@ -381,6 +388,8 @@ def test_blocklisting_a_builtin_removes_it(monkeypatch: pytest.MonkeyPatch) -> N
         "builtin-static",
         "builtin-transformers",
         "builtin-sglang",
+        "builtin-cascade",
+        "builtin-ensemble",
     }
     with pytest.raises(UnknownNameError, match=r"unknown backend 'static'.*none installed"):
         host.backend("static")
@@ -389,7 +398,8 @@ def test_blocklisting_a_builtin_removes_it(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_blocklisting_a_builtin_in_the_cli() -> None:
     disabled = {
-        "POLICY_ENGINE_DISABLE_PLUGINS": "builtin-static,builtin-transformers,builtin-sglang"
+        "POLICY_ENGINE_DISABLE_PLUGINS": "builtin-static,builtin-transformers,builtin-sglang,"
+        "builtin-cascade,builtin-ensemble"
     }
     result = run_cli("backends", "--json", env=disabled)
     assert result.returncode == 0, result.stderr
@@ -507,6 +517,8 @@ def test_a_broken_plugin_does_not_break_the_cli(third_party: Path, tmp_path: Pat
     )
     assert result.returncode == 0, result.stderr
     assert [row["name"] for row in json.loads(result.stdout)] == [
+        "cascade",
+        "ensemble",
         "sglang",
         "static",
         "third",
@@ -543,7 +555,7 @@ def test_trace_hooks_in_the_cli() -> None:
     for hook in ("register_commands", "register_backends"):
         assert f"[hooks]   {hook} [hook]" in traced.stderr
         assert f"finish {hook} -->" in traced.stderr
-    assert traced.stdout.startswith("sglang ")
+    assert traced.stdout.startswith("cascade ")
     quiet = run_cli("backends", env={"POLICY_ENGINE_TRACE_HOOKS": None})
     assert quiet.stderr == ""
     assert quiet.stdout == traced.stdout

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .agreement import JudgeAgreement, Kappa
 from .metrics import COMPARED_METRICS, Evaluation, ExceptionRate
 from .predictions import KIND_NAMES, RANDOM_WEIGHTS, Kind, Matching, Provenance, describe_decoding
 
@@ -69,6 +70,8 @@ class Comparison(BaseModel):
     compared: int = Field(description="Samples with a prediction in both runs.")
     fixed: Changes = Field(description="Wrong or invalid in A, right in B.")
     broken: Changes = Field(description="Right in A, wrong or invalid in B.")
+    kappa: Kappa | None = Field(default=None, description="A and B's agreement on ratings.")
+    judges: JudgeAgreement | None = Field(default=None, description="B's judges' agreement.")
 
 
 class LabelsInfo(BaseModel):
@@ -92,6 +95,7 @@ class EvalReport(BaseModel):
     evaluation: Evaluation
     exception_rate: ExceptionRate | None = None
     compare: Comparison | None = None
+    judges: JudgeAgreement | None = None  # the agreement of a composite backend's judges
 
     def warnings(self) -> list[str]:
         """The report's warnings, the random-weights one first (text: the first lines)."""
@@ -116,6 +120,8 @@ class EvalReport(BaseModel):
         }
         if self.exception_rate is not None:
             document["exception_rate"] = self.exception_rate.model_dump(mode="json")
+        if self.judges is not None:
+            document["judges"] = self.judges.model_dump(mode="json")
         if self.compare is not None:
             other = self.compare
             document["compare"] = {
@@ -126,6 +132,10 @@ class EvalReport(BaseModel):
                 "fixed": other.fixed.model_dump(mode="json"),
                 "broken": other.broken.model_dump(mode="json"),
             }
+            if other.kappa is not None:
+                document["compare"]["kappa"] = other.kappa.model_dump(mode="json")
+            if other.judges is not None:
+                document["compare"]["judges"] = other.judges.model_dump(mode="json")
         return document
 
 
@@ -308,6 +318,8 @@ def render_text(report: EvalReport) -> str:
             "declared non-violating)",
             report.exception_rate,
         )
+    if report.judges is not None:
+        lines += ["", *_judges_text(report.judges)]
     if report.compare is not None:
         other = report.compare
         a, b = report.evaluation.values(), other.other.values()
@@ -329,10 +341,37 @@ def render_text(report: EvalReport) -> str:
             lines.append(f"  fixed:  {_ids(other.fixed.ids, other.fixed.count)}")
         if other.broken.count:
             lines.append(f"  broken: {_ids(other.broken.ids, other.broken.count)}")
+        if other.kappa is not None:
+            lines.append(f"  {_kappa_text(other.kappa)}")
         lines += [
             "",
             f"B: {_origin(other.predictions)}",
             *_provenance_text(other.predictions),
             *_evaluation_text(other.other),
         ]
+        if other.judges is not None:
+            lines += ["", *_judges_text(other.judges)]
     return "\n".join(lines) + "\n"
+
+
+def _kappa_text(kappa: Kappa) -> str:
+    return (
+        f"agreement of {kappa.a} and {kappa.b} on ratings: Cohen's kappa "
+        f"{_number(kappa.kappa, 0)}, observed {_number(kappa.agreement, 0)} "
+        f"over {kappa.compared} samples rated by both"
+    )
+
+
+def _judges_text(agreement: JudgeAgreement) -> list[str]:
+    """The pairwise agreement of a composite backend's judges."""
+    lines = [
+        f"judges' agreement (Cohen's kappa on ratings; {agreement.items} samples recorded "
+        f"judges: {', '.join(agreement.judges)})",
+        f"  {'judge A':<16}{'judge B':<16}{'rated both':>11}{'observed':>9}{'kappa':>8}",
+    ]
+    for pair in agreement.pairs:
+        lines.append(
+            f"  {pair.a:<16}{pair.b:<16}{pair.compared:>11}{_number(pair.agreement, 9)}"
+            f"{_number(pair.kappa, 8)}"
+        )
+    return lines

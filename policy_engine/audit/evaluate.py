@@ -34,6 +34,7 @@ from ..progress import Progress
 from ..progress import wanted as progress_wanted
 from ..types import check_mode
 from ..verdict import Decision
+from .agreement import Kappa, cohen_kappa, judge_agreement, judges_of
 from .eval_report import (
     CHANGED_SHOWN,
     Changes,
@@ -227,6 +228,8 @@ def _eval_predictions(opts: EvalOptions, host: PluginHost) -> EvalReport:
             compared=compared,
             fixed=Changes(count=len(fixed), ids=fixed[:CHANGED_SHOWN]),
             broken=Changes(count=len(broken), ids=broken[:CHANGED_SHOWN]),
+            kappa=_kappa(samples, read.predictions, other_read.predictions),
+            judges=judge_agreement(other_read.judges),
         )
     return EvalReport(
         labels=_labels_info(opts.labels, samples),
@@ -234,7 +237,22 @@ def _eval_predictions(opts: EvalOptions, host: PluginHost) -> EvalReport:
         predictions=_file_info(read),
         evaluation=evaluation,
         compare=comparison,
+        judges=judge_agreement(read.judges),
     )
+
+
+def _kappa(
+    samples: Sequence[LabelledSample],
+    a: Mapping[str, Prediction],
+    b: Mapping[str, Prediction],
+) -> Kappa:
+    """Cohen's kappa of runs A and B on the samples both rated validly."""
+    pairs = []
+    for sample in samples:
+        first, second = a.get(sample.id), b.get(sample.id)
+        if first is not None and second is not None and first.valid and second.valid:
+            pairs.append((first.rating, second.rating))
+    return cohen_kappa("A", "B", pairs)
 
 
 def _file_info(read: PredictionFile) -> PredictionsInfo:
@@ -292,6 +310,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
             store.set_meta(results_meta(engine, opts.labels))
             writer = _Writer(store)
         seq = iter(range(len(samples)))
+        judges: dict[str, dict[str, str | None]] = {}
         collector = ProvenanceCollector(
             {
                 "policy_id": policy.id,
@@ -302,6 +321,9 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
 
         def record(sample: LabelledSample, decision: Decision) -> None:
             progress.update(decision)
+            said = judges_of(decision.verdict.model_dump(mode="json", include={"judges"}))
+            if said is not None:
+                judges[sample.id] = said
             collector.add(decision.verdict.model_dump(mode="json", exclude_none=True))
             if writer is not None:
                 writer.add(ResultRow.from_decision(sample.id, next(seq), decision))
@@ -348,6 +370,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
         ),
         evaluation=evaluate(samples, predictions, order),
         exception_rate=rate,
+        judges=judge_agreement(judges),
     )
 
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .agreement import judges_of
 from .labels import EvalError, LabelledSample, Prediction, Rating
 from .store import ResultStore
 
@@ -90,6 +91,7 @@ class PredictionFile:
     predictions: dict[str, Prediction]
     provenance: Provenance
     matching: Matching
+    judges: dict[str, dict[str, str | None]] = field(default_factory=dict)  # id -> judge -> rating
 
 
 class ProvenanceCollector:
@@ -432,6 +434,7 @@ def read_predictions(
     )
     collector = ProvenanceCollector()
     predictions: dict[str, Prediction] = {}
+    judges: dict[str, dict[str, str | None]] = {}
     first_line: dict[str, int] = {}
     for number, record in _records(path):
         line_kind = _kind_of(record, path, number)
@@ -461,23 +464,34 @@ def read_predictions(
                 f"(first on line {first_line[matched_key]})"
             )
         first_line[matched_key] = number
+        said = judges_of(_verdict_of(kind, record))
         for sample_id in sample_ids:
             predictions[sample_id] = prediction
+            if said is not None:
+                judges[sample_id] = said
     if matcher.records == 0:
         raise EvalError(f"{path}: no predictions (the file is empty)")
-    return PredictionFile(str(path), kind, predictions, collector.result(), matcher.result())
+    return PredictionFile(
+        str(path), kind, predictions, collector.result(), matcher.result(), judges
+    )
 
 
 def _read_results(path: Path, samples: Sequence[LabelledSample]) -> PredictionFile:
     matcher = _Matcher("id", samples)
     predictions: dict[str, Prediction] = {}
+    judges: dict[str, dict[str, str | None]] = {}
     with ResultStore(path) as store:
         collector = ProvenanceCollector(store.meta)
         for row in store.rows():
             collector.add(row.decision.get("verdict"))
             if matcher.find(row.id) is not None:
                 predictions[row.id] = Prediction.from_row(row)
-    return PredictionFile(str(path), "results", predictions, collector.result(), matcher.result())
+                said = judges_of(row.decision.get("verdict"))
+                if said is not None:
+                    judges[row.id] = said
+    return PredictionFile(
+        str(path), "results", predictions, collector.result(), matcher.result(), judges
+    )
 
 
 def _readable(value: object) -> str:
