@@ -233,11 +233,22 @@ def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
 # it is left out of the hash too, so a policy that does not use a newer feature keeps the hash
 # it had before the feature existed (verdicts, results files and reports stay comparable).
 # Top-level keys by name; category keys as "categories.KEY".
-OPTIONAL_KEYS: frozenset[str] = frozenset()
+OPTIONAL_KEYS: frozenset[str] = frozenset({"audiences", "categories.audience"})
+
+# Keys that never change what a policy asks the model or how its answer is read, left out of
+# the hash like `tests`: audience levels only matter to `NAME@LEVEL`, whose derived policy has
+# its own id and guidelines (so its own hash); annotating a policy keeps its hash.
+NOT_HASHED: frozenset[str] = frozenset({"audiences", "categories.audience"})
 
 
 def _policy_data(policy: Policy) -> Any:
     data = policy.model_dump(mode="json", exclude={"tests"})
+    for key in NOT_HASHED:
+        if key.startswith("categories."):
+            for category in data.get("categories", []):
+                category.pop(key.removeprefix("categories."), None)
+        else:
+            data.pop(key, None)
     for key in OPTIONAL_KEYS:
         if key.startswith("categories."):
             name = key.removeprefix("categories.")

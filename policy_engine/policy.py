@@ -31,6 +31,66 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+AudienceLevel = int | str
+"""An audience level: an age (12) or a named tier ("teens")."""
+
+
+class Audiences(_Strict):
+    """The audience levels a policy can be compiled for (`NAME@LEVEL`, docs/policies.md)."""
+
+    levels: list[AudienceLevel] = Field(
+        min_length=1, description="The audience levels, youngest (most restricted) first."
+    )
+    written_for: AudienceLevel | None = Field(
+        default=None,
+        description="The level the policy's guidelines are written for (default: the last). "
+        "At that level `NAME@LEVEL` renders the policy's own text.",
+    )
+
+    @field_validator("levels")
+    @classmethod
+    def _distinct(cls, value: list[AudienceLevel]) -> list[AudienceLevel]:
+        names = [str(level) for level in value]
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+                raise ValueError(f"{name!r} is not a level name (letters, digits, _ . + -)")
+        if len(set(names)) != len(names):
+            raise ValueError("audience levels must not repeat")
+        return value
+
+    @model_validator(mode="after")
+    def _known_written_for(self) -> Audiences:
+        if self.written_for is not None and self.index(self.written_for) is None:
+            raise ValueError(
+                f"written_for {str(self.written_for)!r} is not one of the levels: {self.names()}"
+            )
+        return self
+
+    def names(self) -> str:
+        return ", ".join(str(level) for level in self.levels)
+
+    def index(self, level: AudienceLevel) -> int | None:
+        """The position of a level (compared as text: `@12` names the level 12), or None."""
+        names = [str(item) for item in self.levels]
+        return names.index(str(level)) if str(level) in names else None
+
+    @property
+    def written_index(self) -> int:
+        if self.written_for is None:
+            return len(self.levels) - 1
+        index = self.index(self.written_for)
+        return len(self.levels) - 1 if index is None else index
+
+
+class AudienceGroup(_Strict):
+    """Guidelines first permitted at one audience level."""
+
+    level: AudienceLevel = Field(description="A level of the policy's `audiences`.")
+    guidelines: list[str] = Field(
+        min_length=1, description="Guideline texts of the category, exactly as written."
+    )
+
+
 class Category(_Strict):
     """One policy category: what content of this kind should not and can show."""
 
@@ -50,6 +110,14 @@ class Category(_Strict):
             "sensitive. Default: should_not followed by can."
         ),
     )
+    audience: list[AudienceGroup] | None = Field(
+        default=None,
+        description=(
+            "Audience levels of guidelines: each entry names a level of the policy's "
+            "`audiences` and the guidelines first permitted at that level. `NAME@LEVEL` "
+            "prohibits them below it."
+        ),
+    )
 
     @field_validator("id")
     @classmethod
@@ -65,6 +133,10 @@ class Category(_Strict):
     def label(self) -> str:
         """The label the model answers with, e.g. 'O4: Nudity Content'."""
         return f"{self.id}: {self.name}"
+
+    def levels(self) -> dict[str, AudienceLevel]:
+        """Guideline text -> the lowest audience level it is permitted for (annotated ones)."""
+        return {text: group.level for group in self.audience or () for text in group.guidelines}
 
     @property
     def examples(self) -> list[str]:
@@ -247,6 +319,11 @@ class Policy(_Strict):
     tests: list[PolicyTest] = Field(
         default_factory=list, description="Test cases for `policy-engine test`."
     )
+    audiences: Audiences | None = Field(
+        default=None,
+        description="Audience levels this policy can be compiled for (`NAME@LEVEL`); "
+        "categories give guidelines levels under `audience`.",
+    )
 
     @field_validator("actions")
     @classmethod
@@ -302,6 +379,42 @@ class Policy(_Strict):
         failure = self.postprocess_failure.action
         if failure not in self.known_actions():
             found.append(("postprocess_failure.action", self.unknown_action(failure)))
+        found += self._audience_problems()
+        return found
+
+    def _audience_problems(self) -> list[tuple[str, str]]:
+        """Guideline levels name levels of `audiences`, name guidelines of their category, and
+        agree with where each guideline is written (at the level the text is written for)."""
+        found: list[tuple[str, str]] = []
+        audiences = self.audiences
+        for index, category in enumerate(self.categories):
+            if not category.audience:
+                continue
+            where = f"categories.{index}.audience"
+            if audiences is None:
+                found.append((where, "guideline audience levels need a top-level `audiences`"))
+                continue
+            written = audiences.written_index
+            seen_texts: set[str] = set()
+            for number, group in enumerate(category.audience):
+                at = audiences.index(group.level)
+                where = f"categories.{index}.audience.{number}"
+                if at is None:
+                    found.append(
+                        (
+                            f"{where}.level",
+                            f"{str(group.level)!r} is not an audience level; levels: "
+                            f"{audiences.names()}",
+                        )
+                    )
+                    continue
+                for item, text in enumerate(group.guidelines):
+                    message = _level_problem(category, text, at, written, audiences)
+                    if message is None and text in seen_texts:
+                        message = f"{text[:60]!r} has two audience levels"
+                    seen_texts.add(text)
+                    if message is not None:
+                        found.append((f"{where}.guidelines.{item}", message))
         return found
 
     def known_actions(self) -> list[str]:
@@ -329,6 +442,28 @@ class Policy(_Strict):
         return self.exceptions.get(category_id)
 
 
+def _level_problem(
+    category: Category, text: str, at: int, written: int, audiences: Audiences
+) -> str | None:
+    """Why a guideline cannot have the level at position `at`, or None."""
+    level, written_level = audiences.levels[at], audiences.levels[written]
+    if text in category.can and at > written:
+        return (
+            f"{text[:40]!r}... is listed under can, but its level {level} is above the level "
+            f"the text is written for ({written_level}): list it under should_not"
+        )
+    if text in category.should_not and at <= written:
+        return (
+            f"{text[:40]!r}... is listed under should_not, but its level {level} is not above "
+            f"the level the text is written for ({written_level}): list it under can"
+        )
+    if text not in category.can and text not in category.should_not:
+        close = difflib.get_close_matches(text, [*category.should_not, *category.can], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{text[:60]!r} is not one of {category.id}'s guidelines{hint}"
+    return None
+
+
 class LocatedValueError(ValueError):
     """Model-level checks that know which field each is about (mapped back to YAML lines)."""
 
@@ -347,6 +482,7 @@ class CategoryPatch(_Strict):
     should_not: list[str] | None = None
     can: list[str] | None = None
     exception_examples: list[str] | None = None
+    audience: list[AudienceGroup] | None = None
     remove: bool = Field(default=False, description="Remove the inherited category with this id.")
 
 
@@ -377,3 +513,4 @@ class PolicyFile(_Strict):
     actions: list[str] | None = None
     metadata: dict[str, Any] | None = None
     tests: list[PolicyTest] | None = None
+    audiences: Audiences | None = None
