@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _package_version
 from typing import TYPE_CHECKING
 
+from .audience import AudienceError, at_level, split_level
 from .backend import Backend, Batch, Capabilities, CliFlag, Generation
 from .compiler import CompiledPolicy, compile_policy, policy_hash
 from .errors import (
@@ -68,6 +69,7 @@ __all__ = [
     "MODES",
     "Action",
     "AnswerLayout",
+    "AudienceError",
     "Backend",
     "BackendError",
     "BackendUnavailableError",
@@ -104,6 +106,7 @@ __all__ = [
     "UnknownNameError",
     "Verdict",
     "answer_grammar",
+    "at_level",
     "compile_policy",
     "get_host",
     "hookimpl",
@@ -113,5 +116,6 @@ __all__ = [
     "policy_hash",
     "run_policy_tests",
     "shipped_policies",
+    "split_level",
     "unknown_categories",
 ]

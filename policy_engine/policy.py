@@ -58,14 +58,6 @@ class Audiences(_Strict):
             raise ValueError("audience levels must not repeat")
         return value
 
-    @model_validator(mode="after")
-    def _known_written_for(self) -> Audiences:
-        if self.written_for is not None and self.index(self.written_for) is None:
-            raise ValueError(
-                f"written_for {str(self.written_for)!r} is not one of the levels: {self.names()}"
-            )
-        return self
-
     def names(self) -> str:
         return ", ".join(str(level) for level in self.levels)
 
@@ -387,6 +379,19 @@ class Policy(_Strict):
         agree with where each guideline is written (at the level the text is written for)."""
         found: list[tuple[str, str]] = []
         audiences = self.audiences
+        written_for = audiences.written_for if audiences is not None else None
+        if (
+            audiences is not None
+            and written_for is not None
+            and audiences.index(written_for) is None
+        ):
+            found.append(
+                (
+                    "audiences.written_for",
+                    f"{str(written_for)!r} is not one of the levels: {audiences.names()}",
+                )
+            )
+            return found
         for index, category in enumerate(self.categories):
             if not category.audience:
                 continue
