@@ -101,6 +101,15 @@ class CompiledPolicy:
                 f"category: an Unsafe rating must name one of the policy's categories, "
                 f"not {answer['category']!r}"
             )
+        violations = answer.get("violations")
+        if violations and answer["rating"] == "Safe":
+            return "violations: a Safe rating lists no violations ({})"
+        unsafe = answer["rating"] == "Unsafe"
+        if violations is not None and unsafe and answer["category"] not in violations:
+            return (
+                f"violations: an Unsafe answer lists its category {answer['category']!r} "
+                "with a severity"
+            )
         error = next(iter(self.validator(mode).iter_errors(answer)), None)
         return None if error is None else f"answer: {error.message}"
 
@@ -137,6 +146,9 @@ class CompiledPolicy:
             properties["rating"] = {"type": "string", "enum": [rating]}
             if rating == "Unsafe" and "category" in properties:
                 properties["category"] = {"type": "string", "enum": self.unsafe_labels}
+            if "violations" in fields:
+                branches += self._violation_branches(rating, properties, fields)
+                continue
             branches.append(
                 {
                     "type": "object",
@@ -150,6 +162,32 @@ class CompiledPolicy:
             "type": "object",
             "anyOf": branches,
         }
+
+    def _violation_branches(
+        self, rating: str, properties: dict[str, Any], fields: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """With `violations`: a Safe answer lists none; an Unsafe one lists its `category`
+        (one branch per category, so the schema and the grammar say so)."""
+        levels = self.policy.severity_levels
+        if rating == "Safe":
+            named = [(properties, violations_schema(self.unsafe_labels, levels, required=[]))]
+        else:
+            named = [
+                (
+                    {**properties, "category": {"type": "string", "enum": [label]}},
+                    violations_schema(self.unsafe_labels, levels, required=[label]),
+                )
+                for label in self.unsafe_labels
+            ]
+        return [
+            {
+                "type": "object",
+                "properties": {k: {**props, "violations": violations}[k] for k in fields},
+                "required": list(fields),
+                "additionalProperties": False,
+            }
+            for props, violations in named
+        ]
 
 
 def _loose_validator(fields: dict[str, dict[str, Any]]) -> Validator:
@@ -193,11 +231,31 @@ def answer_fields(policy: Policy, layout: AnswerLayout) -> dict[str, dict[str, A
                 "items": {"type": "string", "enum": labels[:-1]},
                 "uniqueItems": True,
             }
+        elif key == "violations":
+            fields[key] = violations_schema(labels[:-1], policy.severity_levels)
         else:
             raise ValueError(f"unknown answer key {key!r}")
     if list(fields)[:1] != ["rating"] or "category" not in fields:
         raise ValueError("an answer layout starts with 'rating' and has a 'category'")
     return fields
+
+
+def violations_schema(
+    labels: list[str], levels: list[str], *, required: list[str] | None = None
+) -> dict[str, Any]:
+    """The `violations` answer value: violated category label -> its severity, each label at
+    most once (an object's keys are distinct). `required`: labels it must hold; [] with
+    `maxProperties` 0 for none at all."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {label: {"type": "string", "enum": list(levels)} for label in labels},
+        "additionalProperties": False,
+    }
+    if required is not None:
+        schema["required"] = list(required)
+        if not required:
+            schema["maxProperties"] = 0
+    return schema
 
 
 def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:

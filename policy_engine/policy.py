@@ -173,7 +173,8 @@ class OutputOptions(_Strict):
     extra_fields: list[str] = Field(
         default_factory=list,
         description=(
-            "Extra answer fields for formats that support them ('severity', 'categories'). "
+            "Extra answer fields for formats that support them ('severity', 'categories', "
+            "'violations': every violated category with its severity). "
             "The LlavaGuard formats support none: their weights were never trained on them."
         ),
     )
@@ -182,10 +183,17 @@ class OutputOptions(_Strict):
     @classmethod
     def _known_fields(cls, value: list[str]) -> list[str]:
         for name in value:
-            if name not in ("severity", "categories"):
-                raise ValueError(f"unknown extra field {name!r}; known: categories, severity")
+            if name not in ("severity", "categories", "violations"):
+                raise ValueError(
+                    f"unknown extra field {name!r}; known: categories, severity, violations"
+                )
         if len(set(value)) != len(value):
             raise ValueError("extra fields must not repeat")
+        if "violations" in value and len(value) > 1:
+            raise ValueError(
+                "'violations' lists every violated category with its severity: it replaces "
+                "'categories' and 'severity', so ask for it alone"
+            )
         return value
 
 
