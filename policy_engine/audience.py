@@ -52,9 +52,12 @@ def at_level(policy: Policy, level: str) -> Policy:
             f"policy {policy.id!r} has no audience level {level!r}; levels: {audiences.names()}"
         )
     categories = [_category_at(category, audiences, at) for category in policy.categories]
+    base_id = policy.id
+    if audiences.written_for is not None and base_id.endswith(f"@{audiences.written_for}"):
+        base_id = base_id.rpartition("@")[0]  # a derived policy at another level: ID@OTHER
     derived = policy.model_copy(
         update={
-            "id": f"{policy.id}@{audiences.levels[at]}",
+            "id": f"{base_id}@{audiences.levels[at]}",
             "categories": categories,
             "audiences": audiences.model_copy(update={"written_for": audiences.levels[at]}),
         }

@@ -88,6 +88,7 @@ def test_unannotated_guidelines_stay_permitted_at_every_level() -> None:
 def test_deriving_is_the_same_from_the_library() -> None:
     base = load_policy("llavaguard")
     assert at_level(base, "16") == load_policy("llavaguard@16")
+    assert at_level(at_level(base, "16"), "7").id == "llavaguard@7"  # not llavaguard@16@7
     assert split_level("llavaguard@16") == ("llavaguard", "16")
     assert split_level("./a@b/policy.yaml") == ("./a@b/policy.yaml", None)
 
