@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .audience import AudienceError, at_level, split_level
+from .audience import AudienceError, at_level, keep_levels_of_kept_guidelines, split_level
 from .errors import PolicyEngineError, PolicyError, Problem, UnknownNameError, plain_message
 from .host import PluginHost, get_host
 from .policy import (
@@ -299,54 +299,10 @@ def _overlay_categories(parent: Any, patches: LocatedList, display: str) -> Loca
             base = items[at]
             base_marks = base.marks if isinstance(base, Located) else {}
             merged = {**base, **fields}
-            _keep_audience_of_kept_guidelines(base, merged, fields)
+            keep_levels_of_kept_guidelines(base, merged, fields)
             items[at] = located(merged, patch.mark, {**base_marks, **field_marks})
             item_marks[at] = mark
     return located_list(items, patches.mark, item_marks)
-
-
-def _keep_audience_of_kept_guidelines(
-    base: dict[str, Any], merged: dict[str, Any], fields: dict[str, Any]
-) -> None:
-    """A child that rewrites a category's guidelines but not their audience levels keeps the
-    parent's levels only for the guidelines it kept where the parent wrote them (the parent's
-    levels are about the parent's texts)."""
-    inherited = merged.get("audience")
-    if "audience" in fields or not isinstance(inherited, LocatedList):
-        return
-    if "should_not" not in fields and "can" not in fields:
-        return
-    before, after = _placement(base), _placement(merged)
-    groups = LocatedList()
-    groups.mark, groups.marks = inherited.mark, []
-    for group, mark in zip(inherited, inherited.marks, strict=True):
-        texts = group.get("guidelines") if isinstance(group, Located) else None
-        if not isinstance(texts, LocatedList):
-            groups.append(group)  # validation reports what is wrong with it
-            groups.marks.append(mark)
-            continue
-        kept = [(t, m) for t, m in zip(texts, texts.marks, strict=True) if _kept(t, before, after)]
-        if kept:
-            kept_list = located_list([t for t, _ in kept], texts.mark, [m for _, m in kept])
-            groups.append(located({**group, "guidelines": kept_list}, group.mark, group.marks))
-            groups.marks.append(mark)
-    merged["audience"] = groups
-
-
-def _kept(text: Any, before: dict[Any, str], after: dict[Any, str]) -> bool:
-    return isinstance(text, str) and text in after and after[text] == before.get(text)
-
-
-def _placement(category: dict[str, Any]) -> dict[Any, str]:
-    """Guideline text -> the list it is in (should_not or can)."""
-    found: dict[Any, str] = {}
-    for key in ("should_not", "can"):
-        value = category.get(key)
-        if isinstance(value, list):
-            for text in value:
-                if isinstance(text, str):
-                    found.setdefault(text, key)
-    return found
 
 
 def _overlay_exceptions(parent: Any, child: Located) -> Located:

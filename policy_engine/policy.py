@@ -379,55 +379,7 @@ class Policy(_Strict):
         failure = self.postprocess_failure.action
         if failure not in self.known_actions():
             found.append(("postprocess_failure.action", self.unknown_action(failure)))
-        found += self._audience_problems()
-        return found
-
-    def _audience_problems(self) -> list[tuple[str, str]]:
-        """Guideline levels name levels of `audiences`, name guidelines of their category, and
-        agree with where each guideline is written (at the level the text is written for)."""
-        found: list[tuple[str, str]] = []
-        audiences = self.audiences
-        written_for = audiences.written_for if audiences is not None else None
-        if (
-            audiences is not None
-            and written_for is not None
-            and audiences.index(written_for) is None
-        ):
-            found.append(
-                (
-                    "audiences.written_for",
-                    f"{str(written_for)!r} is not one of the levels: {audiences.names()}",
-                )
-            )
-            return found
-        for index, category in enumerate(self.categories):
-            if not category.audience:
-                continue
-            where = f"categories.{index}.audience"
-            if audiences is None:
-                found.append((where, "guideline audience levels need a top-level `audiences`"))
-                continue
-            written = audiences.written_index
-            seen_texts: set[str] = set()
-            for number, group in enumerate(category.audience):
-                at = audiences.index(group.level)
-                where = f"categories.{index}.audience.{number}"
-                if at is None:
-                    found.append(
-                        (
-                            f"{where}.level",
-                            f"{str(group.level)!r} is not an audience level; levels: "
-                            f"{audiences.names()}",
-                        )
-                    )
-                    continue
-                for item, text in enumerate(group.guidelines):
-                    message = _level_problem(category, text, at, written, audiences)
-                    if message is None and text in seen_texts:
-                        message = f"{text[:60]!r} has two audience levels"
-                    seen_texts.add(text)
-                    if message is not None:
-                        found.append((f"{where}.guidelines.{item}", message))
+        found += _audience_problems(self)
         return found
 
     def known_actions(self) -> list[str]:
@@ -455,26 +407,10 @@ class Policy(_Strict):
         return self.exceptions.get(category_id)
 
 
-def _level_problem(
-    category: Category, text: str, at: int, written: int, audiences: Audiences
-) -> str | None:
-    """Why a guideline cannot have the level at position `at`, or None."""
-    level, written_level = audiences.levels[at], audiences.levels[written]
-    if text in category.can and at > written:
-        return (
-            f"{text[:40]!r}... is listed under can, but its level {level} is above the level "
-            f"the text is written for ({written_level}): list it under should_not"
-        )
-    if text in category.should_not and at <= written:
-        return (
-            f"{text[:40]!r}... is listed under should_not, but its level {level} is not above "
-            f"the level the text is written for ({written_level}): list it under can"
-        )
-    if text not in category.can and text not in category.should_not:
-        close = difflib.get_close_matches(text, [*category.should_not, *category.can], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{text[:60]!r} is not one of {category.id}'s guidelines{hint}"
-    return None
+def _audience_problems(policy: Policy) -> list[tuple[str, str]]:
+    from .audience import audience_problems  # the audience module builds on this one
+
+    return audience_problems(policy)
 
 
 class LocatedValueError(ValueError):

@@ -313,8 +313,7 @@ def parse_verdict(
     category_id = compiled.labels[label]
     name = label.split(": ", 1)[1] if ": " in label else label
     severity = answer.get("severity")
-    violations: dict[str, str] | None = answer.get("violations")
-    by_id = None if violations is None else {compiled.labels[k]: v for k, v in violations.items()}
+    by_id = _violations_by_id(compiled, answer.get("violations"))
     if severity is None and by_id is not None and answer["rating"] == "Unsafe":
         severity = by_id[category_id]  # the model's severity of its main category
     if severity is None and answer["rating"] == "Unsafe":
@@ -328,8 +327,8 @@ def parse_verdict(
         severity=severity,
         categories=[compiled.labels[c] for c in answer["categories"]]
         if "categories" in answer
-        else _in_policy_order(compiled, by_id),
-        category_severities=_in_policy_order_map(compiled, by_id),
+        else (None if by_id is None else list(by_id)),
+        category_severities=by_id,
         raw=text,
         policy_id=compiled.policy.id,
         policy_version=compiled.policy.version,
@@ -338,15 +337,13 @@ def parse_verdict(
     )
 
 
-def _in_policy_order(compiled: CompiledPolicy, by_id: dict[str, str] | None) -> list[str] | None:
-    return None if by_id is None else [c.id for c in compiled.policy.categories if c.id in by_id]
-
-
-def _in_policy_order_map(
-    compiled: CompiledPolicy, by_id: dict[str, str] | None
+def _violations_by_id(
+    compiled: CompiledPolicy, violations: dict[str, str] | None
 ) -> dict[str, str] | None:
-    if by_id is None:
+    """An answer's `violations` (label -> severity) by category id, in policy order."""
+    if violations is None:
         return None
+    by_id = {compiled.labels[label]: level for label, level in violations.items()}
     return {c.id: by_id[c.id] for c in compiled.policy.categories if c.id in by_id}
 
 
