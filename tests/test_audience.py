@@ -338,3 +338,17 @@ def test_tui_previews_a_policy_at_a_level(tmp_path: Path) -> None:
     assert "id: llavaguard\n" in yaml_text  # the base is what is edited
     with pytest.raises(AudienceError, match="no audience level '13'"):
         create_app("llavaguard@13", folder=tmp_path)
+
+
+def test_the_documented_command_runs_in_the_real_console_script() -> None:
+    from support import run_cli
+
+    docs = (REPO / "docs" / "policies.md").read_text(encoding="utf-8")
+    command = "policy-engine compile llavaguard@12 --part prompt"
+    assert f"`{command}`" in docs
+    result = run_cli(*command.split()[1:])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == compiled("llavaguard@12").prompt
+    unknown = run_cli("compile", "llavaguard@13")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.strip().endswith("levels: 3, 7, 12, 16, 18")
