@@ -235,6 +235,13 @@ def test_compile_and_check_take_a_level() -> None:
     assert summary["hash"] == compiled("llavaguard@12").hash
 
 
+def test_policies_lists_the_levels() -> None:
+    code, out, _ = cli("policies", "--json")
+    levels = {row["name"]: row["levels"] for row in json.loads(out)}
+    assert code == 0 and levels["llavaguard"] == ["3", "7", "12", "16", "18"]
+    assert levels["children-platform"] == levels["llavaguard"]  # inherited
+
+
 def test_cli_errors_for_levels_are_one_line_exit_2() -> None:
     code, _, err = cli("compile", "llavaguard@13")
     assert code == 2
