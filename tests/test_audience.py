@@ -359,3 +359,12 @@ def test_the_documented_command_runs_in_the_real_console_script() -> None:
     unknown = run_cli("compile", "llavaguard@13")
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     assert unknown.stderr.strip().endswith("levels: 3, 7, 12, 16, 18")
+
+
+def test_serve_policy_option_reads_the_level_before_binding() -> None:
+    pytest.importorskip("fastapi")
+    code, _, err = cli("serve", "-p", "llavaguard", "-p", "llavaguard@13", "-b", "static")
+    assert code == 2
+    assert (
+        err == "error: policy 'llavaguard' has no audience level '13'; levels: 3, 7, 12, 16, 18\n"
+    )
