@@ -220,3 +220,26 @@ def test_grammar_scales_to_llavaguard_categories(ll_tokenizer: object) -> None: 
     assert accepts(ll_tokenizer, grammar, compiled.layout.dumps(answer))
     del answer["violations"][labels[3]]  # type: ignore[attr-defined]
     assert not accepts(ll_tokenizer, grammar, compiled.layout.dumps(answer))
+
+
+def test_a_multi_label_answer_flags_every_violated_category_in_moderation(
+    small: CompiledPolicy,
+) -> None:
+    pytest.importorskip("fastapi")
+    from test_serve import RED, image_part, serving
+
+    from policy_engine.serve.pool import EnginePool
+
+    answer = {
+        "rating": "Unsafe",
+        "category": "C1: One",
+        "violations": {"C1: One": "high", "C3: Three": "low"},
+        "rationale": "r",
+    }
+    backend = {"raw": small.layout.dumps(answer), "p_unsafe": 0.9}
+    with serving(EnginePool([small.policy], "static", backend_options=backend)) as api:
+        result = api.post("/v1/moderations", json={"input": [image_part(RED)]}).json()
+        native = api.post("/v1/assess", json={"image": RED}).json()
+    assert result["results"][0]["categories"] == {"C1": True, "C2": False, "C3": True}
+    verdict = native["decision"]["verdict"]
+    assert verdict["category_severities"] == {"C1": "high", "C3": "low"}
