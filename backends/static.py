@@ -69,6 +69,8 @@ class StaticBackend(Backend):
         else:
             answer["severity"] = policy.severity_levels[0]
             answer["categories"] = []
+        unsafe = opts.rating == "Unsafe" and category_id != policy.none_category.id
+        answer["violations"] = {labels[category_id]: answer["severity"]} if unsafe else {}
         layout = compiled.layout_for(batch.mode)
         return Generation(text=layout.dumps(answer), p_unsafe=p_unsafe, model=opts.model)
 

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _package_version
 from typing import TYPE_CHECKING
 
+from .audience import AudienceError, at_level, split_level
 from .backend import Backend, Batch, Capabilities, CliFlag, Generation
 from .compiler import CompiledPolicy, compile_policy, policy_hash
 from .errors import (
@@ -77,6 +78,7 @@ __all__ = [
     "MODES",
     "Action",
     "AnswerLayout",
+    "AudienceError",
     "Backend",
     "BackendError",
     "BackendUnavailableError",
@@ -114,6 +116,7 @@ __all__ = [
     "UnknownNameError",
     "Verdict",
     "answer_grammar",
+    "at_level",
     "build_verdict",
     "compile_policy",
     "get_host",
@@ -124,5 +127,6 @@ __all__ = [
     "policy_hash",
     "run_policy_tests",
     "shipped_policies",
+    "split_level",
     "unknown_categories",
 ]

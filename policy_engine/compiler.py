@@ -103,6 +103,15 @@ class CompiledPolicy:
                 f"category: an Unsafe rating must name one of the policy's categories, "
                 f"not {answer['category']!r}"
             )
+        violations = answer.get("violations")
+        if violations and answer["rating"] == "Safe":
+            return "violations: a Safe rating lists no violations ({})"
+        unsafe = answer["rating"] == "Unsafe"
+        if violations is not None and unsafe and answer["category"] not in violations:
+            return (
+                f"violations: an Unsafe answer lists its category {answer['category']!r} "
+                "with a severity"
+            )
         error = next(iter(self.validator(mode).iter_errors(answer)), None)
         return None if error is None else f"answer: {error.message}"
 
@@ -155,6 +164,9 @@ class CompiledPolicy:
             properties["rating"] = {"type": "string", "enum": [rating]}
             if rating == "Unsafe" and "category" in properties:
                 properties["category"] = {"type": "string", "enum": self.unsafe_labels}
+            if "violations" in fields:
+                branches += self._violation_branches(rating, properties, fields)
+                continue
             branches.append(
                 {
                     "type": "object",
@@ -168,6 +180,32 @@ class CompiledPolicy:
             "type": "object",
             "anyOf": branches,
         }
+
+    def _violation_branches(
+        self, rating: str, properties: dict[str, Any], fields: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """With `violations`: a Safe answer lists none; an Unsafe one lists its `category`
+        (one branch per category, so the schema and the grammar say so)."""
+        levels = self.policy.severity_levels
+        if rating == "Safe":
+            named = [(properties, violations_schema(self.unsafe_labels, levels, required=[]))]
+        else:
+            named = [
+                (
+                    {**properties, "category": {"type": "string", "enum": [label]}},
+                    violations_schema(self.unsafe_labels, levels, required=[label]),
+                )
+                for label in self.unsafe_labels
+            ]
+        return [
+            {
+                "type": "object",
+                "properties": {k: {**props, "violations": violations}[k] for k in fields},
+                "required": list(fields),
+                "additionalProperties": False,
+            }
+            for props, violations in named
+        ]
 
 
 _PLAIN_KEYWORDS = frozenset({"type", "enum", "minLength", "maxLength", "items", "uniqueItems"})
@@ -240,11 +278,31 @@ def answer_fields(policy: Policy, layout: AnswerLayout) -> dict[str, dict[str, A
                 "items": {"type": "string", "enum": labels[:-1]},
                 "uniqueItems": True,
             }
+        elif key == "violations":
+            fields[key] = violations_schema(labels[:-1], policy.severity_levels)
         else:
             raise ValueError(f"unknown answer key {key!r}")
     if list(fields)[:1] != ["rating"] or "category" not in fields:
         raise ValueError("an answer layout starts with 'rating' and has a 'category'")
     return fields
+
+
+def violations_schema(
+    labels: list[str], levels: list[str], *, required: list[str] | None = None
+) -> dict[str, Any]:
+    """The `violations` answer value: violated category label -> its severity, each label at
+    most once (an object's keys are distinct). `required`: labels it must hold; [] with
+    `maxProperties` 0 for none at all."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {label: {"type": "string", "enum": list(levels)} for label in labels},
+        "additionalProperties": False,
+    }
+    if required is not None:
+        schema["required"] = list(required)
+        if not required:
+            schema["maxProperties"] = 0
+    return schema
 
 
 def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
@@ -280,11 +338,22 @@ def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
 # it is left out of the hash too, so a policy that does not use a newer feature keeps the hash
 # it had before the feature existed (verdicts, results files and reports stay comparable).
 # Top-level keys by name; category keys as "categories.KEY".
-OPTIONAL_KEYS: frozenset[str] = frozenset()
+OPTIONAL_KEYS: frozenset[str] = frozenset({"audiences", "categories.audience"})
+
+# Keys that never change what a policy asks the model or how its answer is read, left out of
+# the hash like `tests`: audience levels only matter to `NAME@LEVEL`, whose derived policy has
+# its own id and guidelines (so its own hash); annotating a policy keeps its hash.
+NOT_HASHED: frozenset[str] = frozenset({"audiences", "categories.audience"})
 
 
 def _policy_data(policy: Policy) -> Any:
     data = policy.model_dump(mode="json", exclude={"tests"})
+    for key in NOT_HASHED:
+        if key.startswith("categories."):
+            for category in data.get("categories", []):
+                category.pop(key.removeprefix("categories."), None)
+        else:
+            data.pop(key, None)
     for key in OPTIONAL_KEYS:
         if key.startswith("categories."):
             name = key.removeprefix("categories.")

@@ -53,7 +53,49 @@ class _Builder:
             return self.rule(name, "%json " + json.dumps({"type": "string", **bounds}))
         if kind == "array" and "enum" in schema.get("items", {}):
             return self._enum_array(name, schema, level, indent)
+        if kind == "object" and all("enum" in v for v in schema.get("properties", {}).values()):
+            return self._enum_object(name, schema, level, indent)
         raise ValueError(f"no answer grammar for schema {schema!r}")
+
+    def _enum_object(
+        self, name: str, schema: dict[str, Any], level: int, indent: int | None
+    ) -> str:
+        """An object of enum-valued keys (the `violations` answer), keys in the schema's
+        order, each at most once, the `required` ones always there."""
+        properties: dict[str, Any] = schema["properties"]
+        keys = list(properties)
+        required = set(schema.get("required", ()))
+        if schema.get("maxProperties") == 0 or not keys:
+            return self.rule(name, _literal("{}"))
+        if indent is None:
+            open_, sep, close = "{", ", ", "}"
+        else:
+            inner = "\n" + " " * (indent * (level + 1))
+            open_, sep, close = "{" + inner, "," + inner, "\n" + " " * (indent * level) + "}"
+        items = []
+        for i, key in enumerate(keys):
+            values = " | ".join(_literal(_json_text(v)) for v in properties[key]["enum"])
+            items.append(
+                self.rule(f"{name}_item_{i}", f"{_literal(_json_text(key) + ': ')} ({values})")
+            )
+        # tail_i: an ordered subset of keys[i:], non-empty, holding every required key there
+        count = len(keys)
+        for i in reversed(range(count)):
+            alternatives = []
+            if i == count - 1:
+                alternatives.append(items[i])
+            else:
+                rest = f"{_literal(sep)} {name}_tail_{i + 1}"
+                needed_later = any(k in required for k in keys[i + 1 :])
+                alternatives.append(
+                    f"{items[i]} {rest}" if needed_later else f"{items[i]} ({rest})?"
+                )
+                if keys[i] not in required:
+                    alternatives.append(f"{name}_tail_{i + 1}")
+            self.rule(f"{name}_tail_{i}", " | ".join(alternatives))
+        non_empty = f"{_literal(open_)} {name}_tail_0 {_literal(close)}"
+        body = non_empty if required else f"{_literal('{}')} | {non_empty}"
+        return self.rule(name, body)
 
     def _enum_array(self, name: str, schema: dict[str, Any], level: int, indent: int | None) -> str:
         """An array of distinct enum values, in the enum's order (so never a duplicate)."""

@@ -15,7 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import PolicyError, Problem, UnknownNameError, plain_message
+from .audience import AudienceError, at_level, keep_levels_of_kept_guidelines, split_level
+from .errors import PolicyEngineError, PolicyError, Problem, UnknownNameError, plain_message
 from .host import PluginHost, get_host
 from .policy import (
     Category,
@@ -297,7 +298,9 @@ def _overlay_categories(parent: Any, patches: LocatedList, display: str) -> Loca
         else:
             base = items[at]
             base_marks = base.marks if isinstance(base, Located) else {}
-            items[at] = located({**base, **fields}, patch.mark, {**base_marks, **field_marks})
+            merged = {**base, **fields}
+            keep_levels_of_kept_guidelines(base, merged, fields)
+            items[at] = located(merged, patch.mark, {**base_marks, **field_marks})
             item_marks[at] = mark
     return located_list(items, patches.mark, item_marks)
 
@@ -408,9 +411,30 @@ def _validation_problems(
 
 
 def load_policy(ref: str | Path, *, host: PluginHost | None = None) -> Policy:
-    """Load, resolve and validate a policy by shipped name or path. Raises PolicyError."""
-    ref = str(ref)
-    return _validated(_resolve(ref, None)[0], _load_chain(ref, None, [], None), host)
+    """Load, resolve and validate a policy by shipped name or path, optionally at an audience
+    level (`NAME@LEVEL`, `path.yaml@LEVEL`: see `policy_engine.audience`). Raises PolicyError,
+    or AudienceError for a level the policy does not have."""
+    ref, level = split_level(str(ref))
+    policy = _validated(_resolve(ref, None)[0], _load_chain(ref, None, [], None), host)
+    if level is None:
+        return policy
+    try:
+        derived = at_level(policy, level)
+    except AudienceError as err:
+        if policy.audiences is not None:
+            raise
+        with_levels = [name for name in shipped_policies() if _has_levels(name)]
+        hint = f"; shipped policies with levels: {', '.join(with_levels)}" if with_levels else ""
+        raise AudienceError(err.message + hint) from None
+    check_policy(derived, host=host)
+    return derived
+
+
+def _has_levels(name: str) -> bool:
+    try:
+        return load_policy(name).audiences is not None
+    except PolicyEngineError:
+        return False
 
 
 def load_policy_text(

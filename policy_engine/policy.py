@@ -31,6 +31,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+AudienceLevel = int | str
+"""An audience level: an age (12) or a named tier ("teens")."""
+
+
+class Audiences(_Strict):
+    """The audience levels a policy can be compiled for (`NAME@LEVEL`, docs/policies.md)."""
+
+    levels: list[AudienceLevel] = Field(
+        min_length=1, description="The audience levels, youngest (most restricted) first."
+    )
+    written_for: AudienceLevel | None = Field(
+        default=None,
+        description="The level the policy's guidelines are written for (default: the last). "
+        "At that level `NAME@LEVEL` renders the policy's own text.",
+    )
+
+    @field_validator("levels")
+    @classmethod
+    def _distinct(cls, value: list[AudienceLevel]) -> list[AudienceLevel]:
+        names = [str(level) for level in value]
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+                raise ValueError(f"{name!r} is not a level name (letters, digits, _ . + -)")
+        if len(set(names)) != len(names):
+            raise ValueError("audience levels must not repeat")
+        return value
+
+    def names(self) -> str:
+        return ", ".join(str(level) for level in self.levels)
+
+    def index(self, level: AudienceLevel) -> int | None:
+        """The position of a level (compared as text: `@12` names the level 12), or None."""
+        names = [str(item) for item in self.levels]
+        return names.index(str(level)) if str(level) in names else None
+
+    @property
+    def written_index(self) -> int:
+        if self.written_for is None:
+            return len(self.levels) - 1
+        index = self.index(self.written_for)
+        return len(self.levels) - 1 if index is None else index
+
+
+class AudienceGroup(_Strict):
+    """Guidelines first permitted at one audience level."""
+
+    level: AudienceLevel = Field(description="A level of the policy's `audiences`.")
+    guidelines: list[str] = Field(
+        min_length=1, description="Guideline texts of the category, exactly as written."
+    )
+
+
 class Category(_Strict):
     """One policy category: what content of this kind should not and can show."""
 
@@ -50,6 +102,14 @@ class Category(_Strict):
             "sensitive. Default: should_not followed by can."
         ),
     )
+    audience: list[AudienceGroup] | None = Field(
+        default=None,
+        description=(
+            "Audience levels of guidelines: each entry names a level of the policy's "
+            "`audiences` and the guidelines first permitted at that level. `NAME@LEVEL` "
+            "prohibits them below it."
+        ),
+    )
 
     @field_validator("id")
     @classmethod
@@ -65,6 +125,10 @@ class Category(_Strict):
     def label(self) -> str:
         """The label the model answers with, e.g. 'O4: Nudity Content'."""
         return f"{self.id}: {self.name}"
+
+    def levels(self) -> dict[str, AudienceLevel]:
+        """Guideline text -> the lowest audience level it is permitted for (annotated ones)."""
+        return {text: group.level for group in self.audience or () for text in group.guidelines}
 
     @property
     def examples(self) -> list[str]:
@@ -109,7 +173,8 @@ class OutputOptions(_Strict):
     extra_fields: list[str] = Field(
         default_factory=list,
         description=(
-            "Extra answer fields for formats that support them ('severity', 'categories'). "
+            "Extra answer fields for formats that support them ('severity', 'categories', "
+            "'violations': every violated category with its severity). "
             "The LlavaGuard formats support none: their weights were never trained on them."
         ),
     )
@@ -118,10 +183,17 @@ class OutputOptions(_Strict):
     @classmethod
     def _known_fields(cls, value: list[str]) -> list[str]:
         for name in value:
-            if name not in ("severity", "categories"):
-                raise ValueError(f"unknown extra field {name!r}; known: categories, severity")
+            if name not in ("severity", "categories", "violations"):
+                raise ValueError(
+                    f"unknown extra field {name!r}; known: categories, severity, violations"
+                )
         if len(set(value)) != len(value):
             raise ValueError("extra fields must not repeat")
+        if "violations" in value and len(value) > 1:
+            raise ValueError(
+                "'violations' lists every violated category with its severity: it replaces "
+                "'categories' and 'severity', so ask for it alone"
+            )
         return value
 
 
@@ -247,6 +319,11 @@ class Policy(_Strict):
     tests: list[PolicyTest] = Field(
         default_factory=list, description="Test cases for `policy-engine test`."
     )
+    audiences: Audiences | None = Field(
+        default=None,
+        description="Audience levels this policy can be compiled for (`NAME@LEVEL`); "
+        "categories give guidelines levels under `audience`.",
+    )
 
     @field_validator("actions")
     @classmethod
@@ -302,6 +379,7 @@ class Policy(_Strict):
         failure = self.postprocess_failure.action
         if failure not in self.known_actions():
             found.append(("postprocess_failure.action", self.unknown_action(failure)))
+        found += _audience_problems(self)
         return found
 
     def known_actions(self) -> list[str]:
@@ -329,6 +407,12 @@ class Policy(_Strict):
         return self.exceptions.get(category_id)
 
 
+def _audience_problems(policy: Policy) -> list[tuple[str, str]]:
+    from .audience import audience_problems  # the audience module builds on this one
+
+    return audience_problems(policy)
+
+
 class LocatedValueError(ValueError):
     """Model-level checks that know which field each is about (mapped back to YAML lines)."""
 
@@ -347,6 +431,7 @@ class CategoryPatch(_Strict):
     should_not: list[str] | None = None
     can: list[str] | None = None
     exception_examples: list[str] | None = None
+    audience: list[AudienceGroup] | None = None
     remove: bool = Field(default=False, description="Remove the inherited category with this id.")
 
 
@@ -377,3 +462,4 @@ class PolicyFile(_Strict):
     actions: list[str] | None = None
     metadata: dict[str, Any] | None = None
     tests: list[PolicyTest] | None = None
+    audiences: Audiences | None = None

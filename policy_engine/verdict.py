@@ -67,6 +67,11 @@ class Verdict(BaseModel):
     category_scores: dict[str, float] | None = None
     severity: str | None = None
     categories: list[str] | None = Field(default=None, description="Several categories, if asked.")
+    category_severities: dict[str, str] | None = Field(
+        default=None,
+        description="Every violated category id with the model's severity for it, when the "
+        "policy asks for `violations` (generic format).",
+    )
     raw: str | None = Field(default=None, description="The model's raw answer text.")
     error: VerdictError | None = None
     policy_id: str
@@ -333,6 +338,9 @@ def parse_verdict(
     category_id = compiled.labels[label]
     name = label.split(": ", 1)[1] if ": " in label else label
     severity = answer.get("severity")
+    by_id = _violations_by_id(compiled, answer.get("violations"))
+    if severity is None and by_id is not None and answer["rating"] == "Unsafe":
+        severity = by_id[category_id]  # the model's severity of its main category
     if severity is None and answer["rating"] == "Unsafe":
         # The policy's level for the violated category, when the model was not asked for one.
         severity = compiled.policy.category(category_id).severity
@@ -344,13 +352,24 @@ def parse_verdict(
         severity=severity,
         categories=[compiled.labels[c] for c in answer["categories"]]
         if "categories" in answer
-        else None,
+        else (None if by_id is None else list(by_id)),
+        category_severities=by_id,
         raw=text,
         policy_id=compiled.policy.id,
         policy_version=compiled.policy.version,
         policy_hash=compiled.hash,
         **extra,
     )
+
+
+def _violations_by_id(
+    compiled: CompiledPolicy, violations: dict[str, str] | None
+) -> dict[str, str] | None:
+    """An answer's `violations` (label -> severity) by category id, in policy order."""
+    if violations is None:
+        return None
+    by_id = {compiled.labels[label]: level for label, level in violations.items()}
+    return {c.id: by_id[c.id] for c in compiled.policy.categories if c.id in by_id}
 
 
 def build_verdict(

@@ -14,6 +14,7 @@ from policy_engine import (
     PolicyEngineError,
     PolicyError,
     Problem,
+    at_level,
     get_host,
     load_policy_text,
 )
@@ -43,6 +44,20 @@ def analyse(text: str, path: Path, host: PluginHost | None = None) -> Analysis:
     except PolicyEngineError as err:
         return Analysis(text, problems=[Problem(str(path), 0, 0, "", err.message)])
     return Analysis(text, policy, compiled)
+
+
+def at_audience(analysis: Analysis, level: str | None, host: PluginHost | None = None) -> Analysis:
+    """The analysis of the policy at an audience level (`NAME@LEVEL`): the derived policy and
+    its compiled form, or the reason there is none; `analysis` itself without a level or when
+    the text has problems."""
+    if level is None or analysis.policy is None or analysis.problems:
+        return analysis
+    try:
+        policy = at_level(analysis.policy, level)
+        compiled = (host or get_host()).compile(policy)
+    except PolicyEngineError as err:
+        return Analysis(analysis.text, problems=[Problem("", 0, 0, "", err.message)])
+    return Analysis(analysis.text, policy, compiled)
 
 
 def prompt_diff(saved: Analysis, current: Analysis) -> str:

@@ -14,9 +14,9 @@ from textual.binding import Binding
 from textual.timer import Timer
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane, TextArea
 
-from policy_engine import PluginHost, PolicyEngineError, get_host
+from policy_engine import PluginHost, PolicyEngineError, at_level, get_host, split_level
 
-from .analysis import Analysis
+from .analysis import Analysis, at_audience
 from .categories import CategoriesPane, Edit
 from .dialogs import (
     AddCategoryScreen,
@@ -76,9 +76,11 @@ class PolicyApp(App[None]):
         start_new: tuple[Path | None, str | None] | None = None,
         host: PluginHost | None = None,
         notice: str | None = None,
+        audience: str | None = None,
     ) -> None:
         super().__init__()
         self.notice = notice
+        self.audience = audience  # `tui NAME@LEVEL`: previews at that audience level
         self.host = host or get_host()
         self.document = document
         self.folder = folder or Path.cwd()
@@ -178,13 +180,16 @@ class PolicyApp(App[None]):
         parent = document.extends()
         self._inherited = document.inherited_ids()
         self.query_one(CategoriesPane).show(analysis.policy, self._inherited, parent)
-        self.query_one(PromptView).update_from(analysis)
-        self.query_one(SchemaView).update_from(analysis)
+        audience = at_audience(analysis, self.audience, self.host)
+        self.query_one(PromptView).update_from(audience)
+        self.query_one(SchemaView).update_from(audience)
         self.query_one(DiffView).show(document.prompt_diff())
-        self.query_one(ProblemsPanel).show(analysis.problems, str(document.path))
-        self.query_one(TryPanel).set_policy(analysis.policy if analysis.ok else None)
-        self.query_one(TestPanel).set_policy(analysis.policy if analysis.ok else None)
-        self._show_status(analysis)
+        self.query_one(ProblemsPanel).show(
+            analysis.problems or audience.problems, str(document.path)
+        )
+        self.query_one(TryPanel).set_policy(audience.policy if audience.ok else None)
+        self.query_one(TestPanel).set_policy(audience.policy if audience.ok else None)
+        self._show_status(audience)
 
     def _show_status(self, analysis: Analysis) -> None:
         self._show_title()
@@ -506,7 +511,13 @@ def create_app(
     folder = folder or Path.cwd()
     if policy is None:
         return PolicyApp(folder=folder, host=host)
+    policy, audience = split_level(str(policy))  # NAME@LEVEL: edit NAME, preview at LEVEL
     start = start_for(policy, folder, host)
     if start.document is None:
         return PolicyApp(folder=start.folder, start_new=(start.new_path, None), host=host)
-    return PolicyApp(start.document, folder=start.folder, host=host, notice=start.notice)
+    analysis = start.document.analysis
+    if audience is not None and analysis.policy is not None:
+        at_level(analysis.policy, audience)  # an unknown level: one line, before the app runs
+    return PolicyApp(
+        start.document, folder=start.folder, host=host, notice=start.notice, audience=audience
+    )

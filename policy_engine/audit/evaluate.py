@@ -207,8 +207,10 @@ def _eval_predictions(opts: EvalOptions, host: PluginHost) -> EvalReport:
     first = peek(opts.predictions)
     if opts.compare is not None:
         peek(opts.compare)
-    if "--policy" not in opts.given and first.policy_id in shipped_policies():
-        policy = load_policy(first.policy_id, host=host)
+    made_by = first.policy_id or ""
+    shipped = made_by.rpartition("@")[0] or made_by  # ID@LEVEL: a shipped policy at a level
+    if "--policy" not in opts.given and shipped in shipped_policies():
+        policy = load_policy(made_by, host=host)
     else:
         policy = load_policy(opts.engine.policy or "llavaguard", host=host)
     samples = read_labels(opts.labels, policy)

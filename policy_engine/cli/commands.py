@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ..audience import levels_of
 from ..host import get_host
 from ..loader import load_policy, shipped_policies
 from ..policy import PolicyFile
@@ -33,6 +34,7 @@ def policies(as_json: bool) -> None:
                 "prompt_format": policy.prompt_format,
                 "categories": len(policy.categories),
                 "description": policy.description,
+                "levels": levels_of(policy),  # audience levels: NAME@LEVEL
             }
         )
     if as_json:

@@ -1,7 +1,8 @@
 """A generic prompt format for other vision-language models.
 
 Unlike the LlavaGuard formats it states severities and exception reasons, and it may ask for
-extra answer fields (severity, several categories) when the policy's output options ask for them.
+extra answer fields (severity, several categories, or every violated category with its
+severity) when the policy's output options ask for them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ _FIELD_HELP = {
     "category": 'the one policy category that applies most, or {none} (never with "Unsafe")',
     "severity": "one of {levels}: how severe the violation is",
     "categories": "every policy category that applies (a list, possibly empty)",
+    "violations": (
+        "every policy category the content violates, each with its severity (one of "
+        '{levels}): an object such as {{"ID: Name": "high"}}, which includes the "category" '
+        'when "Unsafe"; {{}} when "Safe"'
+    ),
     "rationale": "describe the content and justify the rating with the policy's guidelines",
 }
 
@@ -25,7 +31,8 @@ class GenericFormat(PromptFormat):
 
     def layout(self, policy: Policy) -> AnswerLayout:
         keys = ["rating", "category"]
-        keys += [f for f in ("severity", "categories") if f in policy.output.extra_fields]
+        extra = ("severity", "categories", "violations")
+        keys += [f for f in extra if f in policy.output.extra_fields]
         keys.append("rationale")
         return AnswerLayout(tuple(keys), indent=4)
 

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..audience import at_level
 from ..backend import Backend
 from ..engine import Engine, make_backend
 from ..errors import PolicyEngineError
 from ..host import PluginHost, get_host
 from ..images import DEFAULT_MAX_PIXELS
-from ..loader import load_policy
+from ..loader import check_policy, load_policy
 from ..policy import Policy
 from ..types import MODES, Mode, check_mode
 
@@ -82,10 +83,12 @@ class EnginePool:
         return tuple(m for m in MODES if m != "score" or self.backend.capabilities.scores)
 
     def engine(self, policy_id: str, mode: Mode | None = None) -> Engine:
-        """The engine of a loaded policy in `mode` (default: the pool's). KeyError for an
-        unknown policy id; ModeUnavailableError for a mode the backend cannot run."""
+        """The engine of a loaded policy (or of `ID@LEVEL`, a loaded policy at an audience
+        level) in `mode` (default: the pool's). KeyError for an unknown policy id;
+        AudienceError for an unknown level; ModeUnavailableError for a mode the backend cannot
+        run."""
         mode = mode or self.mode
-        policy = self.policies[policy_id]
+        policy = self.policies.get(policy_id) or self._at_level(policy_id)
         if mode not in self.modes:
             raise ModeUnavailableError(
                 f"backend {self.backend.name!r} cannot run mode {mode!r}; "
@@ -106,6 +109,17 @@ class EnginePool:
                 )
                 self._engines[key] = engine
             return engine
+
+    def _at_level(self, policy_id: str) -> Policy:
+        """`ID@LEVEL` of a loaded policy with audience levels, derived on first use and kept
+        (levels are few). KeyError when ID is not loaded; AudienceError for an unknown level."""
+        base, _, level = policy_id.rpartition("@")
+        if not base or base not in self.policies:
+            raise KeyError(policy_id)
+        derived = at_level(self.policies[base], level)
+        check_policy(derived, host=self.host)
+        with self._lock:
+            return self.policies.setdefault(derived.id, derived)
 
     def load(self) -> None:
         """Load the backend (weights, connections), once. Blocking: run it in a thread.

@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from ..audience import AudienceError
 from ..engine import Engine
 from ..engine import Item as EngineItem
 from ..errors import PolicyEngineError
@@ -151,6 +152,9 @@ class Service:
             raise ApiError(
                 404, code, f"no policy {policy_id!r} is loaded; policies: {known}", param=param
             ) from None
+        except AudienceError as err:
+            code = "model_not_found" if param == "model" else "policy_not_found"
+            raise ApiError(404, code, err.message, param=param) from None
         except ModeUnavailableError as err:
             where = param.rsplit(".", 1)[0] + ".mode" if "." in param else "mode"
             raise ApiError(400, "mode_unavailable", err.message, param=where) from None
