@@ -31,8 +31,9 @@ from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_sourc
 from .loader import check_policy, load_policy
 from .policy import Policy
 from .postprocess import PostProcessor, StepContext
+from .shadow import restamp, same_request
 from .types import Mode, check_mode
-from .verdict import Decision, Verdict, build_verdict, error_verdict
+from .verdict import Decision, ShadowResult, Verdict, build_verdict, error_verdict
 
 Item = ImageSource | tuple[ImageSource, dict[str, Any] | None]
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 class _Prepared:
     """One item on its way through the engine: a decoded image or an early Decision."""
 
-    __slots__ = ("decision", "decode_seconds", "image", "metadata")
+    __slots__ = ("decision", "decode_seconds", "image", "metadata", "shadow_generation")
 
     def __init__(
         self,
@@ -54,6 +55,7 @@ class _Prepared:
         self.image = image
         self.decision = decision
         self.decode_seconds = decode_seconds
+        self.shadow_generation: Generation | None = None  # the shadow policy's own answer
 
 
 class Engine:
@@ -73,9 +75,12 @@ class Engine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         host: PluginHost | None = None,
         lenient: bool = False,
+        shadow: Policy | str | Path | Engine | None = None,
     ) -> None:
         """`lenient` reads replies that wrap their JSON object in prose (servers that ignore
-        the schema); by default a reply must be exactly one JSON object."""
+        the schema); by default a reply must be exactly one JSON object. `shadow`: a policy
+        judged on every item beside this one, its result recorded under `Decision.shadow`
+        and never enforced (docs/shadow.md); it shares this engine's backend."""
         self.host = host or get_host()
         check_mode(mode)
         if isinstance(policy, Policy):
@@ -108,11 +113,43 @@ class Engine:
             cls = self.host.postprocessor(step.name)
             params = step.bound_params(cls) or cls.Params.model_validate(step.params)
             self.chain.append((step.id or f"{index}:{step.name}", cls(params, self.policy)))
+        self.shadow_steps = frozenset(
+            self.chain[i][0] for i, step in enumerate(self.policy.postprocess) if step.shadow
+        )
+        self.shadow: Engine | None = None
+        self.shadow_reuses = False
+        if shadow is not None:
+            self._set_shadow(shadow)
+
+    def _set_shadow(self, shadow: Policy | str | Path | Engine) -> None:
+        if not isinstance(shadow, Engine):
+            shadow = Engine(
+                shadow,
+                self.backend,
+                mode=self.mode,
+                batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens,
+                score_threshold=self.score_threshold,
+                max_pixels=self.max_pixels,
+                host=self.host,
+                lenient=self.lenient,
+            )
+        self.shadow = shadow
+        self.shadow_reuses = (
+            shadow.backend is self.backend
+            and shadow.mode == self.mode
+            and shadow.max_new_tokens == self.max_new_tokens
+            and shadow.score_threshold == self.score_threshold
+            and shadow.lenient == self.lenient
+            and same_request(self.compiled, shadow.compiled)
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
         """Load the backend (weights, connections) unless it is loaded; assess() calls it."""
         self.backend.ensure_loaded()
+        if self.shadow is not None and self.shadow.backend is not self.backend:
+            self.shadow.load()
 
     def close(self) -> None:
         """Close the backend if this engine built it (a shared one is its owner's to close)."""
@@ -199,11 +236,14 @@ class Engine:
                 generations = self._checked(batch, await self.backend.agenerate(batch))
             except Exception as err:  # any fault becomes the items' error verdicts
                 generations = self._failed(batch, err)
-        return list(self._finish(prepared, generations, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        await self._ashadow_generate(prepared)
+        return list(self._finish(prepared, generations, seconds))
 
     def decide(self, verdict: Verdict, metadata: dict[str, Any] | None = None) -> Decision:
         """Post-process a verdict obtained elsewhere (a policy test's given verdict, a verdict
-        replayed from a log) with this engine's policy: steps in order, then observers."""
+        replayed from a log) with this engine's policy: steps in order, then observers. A
+        shadow policy post-processes the same verdict (there is no image to judge again)."""
         return self._postprocess(verdict, dict(metadata or {}))
 
     # -- warm-up ---------------------------------------------------------------------------
@@ -273,7 +313,9 @@ class Engine:
         batch = self._batch(prepared)
         started = time.perf_counter()
         generations = self._generate(batch) if batch is not None else []
-        return generations, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self._shadow_generate(prepared)
+        return generations, seconds
 
     def _generate(self, batch: Batch) -> list[Generation]:
         try:
@@ -330,7 +372,9 @@ class Engine:
                 score_threshold=self.score_threshold,
                 lenient=self.lenient,
             )
-            yield self._postprocess(verdict, item.metadata)
+            yield self._postprocess(
+                verdict, item.metadata, generation=generation, prepared=item, timings=timings
+            )
 
     def _on_failure(self, decision: Decision, failed: list[str]) -> None:
         """The policy's failure mode: fail-closed adds its action; fail-open only notes."""
@@ -343,22 +387,142 @@ class Engine:
         decision.add_action(rule.action, by="postprocess-failure", **params)
         decision.note("postprocess-failure", f"fail-closed -> {rule.action} ({params['reason']})")
 
-    def _postprocess(self, verdict: Verdict, metadata: dict[str, Any]) -> Decision:
+    def _postprocess(
+        self,
+        verdict: Verdict,
+        metadata: dict[str, Any],
+        *,
+        generation: Generation | None = None,
+        prepared: _Prepared | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Decision:
         decision = Decision(verdict=verdict, metadata=metadata)
-        failed: list[str] = []
-        for step_id, processor in self.chain:
-            context = StepContext(step_id, self.mode, self.compiled, metadata, decision)
-            try:
-                processor(decision, context)
-            except Exception as err:  # a plugin fault must not lose the verdict
-                failed.append(step_id)
-                decision.note(
-                    step_id, f"post-processor failed: {type(err).__name__}: {err}", error=True
-                )
-        if failed:
-            self._on_failure(decision, failed)
+        self._run_steps(decision, 0, [], shadows=True)
+        if self.shadow is not None:
+            decision.add_shadow(
+                self._shadow_policy(verdict, metadata, generation, prepared, timings)
+            )
         self.host.observe_decision(decision)
         return decision
+
+    def _run_steps(
+        self, decision: Decision, start: int, failed: list[str], *, shadows: bool
+    ) -> None:
+        """Steps `start`.. of the chain on `decision`, then the failure rule. A shadow step
+        runs on a copy (`shadows`) or not at all (inside a shadow run)."""
+        for index in range(start, len(self.chain)):
+            step_id, processor = self.chain[index]
+            if step_id in self.shadow_steps:
+                if shadows:
+                    decision.add_shadow(self._shadow_step(decision, index, failed))
+                continue
+            if not self._run_step(decision, step_id, processor):
+                failed.append(step_id)
+        if failed:
+            self._on_failure(decision, failed)
+
+    def _run_step(self, decision: Decision, step_id: str, processor: PostProcessor) -> bool:
+        context = StepContext(step_id, self.mode, self.compiled, decision.metadata, decision)
+        try:
+            processor(decision, context)
+        except Exception as err:  # a plugin fault must not lose the verdict
+            decision.note(
+                step_id, f"post-processor failed: {type(err).__name__}: {err}", error=True
+            )
+            return False
+        return True
+
+    def _shadow_step(self, decision: Decision, index: int, failed: list[str]) -> ShadowResult:
+        """The Decision as it would be with step `index` live: the step, then the live steps
+        after it, on a copy; the live Decision is not touched."""
+        branch = decision.model_copy(
+            update={
+                "overrides": list(decision.overrides),
+                "actions": list(decision.actions),
+                "trace": list(decision.trace),
+                "shadow": None,
+            }
+        )
+        mark = len(branch.trace)
+        step_id, processor = self.chain[index]
+        branch_failed = list(failed)
+        if not self._run_step(branch, step_id, processor):
+            branch_failed.append(step_id)
+        self._run_steps(branch, index + 1, branch_failed, shadows=False)
+        return ShadowResult.of(branch, "step", step_id, trace_from=mark)
+
+    def _shadow_policy(
+        self,
+        verdict: Verdict,
+        metadata: dict[str, Any],
+        generation: Generation | None,
+        prepared: _Prepared | None,
+        timings: dict[str, float] | None,
+    ) -> ShadowResult:
+        """The shadow policy's Decision on the same item: the live answer read under it when
+        it asks the same (`shadow_reuses`), else its own backend answer; its chain without
+        its own shadow steps, and no observers (the live Decision carries it to them)."""
+        shadow = self.shadow
+        assert shadow is not None
+        reused = generation is None or self.shadow_reuses
+        if generation is not None and not self.shadow_reuses and prepared is not None:
+            if prepared.shadow_generation is None:  # a caller that did not generate it
+                self._shadow_generate([prepared])
+            generation = prepared.shadow_generation
+        if generation is None:
+            shadow_verdict = restamp(verdict, shadow.compiled)
+        else:
+            shadow_verdict = build_verdict(
+                shadow.compiled,
+                shadow.mode,
+                generation,
+                source=verdict.source,
+                timings=timings if reused else dict(generation.timings),
+                score_threshold=shadow.score_threshold,
+                lenient=shadow.lenient,
+            )
+        branch = Decision(verdict=shadow_verdict, metadata=metadata)
+        shadow._run_steps(branch, 0, [], shadows=False)
+        return ShadowResult.of(
+            branch,
+            "policy",
+            shadow.policy.id,
+            policy_id=shadow.policy.id,
+            policy_version=shadow.policy.version,
+            policy_hash=shadow.compiled.hash,
+            reused_answer=reused,
+        )
+
+    def _shadow_batch(self, prepared: list[_Prepared]) -> Batch | None:
+        """The batch the shadow policy must judge itself (None: nothing to ask)."""
+        if self.shadow is None or self.shadow_reuses:
+            return None
+        return self.shadow._batch([p for p in prepared if p.image is not None])
+
+    def _shadow_generate(self, prepared: list[_Prepared]) -> None:
+        batch = self._shadow_batch(prepared)
+        if batch is not None:
+            assert self.shadow is not None
+            self._keep_shadow(prepared, self.shadow._generate(batch))
+
+    async def _ashadow_generate(self, prepared: list[_Prepared]) -> None:
+        batch = self._shadow_batch(prepared)
+        if batch is None:
+            return
+        shadow = self.shadow
+        assert shadow is not None
+        try:
+            generations = shadow._checked(batch, await shadow.backend.agenerate(batch))
+        except Exception as err:  # the shadow's fault is the shadow result's error
+            generations = shadow._failed(batch, err)
+        self._keep_shadow(prepared, generations)
+
+    @staticmethod
+    def _keep_shadow(prepared: list[_Prepared], generations: list[Generation]) -> None:
+        answers = iter(generations)
+        for item in prepared:
+            if item.image is not None:
+                item.shadow_generation = next(answers)
 
 
 T = TypeVar("T")
