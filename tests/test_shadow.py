@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,20 @@ def test_a_shadow_step_that_agrees_and_one_that_fails(host: PluginHost) -> None:
     (result,) = decision.shadow or []
     assert result.trace[0].error and "shadow step broke" in result.trace[0].message
     assert names(result.actions) == ["human_review"]  # the policy's fail-closed, in shadow
+
+
+def test_the_documented_step_example_does_what_the_docs_say(host: PluginHost) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "shadow.md").read_text("utf-8")
+    block = re.search(r"```yaml\n(.*?)```", doc, re.S)
+    assert block is not None
+    decision = Engine(policy(block.group(1), host), "colour", host=host).assess(
+        red_image(BORDERLINE)
+    )
+    assert (decision.rating, decision.actions) == ("Safe", [])
+    (result,) = decision.shadow or []
+    assert (result.source, result.rating) == ("candidate-cut", "Unsafe")
+    assert [(a.name, a.by) for a in result.actions] == [("block", "moderation:block-unsafe")]
+    assert f"P(Unsafe) {decision.verdict.p_unsafe:.2f}" in doc
 
 
 # --- a policy in shadow ------------------------------------------------------------------------
