@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import shadow as shadow_mode
 from .backend import Backend, Batch, Generation
 from .compiler import CompiledPolicy
 from .errors import BackendError, ImageError, PolicyEngineError
@@ -31,9 +32,8 @@ from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_sourc
 from .loader import check_policy, load_policy
 from .policy import Policy
 from .postprocess import PostProcessor, StepContext
-from .shadow import restamp, same_request
 from .types import Mode, check_mode
-from .verdict import Decision, ShadowResult, Verdict, build_verdict, error_verdict
+from .verdict import Decision, Verdict, build_verdict, error_verdict
 
 Item = ImageSource | tuple[ImageSource, dict[str, Any] | None]
 log = logging.getLogger(__name__)
@@ -117,32 +117,9 @@ class Engine:
             self.chain[i][0] for i, step in enumerate(self.policy.postprocess) if step.shadow
         )
         self.shadow: Engine | None = None
-        self.shadow_reuses = False
+        self.shadow_reuses = False  # the shadow policy reads the live answers (no own call)
         if shadow is not None:
-            self._set_shadow(shadow)
-
-    def _set_shadow(self, shadow: Policy | str | Path | Engine) -> None:
-        if not isinstance(shadow, Engine):
-            shadow = Engine(
-                shadow,
-                self.backend,
-                mode=self.mode,
-                batch_size=self.batch_size,
-                max_new_tokens=self.max_new_tokens,
-                score_threshold=self.score_threshold,
-                max_pixels=self.max_pixels,
-                host=self.host,
-                lenient=self.lenient,
-            )
-        self.shadow = shadow
-        self.shadow_reuses = (
-            shadow.backend is self.backend
-            and shadow.mode == self.mode
-            and shadow.max_new_tokens == self.max_new_tokens
-            and shadow.score_threshold == self.score_threshold
-            and shadow.lenient == self.lenient
-            and same_request(self.compiled, shadow.compiled)
-        )
+            self.shadow, self.shadow_reuses = shadow_mode.beside(self, shadow)
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -400,7 +377,7 @@ class Engine:
         self._run_steps(decision, 0, [], shadows=True)
         if self.shadow is not None:
             decision.add_shadow(
-                self._shadow_policy(verdict, metadata, generation, prepared, timings)
+                shadow_mode.policy_result(self, verdict, metadata, generation, prepared, timings)
             )
         self.host.observe_decision(decision)
         return decision
@@ -414,7 +391,7 @@ class Engine:
             step_id, processor = self.chain[index]
             if step_id in self.shadow_steps:
                 if shadows:
-                    decision.add_shadow(self._shadow_step(decision, index, failed))
+                    decision.add_shadow(shadow_mode.step_result(self, decision, index, failed))
                 continue
             if not self._run_step(decision, step_id, processor):
                 failed.append(step_id)
@@ -432,97 +409,12 @@ class Engine:
             return False
         return True
 
-    def _shadow_step(self, decision: Decision, index: int, failed: list[str]) -> ShadowResult:
-        """The Decision as it would be with step `index` live: the step, then the live steps
-        after it, on a copy; the live Decision is not touched."""
-        branch = decision.model_copy(
-            update={
-                "overrides": list(decision.overrides),
-                "actions": list(decision.actions),
-                "trace": list(decision.trace),
-                "shadow": None,
-            }
-        )
-        mark = len(branch.trace)
-        step_id, processor = self.chain[index]
-        branch_failed = list(failed)
-        if not self._run_step(branch, step_id, processor):
-            branch_failed.append(step_id)
-        self._run_steps(branch, index + 1, branch_failed, shadows=False)
-        return ShadowResult.of(branch, "step", step_id, trace_from=mark)
-
-    def _shadow_policy(
-        self,
-        verdict: Verdict,
-        metadata: dict[str, Any],
-        generation: Generation | None,
-        prepared: _Prepared | None,
-        timings: dict[str, float] | None,
-    ) -> ShadowResult:
-        """The shadow policy's Decision on the same item: the live answer read under it when
-        it asks the same (`shadow_reuses`), else its own backend answer; its chain without
-        its own shadow steps, and no observers (the live Decision carries it to them)."""
-        shadow = self.shadow
-        assert shadow is not None
-        reused = generation is None or self.shadow_reuses
-        if generation is not None and not self.shadow_reuses and prepared is not None:
-            if prepared.shadow_generation is None:  # a caller that did not generate it
-                self._shadow_generate([prepared])
-            generation = prepared.shadow_generation
-        if generation is None:
-            shadow_verdict = restamp(verdict, shadow.compiled)
-        else:
-            shadow_verdict = build_verdict(
-                shadow.compiled,
-                shadow.mode,
-                generation,
-                source=verdict.source,
-                timings=timings if reused else dict(generation.timings),
-                score_threshold=shadow.score_threshold,
-                lenient=shadow.lenient,
-            )
-        branch = Decision(verdict=shadow_verdict, metadata=metadata)
-        shadow._run_steps(branch, 0, [], shadows=False)
-        return ShadowResult.of(
-            branch,
-            "policy",
-            shadow.policy.id,
-            policy_id=shadow.policy.id,
-            policy_version=shadow.policy.version,
-            policy_hash=shadow.compiled.hash,
-            reused_answer=reused,
-        )
-
-    def _shadow_batch(self, prepared: list[_Prepared]) -> Batch | None:
-        """The batch the shadow policy must judge itself (None: nothing to ask)."""
-        if self.shadow is None or self.shadow_reuses:
-            return None
-        return self.shadow._batch([p for p in prepared if p.image is not None])
-
     def _shadow_generate(self, prepared: list[_Prepared]) -> None:
-        batch = self._shadow_batch(prepared)
-        if batch is not None:
-            assert self.shadow is not None
-            self._keep_shadow(prepared, self.shadow._generate(batch))
+        """The shadow policy's own answers for these items, when it needs any."""
+        shadow_mode.generate(self, prepared)
 
     async def _ashadow_generate(self, prepared: list[_Prepared]) -> None:
-        batch = self._shadow_batch(prepared)
-        if batch is None:
-            return
-        shadow = self.shadow
-        assert shadow is not None
-        try:
-            generations = shadow._checked(batch, await shadow.backend.agenerate(batch))
-        except Exception as err:  # the shadow's fault is the shadow result's error
-            generations = shadow._failed(batch, err)
-        self._keep_shadow(prepared, generations)
-
-    @staticmethod
-    def _keep_shadow(prepared: list[_Prepared], generations: list[Generation]) -> None:
-        answers = iter(generations)
-        for item in prepared:
-            if item.image is not None:
-                item.shadow_generation = next(answers)
+        await shadow_mode.agenerate(self, prepared)
 
 
 T = TypeVar("T")
