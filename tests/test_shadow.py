@@ -344,7 +344,10 @@ def test_audit_keeps_the_shadow_and_report_compares_it(host: PluginHost, images:
     assert runner.invoke(cli, ["report", str(out), "--html", str(page)]).exit_code == 0
     html = page.read_text(encoding="utf-8")
     assert '<section id="shadow">' in html and 'href="#shadow"' in html
-    assert "<td><code>1.png</code></td><td>Safe</td><td></td><td>Unsafe</td><td>block</td>" in html
+    assert (
+        "<td><code>1.png</code></td><td>Safe</td><td>(none)</td><td>Unsafe</td><td>block</td>"
+        in html
+    )
 
 
 def test_a_report_without_shadow_has_no_shadow_section(host: PluginHost, images: Path) -> None:

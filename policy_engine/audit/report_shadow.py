@@ -181,7 +181,9 @@ class ShadowComparison:
         for s in self.sources.values():
             changes = ", ".join(f"{_e(k)}: {v}" for k, v in s.ratings.most_common())
             parts.append(
-                f"<h3>{_e(s.label)}</h3><p>{s.compared} compared, {s.agree} agree "
+                f"<h3>{_e(s.label)}</h3>"
+                + (f"<p><code>{_e(s.policy_hash)}</code></p>" if s.policy_hash else "")
+                + f"<p>{s.compared} compared, {s.agree} agree "
                 f"({percent(s.agree, s.compared)}), {s.differ} differ; flagged live "
                 f"{s.live_flagged}, shadow {s.shadow_flagged}"
                 + (f"; ratings {changes}" if changes else "")
@@ -191,9 +193,9 @@ class ShadowComparison:
                 continue
             rows = "".join(
                 f"<tr><td><code>{_e(d.id)}</code></td><td>{_e(d.live_rating or 'error')}</td>"
-                f"<td>{_e(', '.join(d.live_actions))}</td>"
+                f"<td>{_actions(d.live_actions)}</td>"
                 f"<td>{_e(d.shadow_rating or 'error')}</td>"
-                f"<td>{_e(', '.join(d.shadow_actions))}</td></tr>"
+                f"<td>{_actions(d.shadow_actions)}</td></tr>"
                 for d in s.differences
             )
             more = s.differ - len(s.differences)
@@ -208,3 +210,7 @@ class ShadowComparison:
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _actions(names: tuple[str, ...]) -> str:
+    return _e(", ".join(names)) if names else "(none)"
