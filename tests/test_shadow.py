@@ -18,7 +18,8 @@ from colour_backend import ColourBackend, colour_host, red_image
 from policy_engine.plugins import sinks
 
 from policy_engine import Engine, PluginHost
-from policy_engine.audit.store import ResultStore
+from policy_engine.audit.report_shadow import ShadowComparison
+from policy_engine.audit.store import ResultRow, ResultStore
 from policy_engine.cli import cli
 from policy_engine.compiler import _policy_data, policy_hash
 from policy_engine.errors import PolicyError
@@ -338,7 +339,9 @@ def test_audit_keeps_the_shadow_and_report_compares_it(host: PluginHost, images:
 
     text = runner.invoke(cli, ["report", str(out)]).stdout
     assert "Shadow vs live (3 rows with a shadow result; never enforced)" in text
-    assert "policy candidate: 3 compared, 1 agree (33.3%), 2 differ" in text
+    label = f"policy candidate {source['policy_hash'][:19]}"
+    assert source["policy_hash"] == rows["0.png"].decision["shadow"][0]["policy_hash"]
+    assert f"{label}: 3 compared, 1 agree (33.3%), 2 differ" in text
     assert "1.png: Safe [] => Unsafe [block]" in text
     page = images.parent / "report.html"
     assert runner.invoke(cli, ["report", str(out), "--html", str(page)]).exit_code == 0
@@ -348,6 +351,45 @@ def test_audit_keeps_the_shadow_and_report_compares_it(host: PluginHost, images:
         "<td><code>1.png</code></td><td>Safe</td><td>(none)</td><td>Unsafe</td><td>block</td>"
         in html
     )
+
+
+def _row(index: int, rating: str, actions: list[str], shadow: list[dict[str, Any]]) -> ResultRow:
+    return ResultRow(
+        id=f"r{index}",
+        seq=index,
+        source=f"r{index}.png",
+        ok=True,
+        rating=rating,
+        category_id=None,
+        severity=None,
+        p_unsafe=None,
+        actions=actions,
+        error_kind=None,
+        error=None,
+        decision={"shadow": shadow},
+    )
+
+
+def test_the_comparison_keeps_versions_apart_and_bounds_its_examples() -> None:
+    def result(digest: str, rating: str | None, *actions: str) -> dict[str, Any]:
+        named = [{"name": a, "by": "x"} for a in actions]
+        return {"kind": "policy", "source": "cand", "policy_hash": digest, "rating": rating,
+                "actions": named}  # fmt: skip
+
+    comparison = ShadowComparison(examples=2)
+    for index in range(5):  # version one: always blocks what live allows
+        comparison.add(_row(index, "Safe", ["allow"], [result("sha256:one", "Safe", "block")]))
+    comparison.add(_row(5, "Unsafe", ["block"], [result("sha256:two", None, "human_review")]))
+    comparison.add(_row(6, "Unsafe", ["block"], []))  # no shadow: not compared
+    one, two = comparison.sources.values()
+    assert (one.compared, one.agree, one.differ, len(one.differences)) == (5, 0, 5, 2)
+    assert (one.live_flagged, one.shadow_flagged) == (0, 5) and not one.ratings
+    assert (two.compared, two.differ, dict(two.ratings)) == (1, 1, {"Unsafe -> error": 1})
+    assert comparison.rows == 6
+    text = "\n".join(comparison.text_lines())
+    assert "policy cand sha256:one: 5 compared, 0 agree (0.0%), 5 differ" in text
+    assert "... 3 more" in text and "r5: Unsafe [block] => error [human_review]" in text
+    assert "<p>… 3 more</p>" in comparison.html_section()
 
 
 def test_a_report_without_shadow_has_no_shadow_section(host: PluginHost, images: Path) -> None:

@@ -60,7 +60,10 @@ class ShadowSource:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.source}"
+        """`step ID`, or `policy ID HASH` (shortened): a resumed audit may have run two
+        versions of a shadow policy, compared apart."""
+        short = f" {self.policy_hash[:19]}" if self.policy_hash else ""
+        return f"{self.kind} {self.source}{short}"
 
     @property
     def differ(self) -> int:
@@ -84,6 +87,10 @@ class ShadowSource:
 def _flagged(rating: object, actions: tuple[str, ...]) -> bool:
     """The service's `flagged`: Unsafe, or any action but allow."""
     return rating == "Unsafe" or any(a != "allow" for a in actions)
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _names(actions: object) -> tuple[str, ...]:
@@ -110,10 +117,11 @@ class ShadowComparison:
             if not isinstance(result, dict):
                 continue
             kind, name = str(result.get("kind")), str(result.get("source"))
-            entry = self.sources.get(f"{kind}:{name}")
+            digest = result.get("policy_hash")
+            key = f"{kind}:{name}:{digest}"
+            entry = self.sources.get(key)
             if entry is None:
-                entry = ShadowSource(kind, name, result.get("policy_hash"))
-                self.sources[f"{kind}:{name}"] = entry
+                entry = self.sources[key] = ShadowSource(kind, name, _str_or_none(digest))
             rating = result.get("rating")
             actions = _names(result.get("actions"))
             entry.compared += 1
