@@ -353,6 +353,36 @@ def test_audit_keeps_the_shadow_and_report_compares_it(host: PluginHost, images:
     )
 
 
+def test_eval_records_the_shadow_and_measures_the_live_policy(
+    host: PluginHost, images: Path
+) -> None:
+    labels = images.parent / "labels.jsonl"
+    rows = [("0.png", "Safe", "NA"), ("1.png", "Unsafe", "O1"), ("2.png", "Unsafe", "O1")]
+    lines = [
+        json.dumps({"image": f"images/{name}", "rating": rating, "category": category})
+        for name, rating, category in rows
+    ]
+    labels.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    candidate = CANDIDATE_FILE(images.parent)
+    runner = CliRunner()
+    base = ["eval", str(labels), "-b", "colour", "--format", "json"]
+    plain = runner.invoke(cli, base)
+    out = images.parent / "eval.db"
+    shadowed = runner.invoke(cli, [*base, "--shadow", str(candidate), "--out", str(out)])
+    assert plain.exit_code == shadowed.exit_code == 0, shadowed.output
+    # the metrics are the live policy's: the candidate would have caught 1.png
+    assert json.loads(shadowed.stdout)["metrics"] == json.loads(plain.stdout)["metrics"]
+    assert json.loads(plain.stdout)["metrics"]["fn"] == 1
+    with ResultStore(out) as store:
+        kept = {row.id: row for row in store.rows()}
+    assert {row.decision["shadow"][0]["source"] for row in kept.values()} == {"candidate"}
+    assert [kept[i].decision["shadow"][0]["rating"] for i in sorted(kept)] == [
+        "Safe",
+        "Unsafe",
+        "Unsafe",
+    ]
+
+
 def _row(index: int, rating: str, actions: list[str], shadow: list[dict[str, Any]]) -> ResultRow:
     return ResultRow(
         id=f"r{index}",
