@@ -22,7 +22,7 @@ from policy_engine.audit.report_shadow import ShadowComparison
 from policy_engine.audit.store import ResultRow, ResultStore
 from policy_engine.cli import cli
 from policy_engine.compiler import _policy_data, policy_hash
-from policy_engine.errors import PolicyError
+from policy_engine.errors import PolicyEngineError, PolicyError
 from policy_engine.loader import load_policy, load_policy_text
 from policy_engine.verdict import Decision, Verdict
 
@@ -240,6 +240,15 @@ def test_shadow_steps_of_a_shadow_policy_do_not_run(host: PluginHost) -> None:
     (result,) = engine.assess(red_image(BORDERLINE)).shadow or []
     assert result.source == "live" and result.rating == "Safe"
     assert {t.step for t in result.trace} == {"moderation"}
+
+
+def test_an_engine_with_a_shadow_policy_is_not_sent_to_ray_without_it(host: PluginHost) -> None:
+    from policy_engine.ray import EngineSpec
+
+    assert EngineSpec.from_engine(Engine("llavaguard", "colour", host=host)).policy.id
+    shadowed = Engine("llavaguard", "colour", host=host, shadow="children-platform")
+    with pytest.raises(PolicyEngineError, match="shadow policy does not run on Ray"):
+        EngineSpec.from_engine(shadowed)
 
 
 # --- sinks -------------------------------------------------------------------------------------
