@@ -543,3 +543,31 @@ def test_the_service_shadow_policy_applies_to_requests_that_name_none(host: Plug
         calls = backend.calls
         api.post("/v1/assess", json={"image": png_url(0.9)})
         assert backend.calls == calls + 2  # the live and the shadow policy each asked once
+
+
+def test_the_contract_documents_shadow_and_serve_shadow_sets_the_default(
+    api: Api, host: PluginHost
+) -> None:
+    spec = api.client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert "shadow" in schemas["AssessRequest"]["properties"]
+    assert "shadow" in schemas["ModerationRequest"]["properties"]
+    assert "shadow" in schemas["ModerationExtension"]["properties"]
+    assert "shadow" in schemas["Decision"]["properties"]
+    form = spec["paths"]["/v1/assess"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert "shadow" in form["schema"]["properties"]
+
+    from policy_engine.cli.engine import EngineChoice
+    from policy_engine.serve.command import _build_pool
+
+    choice = EngineChoice(
+        policy="llavaguard", backend="colour", mode="full", shadow="children-platform"
+    )
+    pool = _build_pool(choice, ("llavaguard",), ServeSettings(), None)
+    try:
+        assert pool.shadow is not None and pool.shadow.id == "children-platform"
+        engine = pool.engine("llavaguard")
+        assert engine.shadow is not None and engine.shadow.policy.id == "children-platform"
+        assert pool.engine("llavaguard", shadow="llavaguard").shadow_reuses
+    finally:
+        pool.close()
