@@ -337,8 +337,11 @@ def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
 # Policy keys added after the file format's first release. When a policy leaves one out (None),
 # it is left out of the hash too, so a policy that does not use a newer feature keeps the hash
 # it had before the feature existed (verdicts, results files and reports stay comparable).
-# Top-level keys by name; category keys as "categories.KEY".
-OPTIONAL_KEYS: frozenset[str] = frozenset({"audiences", "categories.audience"})
+# Top-level keys by name; keys of list entries as "LIST.KEY" ("categories.KEY",
+# "postprocess.KEY").
+OPTIONAL_KEYS: frozenset[str] = frozenset(
+    {"audiences", "categories.audience", "postprocess.shadow"}
+)
 
 # Keys that never change what a policy asks the model or how its answer is read, left out of
 # the hash like `tests`: audience levels only matter to `NAME@LEVEL`, whose derived policy has
@@ -355,11 +358,11 @@ def _policy_data(policy: Policy) -> Any:
         else:
             data.pop(key, None)
     for key in OPTIONAL_KEYS:
-        if key.startswith("categories."):
-            name = key.removeprefix("categories.")
-            for category in data.get("categories", []):
-                if category.get(name) is None:
-                    category.pop(name, None)
+        if "." in key:
+            field_name, name = key.split(".", 1)
+            for entry in data.get(field_name) or []:
+                if isinstance(entry, dict) and entry.get(name) is None:
+                    entry.pop(name, None)
         elif data.get(key) is None:
             data.pop(key, None)
     return data

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import shadow as shadow_mode
 from .backend import Backend, Batch, Generation
 from .compiler import CompiledPolicy
 from .errors import BackendError, ImageError, PolicyEngineError
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 class _Prepared:
     """One item on its way through the engine: a decoded image or an early Decision."""
 
-    __slots__ = ("decision", "decode_seconds", "image", "metadata")
+    __slots__ = ("decision", "decode_seconds", "image", "metadata", "shadow_generation")
 
     def __init__(
         self,
@@ -54,6 +55,7 @@ class _Prepared:
         self.image = image
         self.decision = decision
         self.decode_seconds = decode_seconds
+        self.shadow_generation: Generation | None = None  # the shadow policy's own answer
 
 
 class Engine:
@@ -73,9 +75,12 @@ class Engine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         host: PluginHost | None = None,
         lenient: bool = False,
+        shadow: Policy | str | Path | Engine | None = None,
     ) -> None:
         """`lenient` reads replies that wrap their JSON object in prose (servers that ignore
-        the schema); by default a reply must be exactly one JSON object."""
+        the schema); by default a reply must be exactly one JSON object. `shadow`: a policy
+        judged on every item beside this one, its result recorded under `Decision.shadow`
+        and never enforced (docs/shadow.md); it shares this engine's backend."""
         self.host = host or get_host()
         check_mode(mode)
         if isinstance(policy, Policy):
@@ -108,11 +113,20 @@ class Engine:
             cls = self.host.postprocessor(step.name)
             params = step.bound_params(cls) or cls.Params.model_validate(step.params)
             self.chain.append((step.id or f"{index}:{step.name}", cls(params, self.policy)))
+        self.shadow_steps = frozenset(
+            self.chain[i][0] for i, step in enumerate(self.policy.postprocess) if step.shadow
+        )
+        self.shadow: Engine | None = None
+        self.shadow_reuses = False  # the shadow policy reads the live answers (no own call)
+        if shadow is not None:
+            self.shadow, self.shadow_reuses = shadow_mode.beside(self, shadow)
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
         """Load the backend (weights, connections) unless it is loaded; assess() calls it."""
         self.backend.ensure_loaded()
+        if self.shadow is not None and self.shadow.backend is not self.backend:
+            self.shadow.load()
 
     def close(self) -> None:
         """Close the backend if this engine built it (a shared one is its owner's to close)."""
@@ -199,11 +213,14 @@ class Engine:
                 generations = self._checked(batch, await self.backend.agenerate(batch))
             except Exception as err:  # any fault becomes the items' error verdicts
                 generations = self._failed(batch, err)
-        return list(self._finish(prepared, generations, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        await self._ashadow_generate(prepared)
+        return list(self._finish(prepared, generations, seconds))
 
     def decide(self, verdict: Verdict, metadata: dict[str, Any] | None = None) -> Decision:
         """Post-process a verdict obtained elsewhere (a policy test's given verdict, a verdict
-        replayed from a log) with this engine's policy: steps in order, then observers."""
+        replayed from a log) with this engine's policy: steps in order, then observers. A
+        shadow policy post-processes the same verdict (there is no image to judge again)."""
         return self._postprocess(verdict, dict(metadata or {}))
 
     # -- warm-up ---------------------------------------------------------------------------
@@ -273,7 +290,9 @@ class Engine:
         batch = self._batch(prepared)
         started = time.perf_counter()
         generations = self._generate(batch) if batch is not None else []
-        return generations, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self._shadow_generate(prepared)
+        return generations, seconds
 
     def _generate(self, batch: Batch) -> list[Generation]:
         try:
@@ -330,7 +349,9 @@ class Engine:
                 score_threshold=self.score_threshold,
                 lenient=self.lenient,
             )
-            yield self._postprocess(verdict, item.metadata)
+            yield self._postprocess(
+                verdict, item.metadata, generation=generation, prepared=item, timings=timings
+            )
 
     def _on_failure(self, decision: Decision, failed: list[str]) -> None:
         """The policy's failure mode: fail-closed adds its action; fail-open only notes."""
@@ -343,22 +364,57 @@ class Engine:
         decision.add_action(rule.action, by="postprocess-failure", **params)
         decision.note("postprocess-failure", f"fail-closed -> {rule.action} ({params['reason']})")
 
-    def _postprocess(self, verdict: Verdict, metadata: dict[str, Any]) -> Decision:
+    def _postprocess(
+        self,
+        verdict: Verdict,
+        metadata: dict[str, Any],
+        *,
+        generation: Generation | None = None,
+        prepared: _Prepared | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Decision:
         decision = Decision(verdict=verdict, metadata=metadata)
-        failed: list[str] = []
-        for step_id, processor in self.chain:
-            context = StepContext(step_id, self.mode, self.compiled, metadata, decision)
-            try:
-                processor(decision, context)
-            except Exception as err:  # a plugin fault must not lose the verdict
-                failed.append(step_id)
-                decision.note(
-                    step_id, f"post-processor failed: {type(err).__name__}: {err}", error=True
-                )
-        if failed:
-            self._on_failure(decision, failed)
+        self._run_steps(decision, 0, [], shadows=True)
+        if self.shadow is not None:
+            decision.add_shadow(
+                shadow_mode.policy_result(self, verdict, metadata, generation, prepared, timings)
+            )
         self.host.observe_decision(decision)
         return decision
+
+    def _run_steps(
+        self, decision: Decision, start: int, failed: list[str], *, shadows: bool
+    ) -> None:
+        """Steps `start`.. of the chain on `decision`, then the failure rule. A shadow step
+        runs on a copy (`shadows`) or not at all (inside a shadow run)."""
+        for index in range(start, len(self.chain)):
+            step_id, processor = self.chain[index]
+            if step_id in self.shadow_steps:
+                if shadows:
+                    decision.add_shadow(shadow_mode.step_result(self, decision, index, failed))
+                continue
+            if not self._run_step(decision, step_id, processor):
+                failed.append(step_id)
+        if failed:
+            self._on_failure(decision, failed)
+
+    def _run_step(self, decision: Decision, step_id: str, processor: PostProcessor) -> bool:
+        context = StepContext(step_id, self.mode, self.compiled, decision.metadata, decision)
+        try:
+            processor(decision, context)
+        except Exception as err:  # a plugin fault must not lose the verdict
+            decision.note(
+                step_id, f"post-processor failed: {type(err).__name__}: {err}", error=True
+            )
+            return False
+        return True
+
+    def _shadow_generate(self, prepared: list[_Prepared]) -> None:
+        """The shadow policy's own answers for these items, when it needs any."""
+        shadow_mode.generate(self, prepared)
+
+    async def _ashadow_generate(self, prepared: list[_Prepared]) -> None:
+        await shadow_mode.agenerate(self, prepared)
 
 
 T = TypeVar("T")

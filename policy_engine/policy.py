@@ -203,6 +203,18 @@ class PostprocessStep(_Strict):
     name: str = Field(min_length=1, description="A registered post-processor name.")
     params: dict[str, Any] = Field(default_factory=dict, description="Its parameters.")
     id: str | None = Field(default=None, description="Optional label shown in traces.")
+    shadow: bool | None = Field(
+        default=None,
+        description="Run in shadow: what the step would do is recorded under the Decision's "
+        "`shadow`, never enforced (docs/shadow.md).",
+    )
+
+    @field_validator("shadow")
+    @classmethod
+    def _live_is_absent(cls, value: bool | None) -> bool | None:
+        """`shadow: false` means what leaving it out means (and hashes alike)."""
+        return value or None
+
     # (post-processor class, its validated params), set once when a host checks the policy
     _bound: tuple[type, BaseModel] | None = PrivateAttr(default=None)
 

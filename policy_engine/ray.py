@@ -90,7 +90,10 @@ class EngineSpec:
     @classmethod
     def from_engine(cls, engine: Engine) -> EngineSpec:
         """The spec of a built (not necessarily loaded) engine: its policy object, backend
-        name and the options it was given."""
+        name and the options it was given. An engine with a shadow policy is refused (Ray
+        workers would judge without it)."""
+        if engine.shadow is not None:
+            raise PolicyEngineError("an Engine with a shadow policy does not run on Ray")
         return cls(
             policy=engine.policy,
             backend=engine.backend.name if engine.owns_backend else type(engine.backend),

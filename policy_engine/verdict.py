@@ -134,6 +134,70 @@ class Override(BaseModel):
 FINAL_FIELDS = ("rating", "category_id", "category_name", "severity")
 
 
+class ShadowResult(BaseModel):
+    """What a step or a policy running in shadow would have decided: recorded, never enforced
+    (docs/shadow.md).
+
+    `kind` "step": a policy step marked `shadow: true`, run on a copy of the Decision (and the
+    live steps after it on that copy); `source` is the step's id. `kind` "policy": a whole
+    shadow policy judged on the same item; `source` is its id, `policy_*` its provenance and
+    `reused_answer` says whether the live backend answer was read again under the shadow
+    policy (same prompt and answer schema) instead of a second backend call. The final values,
+    actions and overrides are the would-be Decision's; `trace` holds the lines the shadow run
+    wrote.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["step", "policy"]
+    source: str
+    rating: Rating | None = None
+    category_id: str | None = None
+    category_name: str | None = None
+    severity: str | None = None
+    p_unsafe: float | None = None
+    actions: list[Action] = Field(default_factory=list)
+    overrides: list[Override] = Field(default_factory=list)
+    trace: list[TraceEntry] = Field(default_factory=list)
+    error: VerdictError | None = None
+    policy_id: str | None = None
+    policy_version: str | None = None
+    policy_hash: str | None = None
+    reused_answer: bool | None = None
+
+    @classmethod
+    def of(
+        cls,
+        decision: Decision,
+        kind: Literal["step", "policy"],
+        source: str,
+        *,
+        trace_from: int = 0,
+        **extra: Any,
+    ) -> ShadowResult:
+        """The would-be `decision` as a shadow result (its trace from line `trace_from` on)."""
+        return cls(
+            kind=kind,
+            source=source,
+            rating=decision.rating,
+            category_id=decision.category_id,
+            category_name=decision.category_name,
+            severity=decision.severity,
+            p_unsafe=decision.verdict.p_unsafe,
+            actions=list(decision.actions),
+            overrides=list(decision.overrides),
+            trace=list(decision.trace[trace_from:]),
+            error=decision.verdict.error,
+            **extra,
+        )
+
+    def agrees_with(self, decision: Decision) -> bool:
+        """Same final rating and the same set of action names as the live `decision`."""
+        return self.rating == decision.rating and {a.name for a in self.actions} == {
+            a.name for a in decision.actions
+        }
+
+
 class Decision(BaseModel):
     """A verdict plus what post-processing made of it.
 
@@ -149,6 +213,10 @@ class Decision(BaseModel):
     actions: list[Action] = Field(default_factory=list)
     trace: list[TraceEntry] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    shadow: list[ShadowResult] | None = Field(
+        default=None,
+        description="What steps or policies in shadow would have decided; never enforced.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -212,6 +280,10 @@ class Decision(BaseModel):
 
     def note(self, step: str, message: str, *, error: bool = False) -> None:
         self.trace.append(TraceEntry(step=step, message=message, error=error))
+
+    def add_shadow(self, result: ShadowResult) -> None:
+        """Record what a step or policy in shadow would have decided (never enforced)."""
+        self.shadow = [*(self.shadow or []), result]
 
 
 _FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\n(?P<body>.*?)\n?```\Z", re.DOTALL)

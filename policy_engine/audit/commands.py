@@ -115,6 +115,8 @@ def audit(
     misplaced = [name for name, value in ray_given.items() if value is not None]
     if executor != "ray" and misplaced:
         raise PolicyEngineError(f"{misplaced[0]} applies to --executor ray only")
+    if executor == "ray" and engine.shadow is not None:
+        raise PolicyEngineError("--shadow runs with --executor local only")
     if executor == "ray":
         from ..ray import require_ray
 

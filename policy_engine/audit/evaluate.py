@@ -303,6 +303,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
             mode=mode,
             batch_size=choice.batch_size,
             host=host,
+            shadow=choice.shadow,  # recorded in --out's rows; the metrics are the live policy's
         )
         engine.load()
         if opts.out is not None:

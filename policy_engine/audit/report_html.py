@@ -58,6 +58,7 @@ def render_html(summary: Summary, *, thumb_size: int = 160, base_dir: Path | Non
             _html_totals(summary),
             _html_overview(summary),
             _html_errors(summary),
+            summary.shadow.html_section(),
         ]
         for index, stats in enumerate(summary.categories.values()):
             parts.append(_html_category(summary, stats, index, thumbs))
@@ -132,6 +133,8 @@ def _html_nav(summary: Summary) -> str:
     links = ['<a href="#totals">Totals</a>', '<a href="#overview">Charts</a>']
     if summary.error_groups:
         links.append('<a href="#errors">Errors</a>')
+    if summary.shadow.sources:
+        links.append('<a href="#shadow">Shadow vs live</a>')
     for index, stats in enumerate(summary.categories.values()):
         links.append(f'<a href="#{_anchor(index)}">{_e(stats.id)}</a>')
     links.append('<a href="#safe-sample">Safe sample</a>')

@@ -68,6 +68,7 @@ def render_text(summary: Summary) -> str:
         "Severities (the policy's scale, lowest first)", summary.severities_in_order(), summary.rows
     )
     lines += _text_counts("Actions (rows carrying each)", summary.actions, summary.rows)
+    lines += summary.shadow.text_lines(_t)
     if summary.error_groups:
         lines.append("Errors")
         for kind, group in summary.error_groups.items():

@@ -105,7 +105,14 @@ def results_meta(engine: Engine, source: str) -> dict[str, str]:
     """What every results file records of the run that wrote it (audit and eval alike): the
     policy, the backend, its model and options, the mode, the source."""
     policy = engine.policy
+    shadow: dict[str, str] = {}
+    if engine.shadow is not None:  # recorded, not part of the audit's identity
+        shadow = {
+            "shadow_policy_id": engine.shadow.policy.id,
+            "shadow_policy_hash": engine.shadow.compiled.hash,
+        }
     return {
+        **shadow,
         "policy_id": policy.id,
         "policy_version": policy.version,
         "policy_hash": engine.compiled.hash,

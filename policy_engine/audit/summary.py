@@ -35,6 +35,7 @@ from .report_data import (
     utc_time,
 )
 from .report_provenance import Provenance
+from .report_shadow import ShadowComparison
 from .store import ResultRow, ResultStore, StoreError
 
 __all__ = [
@@ -96,6 +97,7 @@ class Summary:
     last_row: float | None = None
     first_batch: FirstBatch = field(default_factory=FirstBatch)
     examples_per_category: int = EXAMPLES_PER_CATEGORY
+    shadow: ShadowComparison = field(default_factory=ShadowComparison)
 
     @property
     def policy_id(self) -> str | None:
@@ -194,7 +196,7 @@ class Summary:
                 "safe_seed": SAFE_SAMPLING_SEED,
             },
             "meta": dict(self.meta),
-        }
+        } | ({"shadow": self.shadow.to_dict()} if self.shadow.sources else {})
 
 
 def summarize(store: ResultStore, *, examples: int = EXAMPLES_PER_CATEGORY) -> Summary:
@@ -228,6 +230,7 @@ def summarize(store: ResultStore, *, examples: int = EXAMPLES_PER_CATEGORY) -> S
         for row in store.rows():
             summary.rows += 1
             summary.provenance.add(row.decision)
+            summary.shadow.add(row)
             if row.ok:
                 summary.ok += 1
             else:

@@ -212,3 +212,6 @@ def echo_row(decision: Decision) -> None:
         click.echo(f"  -> {action.name} {extra}".rstrip())
     if v.rationale:
         click.echo("  " + v.rationale.replace("\n", "\n  "))
+    for shadow in decision.shadow or []:
+        names = ", ".join(a.name for a in shadow.actions) or "no action"
+        click.echo(f"  [shadow {shadow.kind} {shadow.source}: {shadow.rating} -> {names}]")

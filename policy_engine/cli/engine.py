@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 FLAG_PREFIX = "backend_flag_"
-SHARED = ("policy", "backend", "mode", "options", "meta", "batch_size", "lenient")
+SHARED = ("policy", "backend", "mode", "options", "meta", "batch_size", "lenient", "shadow")
 
 
 def parse_pairs(pairs: tuple[str, ...] | list[str], what: str) -> dict[str, Any]:
@@ -123,6 +123,7 @@ class EngineChoice:
     lenient: bool = False
     flags: dict[str, Any] = field(default_factory=dict)  # backend option -> value, as given
     given: tuple[str, ...] = ()  # flags given on the command line ("--policy", "--url", …)
+    shadow: str | None = None  # a policy judged in shadow beside the live one
 
     def with_policy(self, policy: str) -> EngineChoice:
         return replace(self, policy=policy)
@@ -173,6 +174,7 @@ class EngineChoice:
             batch_size=self.batch_size,
             concurrency=engine_concurrency,
             lenient=self.lenient,
+            shadow=self.shadow,
         )
 
 
@@ -222,6 +224,14 @@ def engine_options(*, policy: bool = True) -> Callable[[F], F]:
             default=False,
             help="Read replies that wrap their JSON object in prose (servers that ignore the "
             "schema); prose that names the other rating is still an error.",
+        ),
+        click.option(
+            "--shadow",
+            "shadow",
+            default=None,
+            metavar="POLICY",
+            help="Also judge each image against this policy in shadow: its decision is "
+            "recorded under the Decision's `shadow`, never enforced (docs/shadow.md).",
         ),
     ]
     if policy:
@@ -282,6 +292,7 @@ def engine_choice(
         meta=tuple(values.get("meta", ())),
         batch_size=values.get("batch_size"),
         lenient=bool(values.get("lenient", False)),
+        shadow=values.get("shadow"),
         flags=flags,
         given=given,
     )

@@ -239,7 +239,7 @@ def create_app(
     )
     async def moderations(body: ModerationRequest, request: Request) -> Response:
         """OpenAI-compatible moderation of images: category keys are the policy's ids."""
-        engine = service.engine(body.model, None, "model")
+        engine = service.engine(body.model, None, "model", body.shadow)
         _note_policy(request, [engine.policy.id])
         urls = image_urls(body)
         service.require_ready()
@@ -269,7 +269,7 @@ def create_app(
         Decision's `verdict.error` says why. An image that cannot be decoded is a 422.
         """
         item = await read_item(request, settings.max_body_bytes)
-        engine = service.engine(item.policy, item.mode, "policy")
+        engine = service.engine(item.policy, item.mode, "policy", item.shadow)
         _note_policy(request, [engine.policy.id])
         service.require_ready()
         (decisions,) = await service.judge(
@@ -287,11 +287,14 @@ def create_app(
     async def assess_batch(body: BatchAssessRequest, request: Request) -> Response:
         """Judge several images in one request; each item's failure is in its Decision."""
         # items of one (policy, mode) go to their engine together, in order
-        groups: dict[tuple[str, Mode], tuple[Engine, list[int]]] = {}
+        groups: dict[tuple[str, Mode, str | None], tuple[Engine, list[int]]] = {}
         for index, entry in enumerate(body.items):
-            engine = service.engine(entry.policy, entry.mode, f"items.{index}.policy")
-            groups.setdefault((engine.policy.id, engine.mode), (engine, []))[1].append(index)
-        _note_policy(request, [policy_id for policy_id, _ in groups])
+            param = f"items.{index}.policy"
+            engine = service.engine(entry.policy, entry.mode, param, entry.shadow)
+            shadow = engine.shadow.policy.id if engine.shadow is not None else None
+            key = (engine.policy.id, engine.mode, shadow)
+            groups.setdefault(key, (engine, []))[1].append(index)
+        _note_policy(request, [policy_id for policy_id, _, _ in groups])
         service.require_ready()
         work = [
             (engine, [_engine_item(service, body.items[i]) for i in indexes])

@@ -86,6 +86,7 @@ class Batcher:
         finally:  # cancelled (deadline, client gone): the collector skips what is left
             for entry in entries:
                 entry.future.cancel()
+        await engine._ashadow_generate(prepared)  # a shadow policy's own answers, if any
         return list(engine._finish(prepared, generations, 0.0))
 
     async def close(self) -> None:

@@ -234,6 +234,7 @@ def _build_pool(
         batch_size=choice.batch_size,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
         lenient=choice.lenient,
+        shadow=choice.shadow,
     )
 
 

@@ -77,6 +77,12 @@ class AssessRequest(_Model):
         description="Request metadata for the policy's post-processors (escalation rules "
         "match on it), merged over the service's --meta defaults; echoed in the Decision.",
     )
+    shadow: str | None = Field(
+        default=None,
+        description="A loaded policy's id to judge the image against in shadow: its result "
+        "comes back in the Decision's `shadow`, never enforced. Default: the service's "
+        "--shadow policy, if any.",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -96,6 +102,7 @@ class AssessUpload(_Model):
     metadata: str | None = Field(
         default=None, description="Request metadata as the text of a JSON object."
     )
+    shadow: str | None = Field(default=None, description="A loaded policy's id, in shadow.")
 
 
 class BatchAssessRequest(_Model):
@@ -252,6 +259,11 @@ class ModerationRequest(_Model):
     model: str | None = Field(
         default=None, description="A loaded policy's id; default: the service's first policy."
     )
+    shadow: str | None = Field(
+        default=None,
+        description="policy-engine extension: a loaded policy's id judged in shadow; its "
+        "answer is in `policy_engine.shadow`, never enforced.",
+    )
 
 
 class ImageJudgement(_Model):
@@ -264,6 +276,31 @@ class ImageJudgement(_Model):
     actions: list[Action] = Field(default_factory=list)
 
 
+class ShadowImage(_Model):
+    """One image's shadow result: what the shadow decided, never enforced."""
+
+    rating: Literal["Safe", "Unsafe"] | None = Field(
+        default=None, description="None when the shadow could not judge the image."
+    )
+    category_id: str | None = None
+    p_unsafe: float | None = None
+    actions: list[Action] = Field(default_factory=list)
+    error: str | None = None
+
+
+class ModerationShadow(_Model):
+    """What a step or policy in shadow would have answered for this input (not enforced)."""
+
+    kind: Literal["step", "policy"]
+    source: str = Field(description="The shadow step's id or the shadow policy's id.")
+    flagged: bool = Field(description="Whether the shadow would have flagged the input.")
+    categories: list[str] = Field(description="The category ids it would have flagged.")
+    policy_id: str | None = None
+    policy_version: str | None = None
+    policy_hash: str | None = None
+    images: list[ShadowImage] = Field(description="One per image part, in input order.")
+
+
 class ModerationExtension(ImageJudgement):
     """policy-engine's own view of a result: the deciding image's verdict, every image's, and
     the policy that judged them."""
@@ -272,6 +309,11 @@ class ModerationExtension(ImageJudgement):
     policy_version: str
     policy_hash: str
     images: list[ImageJudgement] = Field(description="One per image part, in input order.")
+    shadow: list[ModerationShadow] | None = Field(
+        default=None,
+        description="Steps or policies in shadow: what they would have answered. The result's "
+        "flagged, categories and actions are the live policy's.",
+    )
 
 
 class ModerationResult(_Model):

@@ -15,7 +15,9 @@ Result, for a policy with categories O1..On (the category keys are the policy's 
   score) and 0.0 for the others. Several images: the maximum.
 - `category_applied_input_types[c]`: ["image"] for flagged categories, [] otherwise.
 - `policy_engine`: the deciding image's rating, category, P(Unsafe) and actions (the most
-  likely Unsafe image, else the first), every image's, and the policy's id, version and hash.
+  likely Unsafe image, else the first), every image's, and the policy's id, version and hash;
+  `policy_engine.shadow`: what each step or policy in shadow would have answered (flagged,
+  categories, every image's rating and actions). Everything outside it is the live policy's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 
 from ..compiler import CompiledPolicy
-from ..verdict import Decision
+from ..verdict import Decision, ShadowResult
 from .errors import ApiError
 from .models import (
     ImageJudgement,
@@ -34,6 +36,8 @@ from .models import (
     ModerationRequest,
     ModerationResponse,
     ModerationResult,
+    ModerationShadow,
+    ShadowImage,
 )
 
 TEXT_ONLY = (
@@ -80,6 +84,45 @@ custom one) means the policy did something about it."""
 def is_flagged(decision: Decision) -> bool:
     """The policy's decision, not only the model's rating: Unsafe, or any action but allow."""
     return decision.rating == "Unsafe" or any(a.name not in NOT_FLAGGING for a in decision.actions)
+
+
+def shadow_flagged(result: ShadowResult) -> bool:
+    """`is_flagged` for what a step or policy in shadow would have decided."""
+    return result.rating == "Unsafe" or any(a.name not in NOT_FLAGGING for a in result.actions)
+
+
+def shadow_results(decisions: Sequence[Decision]) -> list[ModerationShadow] | None:
+    """Per shadow step or policy, what it would have answered for these images (the
+    Decisions of one engine carry their shadow results in the same order)."""
+    first = decisions[0].shadow
+    if not first:
+        return None
+    found = []
+    for index, head in enumerate(first):
+        results = [d.shadow[index] for d in decisions if d.shadow and len(d.shadow) > index]
+        flagged = [r for r in results if shadow_flagged(r)]
+        found.append(
+            ModerationShadow(
+                kind=head.kind,
+                source=head.source,
+                flagged=bool(flagged),
+                categories=sorted({r.category_id for r in flagged if r.category_id}),
+                policy_id=head.policy_id,
+                policy_version=head.policy_version,
+                policy_hash=head.policy_hash,
+                images=[
+                    ShadowImage(
+                        rating=r.rating,
+                        category_id=r.category_id,
+                        p_unsafe=r.p_unsafe,
+                        actions=list(r.actions),
+                        error=r.error.message if r.error is not None else None,
+                    )
+                    for r in results
+                ],
+            )
+        )
+    return found
 
 
 def flagged_categories(decision: Decision, ids: Sequence[str]) -> set[str]:
@@ -141,6 +184,7 @@ def moderation_result(compiled: CompiledPolicy, decisions: Sequence[Decision]) -
         policy_version=policy.version,
         policy_hash=compiled.hash,
         images=judgements,
+        shadow=shadow_results(decisions),
     )
     return ModerationResult(
         flagged=any(is_flagged(d) for d in decisions),

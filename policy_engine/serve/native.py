@@ -48,7 +48,7 @@ REQUEST_BODY: dict[str, Any] = {
         },
     },
 }
-_FORM_FIELDS = ("image", "policy", "mode", "metadata")
+_FORM_FIELDS = ("image", "policy", "mode", "metadata", "shadow")
 
 
 @dataclass
@@ -59,10 +59,11 @@ class Item:
     policy: str | None = None
     mode: ModeName | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    shadow: str | None = None
 
     @classmethod
     def of(cls, request: AssessRequest) -> Item:
-        return cls(request.image, request.policy, request.mode, request.metadata)
+        return cls(request.image, request.policy, request.mode, request.metadata, request.shadow)
 
 
 def _no_constants(name: str) -> Any:
@@ -144,6 +145,7 @@ async def _read_form(request: Request, max_part_size: int) -> Item:
             policy=await _text(values["policy"], "policy"),
             mode=_mode(await _text(values["mode"], "mode")),
             metadata=_metadata(await _text(values["metadata"], "metadata")),
+            shadow=await _text(values["shadow"], "shadow"),
         )
     finally:
         await form.close()

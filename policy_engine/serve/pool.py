@@ -50,6 +50,7 @@ class EnginePool:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         host: PluginHost | None = None,
         lenient: bool = False,
+        shadow: Policy | str | Path | None = None,
     ) -> None:
         self.host = host or get_host()
         self.lenient = lenient
@@ -69,7 +70,13 @@ class EnginePool:
         if not self.policies:
             raise PolicyEngineError("the service needs at least one policy (--policy)")
         self.default = next(iter(self.policies))
-        self._engines: dict[tuple[str, Mode], Engine] = {}
+        # the service's shadow policy (--shadow): judged in shadow when a request names none
+        self.shadow: Policy | None = None
+        if shadow is not None:
+            self.shadow = (
+                shadow if isinstance(shadow, Policy) else load_policy(shadow, host=self.host)
+            )
+        self._engines: dict[tuple[str, ...], Engine] = {}
         self._lock = threading.Lock()
         self.ready = False
         self.error: str | None = None
@@ -82,19 +89,30 @@ class EnginePool:
         """The modes this backend can run."""
         return tuple(m for m in MODES if m != "score" or self.backend.capabilities.scores)
 
-    def engine(self, policy_id: str, mode: Mode | None = None) -> Engine:
+    def shadow_policy(self, shadow_id: str) -> Policy:
+        """A policy a request may run in shadow: the service's shadow policy, a loaded one, or
+        `ID@LEVEL` of a loaded one. KeyError for another id; AudienceError for a bad level."""
+        if self.shadow is not None and shadow_id == self.shadow.id:
+            return self.shadow
+        return self.policies.get(shadow_id) or self._at_level(shadow_id)
+
+    def engine(self, policy_id: str, mode: Mode | None = None, shadow: str | None = None) -> Engine:
         """The engine of a loaded policy (or of `ID@LEVEL`, a loaded policy at an audience
-        level) in `mode` (default: the pool's). KeyError for an unknown policy id;
-        AudienceError for an unknown level; ModeUnavailableError for a mode the backend cannot
-        run."""
+        level) in `mode` (default: the pool's), with `shadow` (a policy id, default: the
+        service's shadow policy) in shadow. KeyError for an unknown policy id
+        (`shadow_policy` for the shadow's); AudienceError for an unknown level;
+        ModeUnavailableError for a mode the backend cannot run."""
         mode = mode or self.mode
         policy = self.policies.get(policy_id) or self._at_level(policy_id)
+        if shadow is None and self.shadow is not None:
+            shadow = self.shadow.id
+        shadow_policy = self.shadow_policy(shadow) if shadow is not None else None
         if mode not in self.modes:
             raise ModeUnavailableError(
                 f"backend {self.backend.name!r} cannot run mode {mode!r}; "
                 f"modes: {', '.join(self.modes)}"
             )
-        key = (policy_id, mode)
+        key = (policy_id, mode) if shadow is None else (policy_id, mode, shadow)
         with self._lock:
             engine = self._engines.get(key)
             if engine is None:
@@ -106,6 +124,7 @@ class EnginePool:
                     max_pixels=self.max_pixels,
                     host=self.host,
                     lenient=self.lenient,
+                    shadow=shadow_policy,
                 )
                 self._engines[key] = engine
             return engine

@@ -49,7 +49,7 @@ class Service:
         self.error: str | None = None  # why the state is "failed"
         self.limiter = Limiter(settings.max_concurrency, settings.max_queue)
         self.health = HealthProbe(pool.backend.health, settings.health_cache, self._health_changed)
-        self.batchers: dict[tuple[str, Mode], Batcher | None] = {}
+        self.batchers: dict[tuple[str, ...], Batcher | None] = {}
         self.metrics = ServiceMetrics(
             in_flight=lambda: self.limiter.running,
             queued=lambda: self.limiter.waiting,
@@ -141,11 +141,26 @@ class Service:
             return "unavailable", reason
         return self.state, None
 
-    def engine(self, policy: str | None, mode: Mode | None, param: str) -> Engine:
-        """The engine for a request; 404 for an unknown policy, 400 for an unusable mode."""
+    def engine(
+        self, policy: str | None, mode: Mode | None, param: str, shadow: str | None = None
+    ) -> Engine:
+        """The engine for a request (with its shadow policy, if any); 404 for an unknown
+        policy, 400 for an unusable mode."""
         policy_id = policy if policy is not None else self.pool.default
+        if shadow is not None:
+            try:
+                self.pool.shadow_policy(shadow)
+            except KeyError:
+                known = ", ".join(self.pool.policies)
+                where = param.rsplit(".", 1)[0] + ".shadow" if "." in param else "shadow"
+                raise ApiError(
+                    404,
+                    "policy_not_found",
+                    f"no policy {shadow!r} is loaded to run in shadow; policies: {known}",
+                    param=where,
+                ) from None
         try:
-            return self.pool.engine(policy_id, mode)
+            return self.pool.engine(policy_id, mode, shadow)
         except KeyError:
             known = ", ".join(self.pool.policies)
             code = "model_not_found" if param == "model" else "policy_not_found"
@@ -203,7 +218,9 @@ class Service:
 
     def batcher(self, engine: Engine) -> Batcher | None:
         """The engine's cross-request batcher, or None when its requests are not batched."""
-        key = (engine.policy.id, engine.mode)
+        key: tuple[str, ...] = (engine.policy.id, engine.mode)
+        if engine.shadow is not None:  # one batcher per engine: its shadow is part of it
+            key += (engine.shadow.policy.id,)
         if key not in self.batchers:
             window = self.settings.batch_window_ms / 1000
             use = batches_across_requests(engine, window)
