@@ -222,7 +222,9 @@ def _plain_value_ok(value: Any, schema: dict[str, Any]) -> bool:
             return False
         if "enum" in schema and value not in schema["enum"]:
             return False
-        return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+        shortest: int = schema.get("minLength", 0)
+        longest: int = schema.get("maxLength", len(value))
+        return shortest <= len(value) <= longest
     if kind == "array":
         if type(value) is not list or schema.keys() - {"type", "items", "uniqueItems"}:
             return False
