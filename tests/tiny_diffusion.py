@@ -90,7 +90,7 @@ def _vae(seed: int) -> Any:
         norm_num_groups=2,
         sample_size=SIZE,
     )
-    with torch.no_grad():  # red tint: decoded pixels lean to red, by how much depends on the latents
+    with torch.no_grad():  # a red tint: pixels lean to red, by how much depends on the latents
         vae.decoder.conv_out.bias.copy_(torch.tensor([0.5, -0.5, -0.5]))
     return vae
 

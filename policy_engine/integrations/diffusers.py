@@ -94,7 +94,9 @@ class PolicySafetyChecker:
     ) -> None:
         if engine is None:
             if policy is None or backend is None:
-                raise PolicyEngineError("PolicySafetyChecker needs an Engine, or a policy and a backend")
+                raise PolicyEngineError(
+                    "PolicySafetyChecker needs an Engine, or a policy and a backend"
+                )
             from ..engine import Engine
 
             engine = Engine(policy, backend, **engine_options)
@@ -142,7 +144,9 @@ class PolicySafetyChecker:
         moderated, flags = self.moderate(images)
         if as_tuple:
             return moderated, flags
-        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+        from diffusers.pipelines.stable_diffusion.pipeline_output import (
+            StableDiffusionPipelineOutput,
+        )
 
         return StableDiffusionPipelineOutput(images=moderated, nsfw_content_detected=flags)
 
