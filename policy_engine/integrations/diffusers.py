@@ -77,7 +77,8 @@ class PolicySafetyChecker:
     `Engine` keyword, such as `backend_options` or `mode`) to build one that `close()` closes.
     `metadata` goes with every image to the policy's post-processors. After each batch,
     `last_decisions` and `last_treatments` hold one entry per image, and `on_decisions` (if
-    given) is called with the Decisions.
+    given) is called with the Decisions. Those attributes belong to the last call: give each
+    pipeline that runs concurrently its own checker (they may share one Engine).
     """
 
     def __init__(
