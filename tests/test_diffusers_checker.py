@@ -217,7 +217,7 @@ def test_the_transformers_backend_with_the_tiny_random_model(
         assert is_black(image) == (how == "block")
 
 
-def test_the_checker_is_a_pipeline_component(sd_path: Path) -> None:
+def test_the_checker_is_a_pipeline_component(sd_path: Path, tmp_path: Path) -> None:
     """Assigned after loading, it is registered under its own class; saving the pipeline
     does not try to save it (a reload gets no checker until one is given again)."""
     pipe = sd(sd_path, None)
@@ -225,8 +225,8 @@ def test_the_checker_is_a_pipeline_component(sd_path: Path) -> None:
     pipe.safety_checker = checker
     assert pipe.components["safety_checker"] is checker
     assert generate(pipe).nsfw_content_detected == [True] * N
-    pipe.save_pretrained(sd_path.parent / "saved")
-    index = json.loads((sd_path.parent / "saved" / "model_index.json").read_text())
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     assert index["safety_checker"] == [None, None]
 
 
