@@ -11,6 +11,9 @@ and batch for every row; only the safety checker changes:
 - `static`: our checker with the static backend: the integration's own cost (the pipeline's
   CLIP feature extraction, tensor -> PIL, the Engine, post-processing, blacking out);
 - `tiny-random <mode>`: the transformers backend with the tiny random model, in each mode;
+- `sglang (loopback)`: the sglang backend (native transport) against the test suite's fake
+  SGLang server (tests/sglang_server.py, its own process on 127.0.0.1, answering after
+  `--service-time`, default 0): the HTTP client's own cost, without a model's;
 - `--model PATH <mode>`: the same with a real checkpoint (default mode: score).
 
 Rows run interleaved, `--repeat` rounds after a warm-up. Prints the median pipeline time per
@@ -26,6 +29,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +46,19 @@ from tiny_diffusion import call_kwargs, tiny_sd  # noqa: E402
 from policy_engine.integrations.diffusers import PolicySafetyChecker  # noqa: E402
 
 
+def start_server(service_time: float) -> tuple[subprocess.Popen[str], str]:
+    """The fake SGLang server in its own process; (process, url) once it listens."""
+    command = [sys.executable, str(REPO / "tests" / "sglang_server.py"), "--port", "0"]
+    command += ["--service-time", str(service_time)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line.startswith("listening on "):
+        process.kill()
+        raise SystemExit(f"the fake SGLang server did not start: {line!r}")
+    return process, line.removeprefix("listening on ")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (x8)")
@@ -53,6 +70,9 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="a real checkpoint, judged in --mode")
     parser.add_argument("--mode", default="score", choices=["full", "verdict", "score"])
     parser.add_argument("--budget", type=int, default=200, help="max new tokens (full mode)")
+    parser.add_argument(
+        "--service-time", type=float, default=0.0, help="fake SGLang server's seconds per request"
+    )
     args = parser.parse_args()
 
     import torch
@@ -84,6 +104,9 @@ def main() -> int:
                 {"backend": "transformers", "backend_options": tiny, "mode": mode},
             )
         )
+    server, url = start_server(args.service_time)
+    sglang = {"url": url, "transport": "native"}
+    checkers.append(("sglang (loopback)", {"backend": "sglang", "backend_options": sglang}))
     if args.model:
         real = {"model": args.model, "max_new_tokens": args.budget}
         checkers.append(
@@ -103,55 +126,61 @@ def main() -> int:
         f"{args.images} images per call, policy {args.policy}, median of {args.repeat}, "
         f"{torch.get_num_threads()} torch threads"
     )
-    with tempfile.TemporaryDirectory(prefix="bench-tiny-sd-") as tmp:
-        path = tiny_sd(Path(tmp))
-        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
-        pipe.set_progress_bar_config(disable=True)
-        kwargs = call_kwargs(
-            num_images_per_prompt=args.images,
-            height=args.size,
-            width=args.size,
-            num_inference_steps=args.steps,
-            output_type="np",
-        )
-        # The step the checker adds, timed inside the pipeline: CLIP feature extraction and the
-        # checker call (with none, diffusers skips both).
-        inner = pipe.run_safety_checker
-        check_seconds: list[float] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-tiny-sd-") as tmp:
+            path = tiny_sd(Path(tmp))
+            pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+            pipe.set_progress_bar_config(disable=True)
+            kwargs = call_kwargs(
+                num_images_per_prompt=args.images,
+                height=args.size,
+                width=args.size,
+                num_inference_steps=args.steps,
+                output_type="np",
+            )
+            # The step the checker adds, timed inside the pipeline: CLIP feature extraction and the
+            # checker call (with none, diffusers skips both).
+            inner = pipe.run_safety_checker
+            check_seconds: list[float] = []
 
-        def run_safety_checker(*a: Any, **kw: Any) -> Any:
-            started = time.perf_counter()
-            result = inner(*a, **kw)
-            check_seconds.append(time.perf_counter() - started)
-            return result
-
-        pipe.run_safety_checker = run_safety_checker
-
-        made = []
-        for label, spec in checkers:
-            checker = None if spec is None else PolicySafetyChecker(policy=args.policy, **spec)
-            if checker is not None:
-                checker.engine.load()
-            made.append((label, checker))
-
-        def run(checker: PolicySafetyChecker | None) -> Any:
-            pipe.safety_checker = checker
-            kwargs["generator"] = torch.Generator("cpu").manual_seed(0)
-            return pipe(**kwargs)
-
-        flags = {label: run(checker).nsfw_content_detected for label, checker in made}  # warm-up
-        calls: dict[str, list[float]] = {label: [] for label, _ in made}
-        checks: dict[str, list[float]] = {label: [] for label, _ in made}
-        for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits every row
-            for label, checker in made:
-                check_seconds.clear()
+            def run_safety_checker(*a: Any, **kw: Any) -> Any:
                 started = time.perf_counter()
-                run(checker)
-                calls[label].append(time.perf_counter() - started)
-                checks[label].append(sum(check_seconds))
-        for _, checker in made:
-            if checker is not None:
-                checker.close()
+                result = inner(*a, **kw)
+                check_seconds.append(time.perf_counter() - started)
+                return result
+
+            pipe.run_safety_checker = run_safety_checker
+
+            made = []
+            for label, spec in checkers:
+                checker = None if spec is None else PolicySafetyChecker(policy=args.policy, **spec)
+                if checker is not None:
+                    checker.engine.load()
+                made.append((label, checker))
+
+            def run(checker: PolicySafetyChecker | None) -> Any:
+                pipe.safety_checker = checker
+                kwargs["generator"] = torch.Generator("cpu").manual_seed(0)
+                return pipe(**kwargs)
+
+            flags = {
+                label: run(checker).nsfw_content_detected for label, checker in made
+            }  # warm-up
+            calls: dict[str, list[float]] = {label: [] for label, _ in made}
+            checks: dict[str, list[float]] = {label: [] for label, _ in made}
+            for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits every row
+                for label, checker in made:
+                    check_seconds.clear()
+                    started = time.perf_counter()
+                    run(checker)
+                    calls[label].append(time.perf_counter() - started)
+                    checks[label].append(sum(check_seconds))
+            for _, checker in made:
+                if checker is not None:
+                    checker.close()
+    finally:  # the server is this script's child: stop it by its own handle
+        server.terminate()
+        server.wait(timeout=30)
 
     # a ratio per round (same minute, same load), then the median over rounds
     none = calls["none"]
