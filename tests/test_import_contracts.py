@@ -21,6 +21,10 @@ def contracts() -> dict[str, dict[str, object]]:
     return {c["id"]: c for c in config["contracts"]}
 
 
+INTEGRATIONS = "policy_engine.integrations"
+"""Drop-ins for other libraries: under their own contract, since they import torch (lazily)."""
+
+
 def core_modules() -> set[str]:
     found = set()
     for path in (REPO / "policy_engine").iterdir():
@@ -28,7 +32,7 @@ def core_modules() -> set[str]:
             continue
         if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()):
             found.add(f"policy_engine.{path.stem}")
-    return found
+    return found - {INTEGRATIONS}
 
 
 def test_the_core_contract_lists_every_core_module() -> None:
@@ -36,7 +40,19 @@ def test_the_core_contract_lists_every_core_module() -> None:
     listed = set(contracts()["core"]["source_modules"])  # type: ignore[call-overload]
     assert listed == core_modules()
     private = set(contracts()["public-api"]["forbidden_modules"])  # type: ignore[call-overload]
-    assert private == core_modules() - {"policy_engine.cli", "policy_engine.__main__"}
+    public = {"policy_engine.cli", "policy_engine.__main__"}
+    assert private == core_modules() - public | {INTEGRATIONS}
+
+
+def test_the_integrations_have_their_own_contract() -> None:
+    """The core never imports an integration; an integration never reaches the backends,
+    the plugins or the TUI (it may import its library and torch: inside functions)."""
+    assert (REPO / "policy_engine" / "integrations" / "__init__.py").exists()
+    assert INTEGRATIONS in contracts()["core"]["forbidden_modules"]  # type: ignore[operator]
+    integrations = contracts()["integrations"]
+    assert integrations["source_modules"] == [INTEGRATIONS]
+    forbidden = set(integrations["forbidden_modules"])  # type: ignore[call-overload]
+    assert {"policy_engine.backends", "policy_engine.plugins", "policy_engine.tui"} <= forbidden
 
 
 def copy_sources(target: Path) -> None:
@@ -56,6 +72,8 @@ def test_the_contracts_hold() -> None:
         ("plugins/severity.py", "from policy_engine.tui import document"),  # plugin -> tui
         ("backends/static.py", "from policy_engine.engine import Engine"),  # past the API
         ("policy_engine/verdict.py", "import torch"),  # the model stack in the core
+        ("policy_engine/engine.py", "import policy_engine.integrations.diffusers"),  # drop-in
+        ("policy_engine/integrations/diffusers.py", "import policy_engine.backends.static"),
     ],
 )
 def test_a_broken_contract_is_caught(tmp_path: Path, where: str, line: str) -> None:

@@ -32,6 +32,7 @@ FORBIDDEN = (
     "tree_sitter",
     "tree_sitter_yaml",
     "ray",
+    "diffusers",
 )
 
 PROBE = """
@@ -81,6 +82,11 @@ BODIES = {
         "get_host().backend('transformers')(model='tiny-random', greedy=True)\n"
         "get_host().backend('sglang')(url='http://127.0.0.1:1', transport='native')"
     ),
+    # the diffusers drop-in imports torch, numpy and diffusers inside its functions only
+    "integration": (
+        "from policy_engine.integrations.diffusers import PolicySafetyChecker\n"
+        "PolicySafetyChecker(policy='llavaguard', backend='static')"
+    ),
     "control": "import importlib.util\nimportlib.util.find_spec('torch')",
 }
 
@@ -93,7 +99,9 @@ def attempts(body: str) -> list[str]:
     return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("case", ["import", "help", "tui-help", "compile", "backends"])
+@pytest.mark.parametrize(
+    "case", ["import", "help", "tui-help", "compile", "backends", "integration"]
+)
 def test_no_heavy_imports(case: str) -> None:
     assert attempts(BODIES[case]) == []
 
