@@ -287,6 +287,8 @@ class PluginHost:
                 if before.get(name) is command or self._commands.get(name) == plugin:
                     continue  # unchanged, or this plugin adding its own command again
                 if name in owners:
+                    cli.commands.clear()  # the clash leaves the CLI as it was
+                    cli.commands.update(before)
                     raise PluginError(
                         f"command {name!r} is added twice: by {owners[name]} and by plugin "
                         f"{plugin!r}"

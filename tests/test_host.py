@@ -649,7 +649,9 @@ def test_a_command_name_clash_names_both_plugins() -> None:
         return Commands()
 
     for taken, owner in (("assess", "policy-engine (core)"), ("audit", "policy-engine (core)")):
-        group = click.Group(commands={"assess": click.Command("assess")})
+        group = click.Group(
+            commands={"assess": click.Command("assess", params=[click.Option(["--out"])])}
+        )
         host = PluginHost(load_entry_points=False)
         host.register(adds(taken), name="greedy")
         if taken == "audit":  # a lazy built-in is taken too
@@ -659,6 +661,8 @@ def test_a_command_name_clash_names_both_plugins() -> None:
         message = f"command {taken!r} is added twice: by {owner} and by plugin 'greedy'"
         with pytest.raises(PluginError, match=re.escape(message)):
             host.add_commands(group)
+        command = group.get_command(click.Context(group), taken)
+        assert command is not None and command.params, "the clash replaced the core command"
     group = click.Group()
     host = PluginHost(load_entry_points=False)
     host.register(adds("hello"), name="first")
