@@ -233,7 +233,7 @@ def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
 # it is left out of the hash too, so a policy that does not use a newer feature keeps the hash
 # it had before the feature existed (verdicts, results files and reports stay comparable).
 # Top-level keys by name; category keys as "categories.KEY".
-OPTIONAL_KEYS: frozenset[str] = frozenset()
+OPTIONAL_KEYS: frozenset[str] = frozenset({"calibration"})
 
 
 def _policy_data(policy: Policy) -> Any:

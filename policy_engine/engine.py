@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .backend import Backend, Batch, Generation
+from .calibration import Calibration, calibrate, engine_calibration
 from .compiler import CompiledPolicy
 from .errors import BackendError, ImageError, PolicyEngineError
 from .host import PluginHost, get_host
@@ -73,9 +74,11 @@ class Engine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         host: PluginHost | None = None,
         lenient: bool = False,
+        calibration: Calibration | str | Path | None = None,
     ) -> None:
         """`lenient` reads replies that wrap their JSON object in prose (servers that ignore
-        the schema); by default a reply must be exactly one JSON object."""
+        the schema); by default a reply must be exactly one JSON object. `calibration` (a
+        file or a `Calibration`; default: the policy's `calibration` key) maps P(Unsafe)."""
         self.host = host or get_host()
         check_mode(mode)
         if isinstance(policy, Policy):
@@ -103,6 +106,7 @@ class Engine:
         self.score_threshold = score_threshold
         self.max_pixels = max_pixels
         self.lenient = lenient
+        self.calibration = engine_calibration(calibration, self.compiled, mode, backend)
         self.chain: list[tuple[str, PostProcessor]] = []
         for index, step in enumerate(self.policy.postprocess):
             cls = self.host.postprocessor(step.name)
@@ -321,6 +325,7 @@ class Engine:
             assert item.image is not None
             generation = next(answers)
             timings = {"decode_image": item.decode_seconds, "generate": share, **generation.timings}
+            generation, calibrated = calibrate(self.calibration, generation)
             verdict = build_verdict(
                 self.compiled,
                 self.mode,
@@ -330,6 +335,7 @@ class Engine:
                 score_threshold=self.score_threshold,
                 lenient=self.lenient,
             )
+            verdict = calibrated(verdict)
             yield self._postprocess(verdict, item.metadata)
 
     def _on_failure(self, decision: Decision, failed: list[str]) -> None:

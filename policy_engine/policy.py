@@ -247,6 +247,11 @@ class Policy(_Strict):
     tests: list[PolicyTest] = Field(
         default_factory=list, description="Test cases for `policy-engine test`."
     )
+    calibration: str | None = Field(
+        default=None,
+        description="A calibration file (`policy-engine calibrate`) mapping P(Unsafe), "
+        "relative to this policy file; fitted for one model, prompt and mode.",
+    )
 
     @field_validator("actions")
     @classmethod

@@ -59,6 +59,12 @@ class Verdict(BaseModel):
     )
     source: str | None = Field(default=None, description="Which image this is about.")
     timings: dict[str, float] = Field(default_factory=dict)
+    p_unsafe_raw: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="P(Unsafe) as the model gave it, if calibrated."
+    )
+    calibration: dict[str, str] | None = Field(
+        default=None, description="The calibration applied to p_unsafe: its name and hash."
+    )
 
     @property
     def ok(self) -> bool:

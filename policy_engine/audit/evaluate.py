@@ -72,7 +72,9 @@ def derive_exception_policy(
     if category not in {c.id for c in policy.categories}:
         raise EvalError(f"policy {policy.id!r} has no category {category!r}")
     exception = CategoryException(status=ExceptionStatus.NON_VIOLATING, reason=EXCEPTION_REASON)
-    derived = policy.model_copy(update={"exceptions": {**policy.exceptions, category: exception}})
+    # the derived prompt differs: a calibration fitted for the policy's prompt does not apply
+    update = {"exceptions": {**policy.exceptions, category: exception}, "calibration": None}
+    derived = policy.model_copy(update=update)
     check_policy(derived, host=host)
     (host or get_host()).compile(derived)
     return derived
@@ -283,6 +285,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
             mode=mode,
             batch_size=choice.batch_size,
             host=host,
+            calibration=choice.calibration,
         )
         engine.load()
         if opts.out is not None:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 FLAG_PREFIX = "backend_flag_"
-SHARED = ("policy", "backend", "mode", "options", "meta", "batch_size", "lenient")
+SHARED = ("policy", "backend", "mode", "options", "meta", "batch_size", "lenient", "calibration")
 
 
 def parse_pairs(pairs: tuple[str, ...] | list[str], what: str) -> dict[str, Any]:
@@ -123,6 +123,7 @@ class EngineChoice:
     lenient: bool = False
     flags: dict[str, Any] = field(default_factory=dict)  # backend option -> value, as given
     given: tuple[str, ...] = ()  # flags given on the command line ("--policy", "--url", …)
+    calibration: str | None = None  # a calibration file (over the policy's `calibration`)
 
     def with_policy(self, policy: str) -> EngineChoice:
         return replace(self, policy=policy)
@@ -173,6 +174,7 @@ class EngineChoice:
             batch_size=self.batch_size,
             concurrency=engine_concurrency,
             lenient=self.lenient,
+            calibration=self.calibration,
         )
 
 
@@ -222,6 +224,14 @@ def engine_options(*, policy: bool = True) -> Callable[[F], F]:
             default=False,
             help="Read replies that wrap their JSON object in prose (servers that ignore the "
             "schema); prose that names the other rating is still an error.",
+        ),
+        click.option(
+            "--calibration",
+            "calibration",
+            default=None,
+            metavar="FILE",
+            help="A calibration file (`policy-engine calibrate`) mapping P(Unsafe); default: "
+            "the policy's `calibration`, if any.",
         ),
     ]
     if policy:
@@ -282,6 +292,7 @@ def engine_choice(
         meta=tuple(values.get("meta", ())),
         batch_size=values.get("batch_size"),
         lenient=bool(values.get("lenient", False)),
+        calibration=values.get("calibration"),
         flags=flags,
         given=given,
     )
