@@ -391,10 +391,11 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["text", "json"]),
+    type=click.Choice(["text", "json", "html"]),
     default="text",
     show_default=True,
-    help="text: for people; json: one JSON object for scripts.",
+    help="text: for people; json: one JSON object for scripts; html: a page with the "
+    "reliability diagram.",
 )
 @click.option(
     "--progress/--no-progress",
@@ -435,5 +436,9 @@ def eval_command(ctx: click.Context, /, fmt: str, engine: EngineChoice, **params
 def _print(report: EvalReport, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
+    elif fmt == "html":
+        from .eval_html import render_html
+
+        click.echo(render_html(report), nl=False)
     else:
         click.echo(render_text(report), nl=False)

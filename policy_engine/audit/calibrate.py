@@ -1,0 +1,538 @@
+"""`policy-engine calibrate`: fit a calibration of P(Unsafe) on a labelled set, and optionally
+per-category thresholds for a target, from predictions that exist (docs/tuning.md).
+
+    policy-engine calibrate labels.jsonl --predictions run.db --out calibration.yaml
+    policy-engine calibrate labels.jsonl --predictions run.db --out calibration.yaml \\
+        --target recall=0.9 --write-policy tuned.yaml
+
+The labelled samples with a scored prediction are split, stratified by rating and seeded, into a
+fit part and a held-out part; the calibration and the thresholds are chosen on the fit part
+and every figure is reported for both parts, so "achieved on held-out" is honest. The scores
+fitted are the model's raw ones (`p_unsafe_raw` where a calibration was already applied).
+Only the standard library, click, pydantic, yaml and policy_engine's light modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import BaseModel
+
+from ..calibration import (
+    DEFAULT_BINS,
+    METHODS,
+    Calibration,
+    FittedFor,
+    Method,
+    fit_isotonic,
+    fit_temperature,
+    prompt_hash,
+)
+from ..errors import PolicyEngineError, PolicyError
+from ..host import PluginHost, get_host
+from ..loader import is_path_like, load_policy, shipped_policies
+from ..policy import Policy
+from .fit_thresholds import DEFAULT, Scored, Target, ThresholdFit, fit_thresholds, threshold_group
+from .labels import EvalError, LabelledSample, Prediction, read_labels
+from .predictions import KIND_NAMES, peek, read_predictions
+from .reliability import CalibrationFigures, reliability_text
+
+MIN_SAMPLES = 10  # scored samples needed to fit anything
+STEP_ID = "fitted-thresholds"
+
+
+@dataclass
+class CalibrateOptions:
+    labels: str
+    predictions: str
+    out: str
+    policy: str | None = None
+    mode: str | None = None
+    method: Method = "temperature"
+    name: str | None = None
+    holdout: float = 0.3
+    seed: int = 0
+    bins: int = DEFAULT_BINS
+    target: str | None = None
+    min_samples: int = 20
+    confidence: float = 0.95
+    write_policy: str | None = None
+    policy_id: str | None = None
+
+
+class Part(BaseModel):
+    """ECE and Brier (and the reliability bins) of one part, before and after."""
+
+    samples: int
+    unsafe: int
+    before: CalibrationFigures
+    after: CalibrationFigures
+
+
+class CalibrateReport(BaseModel):
+    labels: str
+    predictions: str
+    predictions_format: str
+    policy: dict[str, str]
+    calibration: dict[str, Any]
+    out: str
+    split: dict[str, Any]
+    fit: Part
+    heldout: Part
+    already_calibrated: int
+    thresholds: ThresholdFit | None = None
+    policy_written: str | None = None
+    replaced_steps: list[str] = []
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def split(
+    items: Sequence[tuple[LabelledSample, float]], holdout: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Indices of the fit and held-out parts: within each rating, ids sorted then shuffled by
+    `seed`, and round(holdout * n) of them held out. The same inputs give the same split."""
+    fit: list[int] = []
+    held: list[int] = []
+    rng = random.Random(seed)
+    for rating in ("Unsafe", "Safe"):
+        members = sorted(
+            (i for i, (s, _) in enumerate(items) if s.rating == rating),
+            key=lambda i: items[i][0].id,
+        )
+        rng.shuffle(members)
+        count = round(holdout * len(members))
+        held += members[:count]
+        fit += members[count:]
+    return sorted(fit), sorted(held)
+
+
+def _policy(opts: CalibrateOptions, first_policy: str | None, host: PluginHost) -> Policy:
+    if opts.policy is None and first_policy in shipped_policies():
+        return load_policy(first_policy, host=host)
+    return load_policy(opts.policy or "llavaguard", host=host)
+
+
+def _raw(prediction: Prediction) -> float:
+    if prediction.p_unsafe_raw is not None:
+        return prediction.p_unsafe_raw
+    assert prediction.p_unsafe is not None
+    return prediction.p_unsafe
+
+
+def run_calibrate(opts: CalibrateOptions, *, host: PluginHost | None = None) -> CalibrateReport:
+    """Everything `policy-engine calibrate` does except printing; writes --out (and
+    --write-policy)."""
+    host = host or get_host()
+    if opts.method not in METHODS:
+        raise EvalError(f"--method {opts.method!r}: one of {', '.join(METHODS)}")
+    if not 0.5 <= opts.confidence < 1:
+        raise EvalError(f"--confidence {opts.confidence}: from 0.5 (none) to under 1")
+    if not 0 < opts.holdout < 1:
+        raise EvalError(f"--holdout {opts.holdout}: a share strictly between 0 and 1")
+    target = Target.parse(opts.target) if opts.target is not None else None
+    if opts.write_policy is not None and target is None:
+        raise EvalError("--write-policy needs --target (the thresholds it writes)")
+    for path in (opts.out, opts.write_policy):
+        if path is not None and Path(path).exists():
+            raise EvalError(f"{path}: already exists; choose another name")
+    first = peek(opts.predictions)
+    policy = _policy(opts, first.policy_id, host)
+    compiled = host.compile(policy)
+    samples = read_labels(opts.labels, policy)
+    read = read_predictions(opts.predictions, samples, Path(opts.labels).parent)
+    prov = read.provenance
+
+    # What the scores came from: one model, this policy, one mode.
+    if prov.model is None:
+        named = ", ".join(prov.models) or "none"
+        raise EvalError(
+            f"{opts.predictions}: a calibration is fitted for one model; the predictions name "
+            f"{named} (use a results file or the Decision lines of assess)"
+        )
+    if prov.policy_hash is not None and prov.policy_hash != compiled.hash:
+        raise EvalError(
+            f"{opts.predictions}: the predictions were made under policy {prov.policy_id!r} "
+            f"({prov.policy_hash[:19]}), not {policy.id!r} ({compiled.hash[:19]}); give that "
+            "policy with --policy"
+        )
+    if len(prov.policy_hashes) > 1:
+        raise EvalError(f"{opts.predictions}: the predictions were made under several policies")
+    mode = prov.mode or opts.mode
+    if mode is None:
+        raise EvalError(f"{opts.predictions}: the file does not record the mode; give --mode")
+    if opts.mode is not None and opts.mode != mode:
+        raise EvalError(
+            f"{opts.predictions}: the predictions were made in mode {mode!r}, not {opts.mode!r}"
+        )
+
+    items: list[tuple[LabelledSample, float]] = []
+    predictions: list[Prediction] = []
+    for sample in samples:
+        prediction = read.predictions.get(sample.id)
+        if prediction is None or not prediction.valid or prediction.p_unsafe is None:
+            continue
+        items.append((sample, _raw(prediction)))
+        predictions.append(prediction)
+    unsafe = sum(s.rating == "Unsafe" for s, _ in items)
+    if len(items) < MIN_SAMPLES or unsafe == 0 or unsafe == len(items):
+        raise EvalError(
+            f"{opts.predictions}: {len(items)} labelled samples have a scored prediction "
+            f"({unsafe} Unsafe); calibrating needs at least {MIN_SAMPLES}, of both ratings"
+        )
+    fit_index, held_index = split(items, opts.holdout, opts.seed)
+    if not held_index or len({items[i][0].rating for i in fit_index}) < 2:
+        raise EvalError("the split leaves a part without samples of both ratings; label more")
+
+    def part(indices: Sequence[int]) -> tuple[list[float], list[bool]]:
+        return [items[i][1] for i in indices], [items[i][0].rating == "Unsafe" for i in indices]
+
+    fit_scores, fit_labels = part(fit_index)
+    parameters: dict[str, Any]
+    if opts.method == "temperature":
+        parameters = {"temperature": round(fit_temperature(fit_scores, fit_labels), 6)}
+    else:
+        x, y = fit_isotonic(fit_scores, fit_labels)
+        parameters = {"x": [round(v, 6) for v in x], "y": [round(v, 6) for v in y]}
+    fitted_for = FittedFor(
+        model=prov.model,
+        mode=mode,
+        prompt_hash=prompt_hash(compiled),
+        policy_id=policy.id,
+        policy_version=policy.version,
+        policy_hash=compiled.hash,
+    )
+    probe = Calibration.make(opts.method, parameters, fitted_for, name=opts.name)
+
+    def figures(indices: Sequence[int]) -> Part:
+        scores, labels = part(indices)
+        return Part(
+            samples=len(indices),
+            unsafe=sum(labels),
+            before=CalibrationFigures.of(scores, labels, opts.bins),
+            after=CalibrationFigures.of([probe(p) for p in scores], labels, opts.bins),
+        )
+
+    fit_part, held_part = figures(fit_index), figures(held_index)
+    split_info = {
+        "holdout": opts.holdout,
+        "seed": opts.seed,
+        "stratified_by": "rating",
+        "fit": len(fit_index),
+        "heldout": len(held_index),
+        "bins": opts.bins,
+    }
+    summary = {
+        part_name: {
+            when: {"ece": getattr(p, when).ece, "brier": getattr(p, when).brier}
+            for when in ("before", "after")
+        }
+        for part_name, p in (("fit", fit_part), ("heldout", held_part))
+    }
+    calibration = Calibration.make(
+        opts.method,
+        parameters,
+        fitted_for,
+        name=opts.name,
+        fit={
+            "labels": opts.labels,
+            "predictions": opts.predictions,
+            "split": split_info,
+            **summary,
+        },
+    )
+
+    thresholds = None
+    if target is not None:
+        ids = [c.id for c in policy.categories]
+        scored = [
+            Scored(
+                calibration(score),
+                sample.rating == "Unsafe",
+                threshold_group(prediction.category_id, prediction.category_scores, ids),
+            )
+            for (sample, score), prediction in zip(items, predictions, strict=True)
+        ]
+        thresholds = fit_thresholds(
+            [scored[i] for i in fit_index],
+            [scored[i] for i in held_index],
+            target,
+            ids,
+            min_samples=opts.min_samples,
+            confidence=opts.confidence,
+        )
+
+    Path(opts.out).write_text(calibration.dump(), encoding="utf-8")
+    replaced: list[str] = []
+    if opts.write_policy is not None and thresholds is not None:
+        ref = opts.policy if opts.policy is not None else policy.id
+        replaced = write_policy(
+            Path(opts.write_policy), ref, policy, Path(opts.out), thresholds, opts.policy_id
+        )
+        load_policy(opts.write_policy, host=host)  # what we wrote must load
+
+    return CalibrateReport(
+        labels=opts.labels,
+        predictions=opts.predictions,
+        predictions_format=read.kind,
+        policy={"id": policy.id, "version": policy.version, "hash": compiled.hash},
+        calibration={
+            "name": calibration.name,
+            "hash": calibration.hash,
+            "method": calibration.method,
+            "parameters": calibration.parameters,
+            "fitted_for": fitted_for.model_dump(),
+        },
+        out=opts.out,
+        split=split_info,
+        fit=fit_part,
+        heldout=held_part,
+        already_calibrated=sum(p.p_unsafe_raw is not None for p in predictions),
+        thresholds=thresholds,
+        policy_written=opts.write_policy,
+        replaced_steps=replaced,
+    )
+
+
+def write_policy(
+    path: Path,
+    ref: str,
+    policy: Policy,
+    calibration: Path,
+    thresholds: ThresholdFit,
+    policy_id: str | None,
+) -> list[str]:
+    """Write a policy that extends `ref` with the calibration and a `thresholds` step (action
+    flip) before the parent's own steps; the parent's `thresholds` steps are left out (they
+    would re-rate by other numbers). Returns the ids of the steps left out."""
+    folder = path.resolve().parent
+    parent = ref if not is_path_like(ref) else os.path.relpath(Path(ref).resolve(), folder)
+    kept: list[dict[str, Any]] = []
+    replaced: list[str] = []
+    for index, step in enumerate(policy.postprocess):
+        if step.name == "thresholds":
+            replaced.append(step.id or f"{index}:{step.name}")
+        else:
+            kept.append(step.model_dump(mode="json", exclude_none=True))
+    fitted: dict[str, Any] = {
+        "name": "thresholds",
+        "id": STEP_ID,
+        "params": {"p_unsafe": dict(thresholds.thresholds), "action": "flip"},
+    }
+    data = {
+        "extends": parent,
+        "id": policy_id or f"{policy.id}-tuned",
+        "calibration": os.path.relpath(calibration.resolve(), folder),
+        "postprocess": [fitted, *kept],
+    }
+    header = (
+        f"# Written by `policy-engine calibrate`: thresholds for {thresholds.target} on "
+        "calibrated P(Unsafe).\n# Figures on the held-out part: "
+        + "; ".join(
+            f"{g.group} {g.threshold:g}: recall {_num(g.heldout.recall)}, precision "
+            f"{_num(g.heldout.precision)}, fpr {_num(g.heldout.fpr)}"
+            for g in thresholds.groups
+        )
+        + "\n"
+    )
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return replaced
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def render_text(report: CalibrateReport) -> str:
+    cal = report.calibration
+    fitted = cal["fitted_for"]
+    params = cal["parameters"]
+    described = (
+        f"T = {params['temperature']:g}"
+        if cal["method"] == "temperature"
+        else f"{len(params['x'])} steps"
+    )
+    s = report.split
+    lines = [
+        f"calibrate: {report.labels}, predictions {report.predictions} "
+        f"({KIND_NAMES[report.predictions_format]})",
+        f"fitted for: model {fitted['model']}, mode {fitted['mode']}, policy "
+        f"{fitted['policy_id']} v{fitted['policy_version']} ({fitted['policy_hash'][:19]})",
+        f"split: {s['fit']} fit, {s['heldout']} held out (holdout {s['holdout']:g}, seed "
+        f"{s['seed']}, stratified by rating)",
+    ]
+    if report.already_calibrated:
+        lines.append(
+            f"  ({report.already_calibrated} predictions were calibrated already: fitted on "
+            "their raw scores, p_unsafe_raw)"
+        )
+    lines += [
+        f"method {cal['method']}: {described}",
+        f"  {'part':<10}{'samples':>8}{'ECE before':>12}{'after':>8}{'Brier before':>14}"
+        f"{'after':>8}   (ECE over {s['bins']} equal-width bins)",
+    ]
+    for name, p in (("fit", report.fit), ("held-out", report.heldout)):
+        lines.append(
+            f"  {name:<10}{p.samples:>8}{_num(p.before.ece):>12}{_num(p.after.ece):>8}"
+            f"{_num(p.before.brier):>14}{_num(p.after.brier):>8}"
+        )
+    lines += ["", "reliability on the held-out part, before (# observed, | mean score):"]
+    lines += reliability_text(report.heldout.before)
+    lines += ["after:"]
+    lines += reliability_text(report.heldout.after)
+    lines += ["", f"wrote {report.out}: calibration {cal['name']} ({cal['hash'][:19]})"]
+    t = report.thresholds
+    if t is not None:
+        lines += [
+            "",
+            f"thresholds for {t.target} on calibrated P(Unsafe), chosen on the fit part with "
+            f"{t.confidence:g} confidence (a category needs {t.min_samples} fit samples of both "
+            "ratings, else default applies):",
+            f"  {'category':<10}{'threshold':>10}{'fitted on':>10}{'held n':>8}{'recall':>8}"
+            f"{'prec.':>8}{'fpr':>8}  held-out target",
+        ]
+        for g in t.groups:
+            met = {True: "met", False: "NOT met", None: "n/a"}[g.met_on_heldout]
+            lines.append(
+                f"  {g.group:<10}{g.threshold:>10g}{g.fitted_on:>10}{g.heldout.samples:>8}"
+                f"{_num(g.heldout.recall):>8}{_num(g.heldout.precision):>8}"
+                f"{_num(g.heldout.fpr):>8}  {met}"
+                + ("" if g.reached_on_fit else " (unreachable on the fit part)")
+            )
+        o = t.overall_heldout
+        met = {True: "met", False: "NOT met", None: "n/a"}[t.met_on_heldout]
+        lines.append(
+            f"  {'overall':<10}{'':>10}{t.overall_fit.samples:>10}{o.samples:>8}"
+            f"{_num(o.recall):>8}{_num(o.precision):>8}{_num(o.fpr):>8}  {met}"
+        )
+    if report.policy_written:
+        lines.append(
+            f"wrote {report.policy_written}: calibration and a `thresholds` step ({STEP_ID}, "
+            f"action flip); check it with `policy-engine check {report.policy_written}`"
+        )
+        if report.replaced_steps:
+            lines.append(
+                f"  (left out the parent's thresholds steps: {', '.join(report.replaced_steps)})"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+@click.command(name="calibrate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("labels", metavar="LABELS.jsonl")
+@click.option(
+    "--predictions",
+    required=True,
+    metavar="FILE",
+    help="Scored predictions of the labelled images: a results database, or JSONL "
+    "from `export` or `assess` (as `eval --predictions` reads them).",
+)
+@click.option(
+    "--out", required=True, metavar="CALIBRATION.yaml", help="The calibration file to write (new)."
+)
+@click.option(
+    "--method",
+    type=click.Choice(list(METHODS)),
+    default="temperature",
+    show_default=True,
+    help="temperature: one parameter, smooth; isotonic: a monotone step function "
+    "(needs more data).",
+)
+@click.option(
+    "--policy",
+    "-p",
+    default=None,
+    help="The policy the predictions were made with (default: the file's, when shipped).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["full", "verdict", "score"]),
+    default=None,
+    help="The mode the predictions were made in, when the file does not record it.",
+)
+@click.option("--name", default=None, help="The calibration's name (default: METHOD-HASH).")
+@click.option(
+    "--holdout",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="Share of each rating held out to measure the fit.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option(
+    "--bins",
+    type=click.IntRange(min=2, max=100),
+    default=DEFAULT_BINS,
+    show_default=True,
+    help="Equal-width bins of ECE and the reliability diagram.",
+)
+@click.option(
+    "--target",
+    default=None,
+    metavar="recall=X|precision=Y|fpr=Z",
+    help="Also choose per-category thresholds reaching this on the fit part.",
+)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Fit samples a category needs for a threshold of its own.",
+)
+@click.option(
+    "--confidence",
+    type=float,
+    default=0.95,
+    show_default=True,
+    help="The target must hold on the fit part with this one-sided Wilson confidence "
+    "(0.5: the plain figure).",
+)
+@click.option(
+    "--write-policy",
+    default=None,
+    metavar="POLICY.yaml",
+    help="Write a policy extending --policy with the calibration and the thresholds.",
+)
+@click.option("--policy-id", default=None, help="The written policy's id (default: ID-tuned).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.pass_context
+def calibrate_command(ctx: click.Context, /, fmt: str, **params: Any) -> None:
+    """Fit a calibration of P(Unsafe) (and, with --target, per-category thresholds) on
+    LABELS.jsonl and scored predictions of its images, reporting ECE and Brier before and
+    after on a fit part and a held-out part. See docs/tuning.md.
+
+    Exit status 1 when --target is not met on the held-out part.
+    """
+    try:
+        report = run_calibrate(CalibrateOptions(**params))
+    except PolicyError as err:
+        for problem in err.problems:
+            click.echo(f"error: {problem}", err=True)
+        ctx.exit(err.exit_code)
+    except PolicyEngineError as err:
+        click.echo(f"error: {err}", err=True)
+        ctx.exit(err.exit_code)
+    if fmt == "json":
+        click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(render_text(report), nl=False)
+    t = report.thresholds
+    if t is not None and t.met_on_heldout is False:
+        click.echo(f"error: the target {t.target} is not met on the held-out part", err=True)
+        ctx.exit(1)
+
+
+__all__ = ["DEFAULT", "CalibrateOptions", "CalibrateReport", "calibrate_command", "run_calibrate"]
