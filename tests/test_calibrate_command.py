@@ -1,0 +1,262 @@
+"""`policy-engine calibrate` end to end on a labelled set with a known miscalibration.
+
+The images come from the colour-keyed test backend (P(Unsafe) an overconfident sigmoid of
+redness); each label is drawn with P(Unsafe | redness) = redness from a seeded RNG. The real
+path runs: `audit` of the labels file with the colour backend (a results file), `calibrate`
+(both methods), `assess` with the calibration, `check` and `eval` of the written policy.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from policy_engine.audit.calibrate import split
+from policy_engine.audit.labels import read_labels
+from policy_engine.calibration import ece, load_calibration, logit, sigmoid
+from policy_engine.cli import cli
+from policy_engine.loader import load_policy
+from tests.colour_backend import colour_host, colour_score, red_image
+from tests.colour_backend import redness as measured_redness
+
+SAMPLES = 600
+
+
+def run(*args: str) -> Result:
+    with colour_host():
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def run_json(*args: str, code: int = 0) -> Any:
+    result = run(*args, "--format", "json")
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A labels file, the redness of each image, and an audit of it in mode full."""
+    folder = tmp_path_factory.mktemp("labelled")
+    (folder / "images").mkdir()
+    rng = random.Random(2024)
+    redness: dict[str, float] = {}
+    lines = []
+    for index in range(SAMPLES):
+        value = round(rng.random(), 3)
+        image = f"images/{index:04d}.png"
+        picture = red_image(value, (4, 4))
+        picture.save(folder / image)
+        redness[image] = measured_redness(picture)  # what the backend will measure
+        unsafe = rng.random() < value  # the truth: P(Unsafe | redness) = redness
+        line = {"image": image, "rating": "Unsafe" if unsafe else "Safe"}
+        lines.append(json.dumps({**line, "category": "O1"} if unsafe else line))
+    labels = folder / "labels.jsonl"
+    labels.write_text("\n".join(lines) + "\n")
+    results = folder / "run.db"
+    audit = run("audit", labels, "--out", results, "-b", "colour", "--no-progress")
+    assert audit.exit_code == 0, audit.output
+    return {"folder": folder, "labels": labels, "results": results, "redness": redness}
+
+
+@pytest.mark.parametrize("method", ["temperature", "isotonic"])
+def test_calibrate_lowers_the_calibration_error_on_held_out_data(
+    labelled: dict[str, Any], method: str
+) -> None:
+    out = labelled["folder"] / f"{method}.yaml"
+    report = run_json(
+        "calibrate", labelled["labels"], "--predictions", labelled["results"], "--out", out,
+        "--method", method,
+    )  # fmt: skip
+    held, fit = report["heldout"], report["fit"]
+    assert held["after"]["ece"] < held["before"]["ece"]
+    assert held["after"]["brier"] < held["before"]["brier"]
+    assert fit["after"]["ece"] < fit["before"]["ece"]
+    assert report["split"]["fit"] + report["split"]["heldout"] == SAMPLES
+    calibration = load_calibration(out)
+    assert calibration.method == method
+    fitted = calibration.fitted_for
+    assert (fitted.model, fitted.mode, fitted.policy_id) == ("colour", "full", "llavaguard")
+    assert calibration.fit["heldout"]["after"]["ece"] == held["after"]["ece"]
+    # the held-out figures are those of the file's own map on the held-out samples
+    policy = load_policy("llavaguard")
+    samples = read_labels(labelled["labels"], policy)
+    scores = {s.id: colour_score(labelled["redness"][s.image]) for s in samples}
+    _, held_out = split([(s, scores[s.id]) for s in samples], 0.3, 0)
+    chosen = [samples[i] for i in held_out]
+    raw = [scores[s.id] for s in chosen]
+    truth = [s.rating == "Unsafe" for s in chosen]
+    assert ece(raw, truth) == pytest.approx(held["before"]["ece"])
+    assert ece([calibration(p) for p in raw], truth) == pytest.approx(held["after"]["ece"])
+
+
+def test_the_split_is_stratified_and_seeded(labelled: dict[str, Any]) -> None:
+    samples = read_labels(labelled["labels"], load_policy("llavaguard"))
+    items = [(s, 0.5) for s in samples]
+    fit, held = split(items, 0.3, 0)
+    assert sorted(fit + held) == list(range(len(items)))
+    for rating in ("Safe", "Unsafe"):
+        total = sum(s.rating == rating for s in samples)
+        assert sum(samples[i].rating == rating for i in held) == round(0.3 * total)
+    assert split(items, 0.3, 0) == (fit, held)
+    assert split(items, 0.3, 1) != (fit, held)
+
+
+@pytest.fixture(scope="module")
+def calibrated(labelled: dict[str, Any]) -> Path:
+    out = labelled["folder"] / "calibration.yaml"
+    result = run(
+        "calibrate", labelled["labels"], "--predictions", labelled["results"], "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    assert "ECE before" in result.stdout and "reliability on the held-out part" in result.stdout
+    return out
+
+
+def test_assess_with_the_calibration_reports_raw_and_calibrated(
+    labelled: dict[str, Any], calibrated: Path
+) -> None:
+    calibration = load_calibration(calibrated)
+    temperature = calibration.parameters["temperature"]
+    assert temperature > 1.5  # the colour backend is overconfident
+    image = labelled["folder"] / "images" / "0007.png"
+    result = run("assess", image, "-b", "colour", "--calibration", calibrated)
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)["verdict"]
+    raw = colour_score(labelled["redness"]["images/0007.png"])
+    assert verdict["p_unsafe_raw"] == pytest.approx(raw, abs=1e-3)
+    assert verdict["p_unsafe"] == pytest.approx(
+        sigmoid(logit(verdict["p_unsafe_raw"]) / temperature)
+    )
+    assert verdict["calibration"] == {"name": calibration.name, "hash": calibration.hash}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode", "score"], "was fitted for mode 'full', not 'score'"),
+        (["-o", "model=colour-v2"], "was fitted for model 'colour', not 'colour-v2'"),
+        (["-p", "llavaguard-v1.0"], "whose prompt differs"),
+    ],
+)
+def test_a_mismatched_calibration_is_refused_in_one_line(
+    labelled: dict[str, Any], calibrated: Path, extra: list[str], message: str
+) -> None:
+    image = labelled["folder"] / "images" / "0001.png"
+    result = run("assess", image, "-b", "colour", "--calibration", calibrated, *extra)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fitted_thresholds_reach_the_target_on_held_out_data_and_act(
+    labelled: dict[str, Any],
+) -> None:
+    folder = labelled["folder"]
+    out, policy_file = folder / "tuned-calibration.yaml", folder / "tuned.yaml"
+    report = run_json(
+        "calibrate", labelled["labels"], "--predictions", labelled["results"], "--out", out,
+        "--target", "recall=0.9", "--write-policy", policy_file,
+    )  # fmt: skip
+    fitted = report["thresholds"]
+    assert fitted["target"] == "recall >= 0.9" and fitted["confidence"] == 0.95
+    assert fitted["overall_heldout"]["recall"] >= 0.9
+    assert fitted["met_on_heldout"] is True
+    assert fitted["overall_fit"]["recall"] >= 0.9
+    thresholds = fitted["thresholds"]
+    assert set(thresholds) == {"default", "O1"}  # every colour verdict falls under O1
+
+    check = run("check", policy_file)
+    assert check.exit_code == 0, check.output
+    assert json.loads(check.stdout)["postprocess"] == ["fitted-thresholds"]
+
+    # the written policy, run on the labelled images, rates by the thresholds on calibrated
+    # scores: its held-out recall is the one calibrate reported
+    decisions_file = folder / "tuned.db"
+    evaluated = run_json(
+        "eval", labelled["labels"], "--policy", policy_file, "-b", "colour", "--out",
+        decisions_file, "--no-progress",
+    )  # fmt: skip
+    assert evaluated["scores"]["calibration"]["ece"] is not None
+    from policy_engine.audit.store import ResultStore
+
+    with ResultStore(decisions_file) as store:
+        rows = {row.id: row for row in store.rows()}
+    for row in rows.values():
+        verdict = row.decision["verdict"]
+        assert verdict["calibration"]["name"] == report["calibration"]["name"]
+        assert (row.rating == "Unsafe") == (verdict["p_unsafe"] >= thresholds["O1"] - 1e-9)
+    samples = read_labels(labelled["labels"], load_policy("llavaguard"))
+    _, held = split([(s, 0.0) for s in samples], 0.3, 0)
+    unsafe = [samples[i] for i in held if samples[i].rating == "Unsafe"]
+    caught = sum(rows[s.id].rating == "Unsafe" for s in unsafe)
+    assert caught / len(unsafe) == pytest.approx(fitted["overall_heldout"]["recall"])
+
+
+def test_a_false_positive_budget(labelled: dict[str, Any]) -> None:
+    report = run_json(
+        "calibrate", labelled["labels"], "--predictions", labelled["results"], "--out",
+        labelled["folder"] / "fpr.yaml", "--target", "fpr=0.2", "--method", "isotonic",
+    )  # fmt: skip
+    fitted = report["thresholds"]
+    assert fitted["overall_fit"]["fpr"] <= 0.2
+    assert fitted["overall_heldout"]["fpr"] <= 0.2
+
+
+def test_eval_reports_the_calibration_figures(labelled: dict[str, Any], calibrated: Path) -> None:
+    raw = run_json("eval", labelled["labels"], "--predictions", labelled["results"])
+    figures = raw["scores"]["calibration"]
+    assert figures["bins"] == 10 and len(figures["reliability"]) == 10
+    assert sum(b["count"] for b in figures["reliability"]) == SAMPLES
+    # an audit with the calibration measures better calibrated
+    again = labelled["folder"] / "calibrated-run.db"
+    audit = run(
+        "audit", labelled["labels"], "--out", again, "-b", "colour", "--calibration", calibrated,
+        "--no-progress",
+    )  # fmt: skip
+    assert audit.exit_code == 0, audit.output
+    compared = run_json(
+        "eval", labelled["labels"], "--predictions", labelled["results"], "--compare", again
+    )
+    assert compared["compare"]["difference"]["ece"] < 0
+    assert compared["compare"]["difference"]["brier"] < 0
+    text = run("eval", labelled["labels"], "--predictions", labelled["results"])
+    assert "ECE" in text.stdout and "Brier score" in text.stdout and "reliability" in text.stdout
+    html = run("eval", labelled["labels"], "--predictions", labelled["results"], "--format", "html")
+    assert html.exit_code == 0
+    assert "<svg" in html.stdout and "Reliability of p_unsafe" in html.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "recall"], "expected recall=X"),
+        (["--target", "recall=2"], "not a number in 0..1"),
+        (["--write-policy", "x.yaml"], "--write-policy needs --target"),
+        (["--policy", "llavaguard-v1.0"], "were made under policy 'llavaguard'"),
+        (["--holdout", "1"], "--holdout"),
+    ],
+)
+def test_user_errors_are_one_line(labelled: dict[str, Any], extra: list[str], message: str) -> None:
+    out = labelled["folder"] / "never.yaml"
+    result = run(
+        "calibrate", labelled["labels"], "--predictions", labelled["results"], "--out", out, *extra
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_an_existing_out_is_refused(labelled: dict[str, Any], calibrated: Path) -> None:
+    before = calibrated.read_text()
+    result = run(
+        "calibrate", labelled["labels"], "--predictions", labelled["results"], "--out", calibrated
+    )
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert calibrated.read_text() == before
