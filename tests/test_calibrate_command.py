@@ -260,3 +260,10 @@ def test_an_existing_out_is_refused(labelled: dict[str, Any], calibrated: Path) 
     )
     assert result.exit_code == 2 and "already exists" in result.stderr
     assert calibrated.read_text() == before
+
+
+def test_serve_refuses_one_calibration_for_several_policies(calibrated: Path) -> None:
+    pytest.importorskip("fastapi")
+    result = run("serve", "-b", "colour", "--calibration", calibrated, "--port", "0")
+    assert result.exit_code == 2
+    assert "put `calibration: FILE` in each policy" in result.stderr
