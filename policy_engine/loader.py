@@ -516,4 +516,13 @@ def _plugin_problems(policy: Policy, data: Located, file: str, host: PluginHost)
         for loc, message in cls.check(params, policy):
             mark, path = _walk(data, ("postprocess", index, "params", *loc))
             problems.append(_problem_at(mark, file, path, message))
+    if policy.calibration is not None:
+        # the file must be a calibration; what it was fitted for, the engine checks
+        from .calibration import CalibrationError, load_calibration
+
+        try:
+            load_calibration(policy.calibration)
+        except CalibrationError as err:
+            mark, path = _walk(data, ("calibration",))
+            problems.append(_problem_at(mark, file, path or "calibration", err.message))
     return problems

@@ -309,3 +309,15 @@ def test_a_policy_without_the_key_hashes_as_before() -> None:
     policy = load_policy("llavaguard")
     assert policy.calibration is None
     assert "calibration" not in _policy_data(policy)
+
+
+def test_a_policy_naming_a_missing_calibration_fails_to_load_at_the_key(tmp_path: Path) -> None:
+    from policy_engine.errors import PolicyError
+
+    policy_file = tmp_path / "p.yaml"
+    policy_file.write_text("extends: llavaguard\nid: calibrated\ncalibration: nowhere.yaml\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(str(policy_file))
+    (problem,) = caught.value.problems
+    assert (problem.line, problem.path) == (3, "calibration")
+    assert "no such calibration file" in problem.message
