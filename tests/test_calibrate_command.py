@@ -267,3 +267,35 @@ def test_serve_refuses_one_calibration_for_several_policies(calibrated: Path) ->
     result = run("serve", "-b", "colour", "--calibration", calibrated, "--port", "0")
     assert result.exit_code == 2
     assert "put `calibration: FILE` in each policy" in result.stderr
+
+
+def test_predictions_made_with_a_calibration_are_refitted_on_their_raw_scores(
+    labelled: dict[str, Any], calibrated: Path
+) -> None:
+    again = labelled["folder"] / "refit-run.db"
+    audit = run(
+        "audit", labelled["labels"], "--out", again, "-b", "colour", "--calibration", calibrated,
+        "--no-progress",
+    )  # fmt: skip
+    assert audit.exit_code == 0, audit.output
+    refit = run_json(
+        "calibrate", labelled["labels"], "--predictions", again, "--out",
+        labelled["folder"] / "refit.yaml",
+    )  # fmt: skip
+    assert refit["already_calibrated"] == SAMPLES
+    # the same raw scores and split give the same temperature as the first fit
+    assert refit["calibration"]["parameters"] == load_calibration(calibrated).parameters
+
+
+def test_an_audit_is_not_continued_with_another_calibration(
+    labelled: dict[str, Any], calibrated: Path
+) -> None:
+    out = labelled["folder"] / "resumed.db"
+    first = run("audit", labelled["labels"], "--out", out, "-b", "colour", "--no-progress")
+    assert first.exit_code == 0, first.output
+    again = run(
+        "audit", labelled["labels"], "--out", out, "-b", "colour", "--calibration", calibrated,
+        "--no-progress",
+    )  # fmt: skip
+    assert again.exit_code == 2
+    assert "holds an audit with another calibration" in again.stderr
