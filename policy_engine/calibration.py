@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -358,8 +359,9 @@ def prompt_hash(compiled: CompiledPolicy) -> str:
 def check_fitted(
     calibration: Calibration, compiled: CompiledPolicy, mode: str, model: str | None
 ) -> None:
-    """Refuse a calibration fitted for another mode, prompt or model (`model` None: not known
-    yet; each answer's model is checked by `calibrate`)."""
+    """Refuse a calibration fitted for another mode, prompt or model (`model`: the backend's
+    option, compared without a marker such as "(random weights)"; None: not known yet, and
+    each answer's own model is checked exactly by `calibrate`)."""
     fitted = calibration.fitted_for
     name = calibration.name
     if fitted.mode != mode:
@@ -373,11 +375,17 @@ def check_fitted(
             f"({fitted.policy_hash[:19]}), whose prompt differs from policy "
             f"{compiled.policy.id!r}'s; fit one for this policy"
         )
-    if model is not None and model != fitted.model:
+    if model is not None and _bare(model) != _bare(fitted.model):
         raise CalibrationError(
             f"calibration {name!r} was fitted for model {fitted.model!r}, not {model!r}; "
             "fit one for this model"
         )
+
+
+def _bare(model: str) -> str:
+    """A model name without the marker a backend may add to it ("tiny-random (random
+    weights)"): a backend's `model` option is compared with the name its answers carry."""
+    return re.sub(r" \([^()]*\)$", "", model)
 
 
 def engine_calibration(

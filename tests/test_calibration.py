@@ -321,3 +321,35 @@ def test_a_policy_naming_a_missing_calibration_fails_to_load_at_the_key(tmp_path
     (problem,) = caught.value.problems
     assert (problem.line, problem.path) == (3, "calibration")
     assert "no such calibration file" in problem.message
+
+
+def test_the_backend_option_is_compared_without_the_marker_answers_carry() -> None:
+    with colour_host() as host:
+        marked = Engine(
+            "llavaguard",
+            "colour",
+            mode="score",
+            host=host,
+            backend_options={"model": "tiny (random weights)"},
+        )
+        calibration = Calibration.make(
+            "temperature", {"temperature": 2.0}, fitted_for(marked, model="tiny (random weights)")
+        )
+        engine = Engine(
+            "llavaguard",
+            "colour",
+            mode="score",
+            host=host,
+            calibration=calibration,
+            backend_options={"model": "tiny"},  # answers say "tiny (random weights)"
+        )
+        assert engine.calibration == calibration
+        with pytest.raises(CalibrationError, match="not 'tinier'"):
+            Engine(
+                "llavaguard",
+                "colour",
+                mode="score",
+                host=host,
+                calibration=calibration,
+                backend_options={"model": "tinier"},
+            )
