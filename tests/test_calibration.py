@@ -353,3 +353,18 @@ def test_the_backend_option_is_compared_without_the_marker_answers_carry() -> No
                 calibration=calibration,
                 backend_options={"model": "tinier"},
             )
+
+
+def test_a_ray_worker_rebuilds_the_engine_with_its_calibration() -> None:
+    import pickle
+
+    from policy_engine.ray import EngineSpec
+
+    with colour_host() as host:
+        plain = Engine("llavaguard", "colour", mode="score", host=host)
+        calibration = Calibration.make("temperature", {"temperature": 2.0}, fitted_for(plain))
+        engine = Engine("llavaguard", "colour", mode="score", host=host, calibration=calibration)
+        spec = pickle.loads(pickle.dumps(EngineSpec.from_engine(engine)))
+        rebuilt = spec.build()
+        assert rebuilt.calibration == calibration
+        assert rebuilt.assess(red_image(0.8)).verdict.calibration == calibration.stamp
