@@ -299,3 +299,19 @@ def test_an_audit_is_not_continued_with_another_calibration(
     )  # fmt: skip
     assert again.exit_code == 2
     assert "holds an audit with another calibration" in again.stderr
+
+
+def test_assess_lines_need_the_mode_they_were_made_in(labelled: dict[str, Any]) -> None:
+    folder = labelled["folder"]
+    images = sorted(str(p) for p in (folder / "images").glob("*.png"))
+    assessed = run("assess", *images, "-b", "colour")
+    assert assessed.exit_code == 0, assessed.output
+    lines = folder / "assessed.jsonl"
+    lines.write_text(assessed.stdout)
+    args = ["calibrate", labelled["labels"], "--predictions", lines, "--out", folder / "a.yaml"]
+    refused = run(*args)
+    assert refused.exit_code == 2 and "does not record the mode; give --mode" in refused.stderr
+    report = run_json(*args, "--mode", "full")
+    assert report["predictions_format"] == "assess"
+    assert report["calibration"]["fitted_for"]["mode"] == "full"
+    assert report["heldout"]["after"]["ece"] < report["heldout"]["before"]["ece"]
