@@ -10,6 +10,12 @@ score to an observed frequency on a labelled set and writes it as a YAML file:
 - `isotonic`: the pool-adjacent-violators fit, a non-decreasing step function, applied by
   linear interpolation between the blocks' mean scores.
 
+Where the predictions carry category scores that form a distribution (the probability of each
+category given Unsafe), a `category_temperature` is fitted too: p_c^(1/T) renormalised, T
+minimising the NLL of the labelled category over the labelled-Unsafe samples. It keeps the
+likeliest category; it changes how sure the scores are (the `thresholds` step's
+`category_scores` products).
+
 A calibration is fitted for one (model, prompt, mode): the scores of another model, another
 policy text or another mode are other numbers, so `check` refuses to apply it there. The
 policy hash is recorded but not required to match: post-processing steps (thresholds, rules)
@@ -18,7 +24,8 @@ prompt hash (the compiled prompt and prompt format) is what decides the scores.
 
 An engine maps each backend answer through `calibrate` before the verdict is built (so score
 mode rates by the calibrated score) and the verdict carries both numbers (`p_unsafe` calibrated,
-`p_unsafe_raw` as the model said it) and the calibration's name and hash.
+`p_unsafe_raw` as the model said it; `category_scores` and `category_scores_raw` likewise when
+the calibration has a category temperature) and the calibration's name and hash.
 
 Only the standard library, pydantic and yaml: the engine imports this module.
 """
@@ -52,6 +59,7 @@ Method = Literal["temperature", "isotonic"]
 METHODS: tuple[str, ...] = ("temperature", "isotonic")
 DEFAULT_BINS = 10
 EPSILON = 1e-6  # scores are clipped to [EPSILON, 1 - EPSILON] before logit
+CATEGORY_KEY = "category_temperature"  # optional parameter: a temperature of category scores
 
 
 class CalibrationError(PolicyEngineError):
@@ -164,20 +172,7 @@ def fit_temperature(scores: Sequence[float], labels: Sequence[bool]) -> float:
     if not scores:
         raise ValueError("no scores to fit")
     logits = [logit(p) for p in scores]
-    low, high = -7.0, 7.0
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = high - ratio * (high - low), low + ratio * (high - low)
-    fa, fb = _nll(math.exp(a), logits, labels), _nll(math.exp(b), logits, labels)
-    for _ in range(200):
-        if fa <= fb:
-            high, b, fb = b, a, fa
-            a = high - ratio * (high - low)
-            fa = _nll(math.exp(a), logits, labels)
-        else:
-            low, a, fa = a, b, fb
-            b = low + ratio * (high - low)
-            fb = _nll(math.exp(b), logits, labels)
-    return math.exp((low + high) / 2)
+    return _golden(lambda t: _nll(t, logits, labels), -7.0, 7.0, steps=200)
 
 
 def fit_isotonic(
@@ -205,6 +200,47 @@ def fit_isotonic(
             for i in range(3):
                 blocks[-1][i] += last[i]
     return [b[0] / b[2] for b in blocks], [b[1] / b[2] for b in blocks]
+
+
+def temper(scores: dict[str, float], temperature: float) -> dict[str, float]:
+    """A distribution sharpened (T < 1) or flattened (T > 1): p^(1/T), renormalised. Zeros
+    stay zero; all zeros stay as they are."""
+    powered = {k: max(0.0, v) ** (1 / temperature) if v > 0 else 0.0 for k, v in scores.items()}
+    total = sum(powered.values())
+    return {k: v / total for k, v in powered.items()} if total > 0 else dict(scores)
+
+
+def category_nll(rows: Sequence[tuple[dict[str, float], str]], temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the labelled category under the tempered scores."""
+    total = 0.0
+    for scores, label in rows:
+        total -= math.log(max(EPSILON, temper(scores, temperature).get(label, 0.0)))
+    return total / len(rows) if rows else 0.0
+
+
+def fit_category_temperature(rows: Sequence[tuple[dict[str, float], str]]) -> float:
+    """The T minimising `category_nll`: golden-section search over log T in [-3, 3] (a model
+    that is always right would be sharpened without end; e^-3 bounds it), deterministic."""
+    if not rows:
+        raise ValueError("no category scores to fit")
+    return _golden(lambda t: category_nll(rows, t), -3.0, 3.0)
+
+
+def _golden(loss: Callable[[float], float], low: float, high: float, steps: int = 120) -> float:
+    """exp of the log-temperature in [low, high] minimising a unimodal loss of e^x."""
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = loss(math.exp(a)), loss(math.exp(b))
+    for _ in range(steps):
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = loss(math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = loss(math.exp(b))
+    return math.exp((low + high) / 2)
 
 
 def interpolate(x: Sequence[float], y: Sequence[float], value: float) -> float:
@@ -290,6 +326,17 @@ class Calibration(BaseModel):
         return self.mapper(p)
 
     @property
+    def category_temperature(self) -> float | None:
+        value = self.parameters.get(CATEGORY_KEY)
+        return None if value is None else float(value)
+
+    def categories(self, scores: dict[str, float]) -> dict[str, float]:
+        """Category scores (a distribution over the categories given Unsafe) with the category
+        temperature: p_c^(1/T) renormalised; unchanged without one."""
+        temperature = self.category_temperature
+        return scores if temperature is None else temper(scores, temperature)
+
+    @property
     def stamp(self) -> dict[str, str]:
         """What a verdict records of it."""
         return {"name": self.name, "hash": self.hash}
@@ -299,7 +346,11 @@ class Calibration(BaseModel):
 
 
 def _check_parameters(calibration: Calibration, where: str) -> None:
-    params = calibration.parameters
+    params = dict(calibration.parameters)
+    if CATEGORY_KEY in params:
+        value = params.pop(CATEGORY_KEY)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise CalibrationError(f"{where}: {CATEGORY_KEY} must be a number > 0")
     if calibration.method == "temperature":
         value = params.get("temperature")
         if set(params) != {"temperature"} or not isinstance(value, int | float) or value <= 0:
@@ -421,12 +472,18 @@ def calibrate(
             f"not {generation.model!r}"
         )
         return generation, lambda verdict: _config_error(verdict, message)
-    raw = generation.p_unsafe
-    if raw is None:
+    raw, raw_categories = generation.p_unsafe, generation.category_scores
+    update: dict[str, Any] = {}
+    if raw is not None:
+        generation = replace(generation, p_unsafe=calibration(raw))
+        update["p_unsafe_raw"] = raw
+    if raw_categories is not None and calibration.category_temperature is not None:
+        generation = replace(generation, category_scores=calibration.categories(raw_categories))
+        update["category_scores_raw"] = raw_categories
+    if not update:
         return generation, _same
-    calibrated = replace(generation, p_unsafe=calibration(raw))
-    update = {"p_unsafe_raw": raw, "calibration": calibration.stamp}
-    return calibrated, lambda verdict: verdict.model_copy(update=update)
+    update["calibration"] = calibration.stamp
+    return generation, lambda verdict: verdict.model_copy(update=update)
 
 
 def _same(verdict: Verdict) -> Verdict:

@@ -65,6 +65,9 @@ class Verdict(BaseModel):
     calibration: dict[str, str] | None = Field(
         default=None, description="The calibration applied to p_unsafe: its name and hash."
     )
+    category_scores_raw: dict[str, float] | None = Field(
+        default=None, description="category_scores as the model gave them, if calibrated."
+    )
 
     @property
     def ok(self) -> bool:

@@ -15,13 +15,22 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from PIL import Image, ImageStat
 
+from policy_engine import Generation, hookimpl
 from policy_engine.audit.calibrate import split
 from policy_engine.audit.labels import read_labels
-from policy_engine.calibration import ece, load_calibration, logit, sigmoid
+from policy_engine.calibration import ece, load_calibration, logit, sigmoid, temper
 from policy_engine.cli import cli
+from policy_engine.host import set_host
 from policy_engine.loader import load_policy
-from tests.colour_backend import colour_host, colour_score, red_image
+from tests.colour_backend import (
+    ColourBackend,
+    colour_host,
+    colour_score,
+    make_colour_host,
+    red_image,
+)
 from tests.colour_backend import redness as measured_redness
 
 SAMPLES = 600
@@ -81,6 +90,9 @@ def test_calibrate_lowers_the_calibration_error_on_held_out_data(
     assert report["split"]["fit"] + report["split"]["heldout"] == SAMPLES
     calibration = load_calibration(out)
     assert calibration.method == method
+    # the colour backend's category scores are no distribution: left as they are
+    assert "do not sum to 1" in report["categories"]["note"]
+    assert calibration.category_temperature is None
     fitted = calibration.fitted_for
     assert (fitted.model, fitted.mode, fitted.policy_id) == ("colour", "full", "llavaguard")
     assert calibration.fit["heldout"]["after"]["ece"] == held["after"]["ece"]
@@ -315,3 +327,100 @@ def test_assess_lines_need_the_mode_they_were_made_in(labelled: dict[str, Any]) 
     assert report["predictions_format"] == "assess"
     assert report["calibration"]["fitted_for"]["mode"] == "full"
     assert report["heldout"]["after"]["ece"] < report["heldout"]["before"]["ece"]
+
+
+# -- category scores: a colour backend whose category scores follow a second colour ---------
+
+
+class TiltBackend(ColourBackend):
+    """The colour backend, with category scores that are a real distribution: O2's share is an
+    overconfident sigmoid of how much bluer than green the image is (`tilt` in 0..1), O1 has
+    the rest. P(Unsafe) is the colour backend's."""
+
+    name = "tilt"
+
+    def _judge(self, batch: Any, image: Image.Image) -> Generation:
+        generation = super()._judge(batch, image)
+        _, green, blue = ImageStat.Stat(image.convert("RGB")).mean[:3]
+        share = colour_score(tilt(green, blue), sharpness=12.0)
+        ids = [c.id for c in batch.compiled.policy.categories]
+        scores = dict.fromkeys(ids, 0.0) | {"O1": 1 - share, "O2": share}
+        return Generation(**{**generation.__dict__, "category_scores": scores})
+
+
+class TiltPlugin:
+    @hookimpl
+    def register_backends(self, register: Any) -> None:
+        register(TiltBackend)
+
+
+MIDDLE = 60  # (green + blue) / 2 of every tilt image
+
+
+def tilt(green: float, blue: float) -> float:
+    return min(1.0, max(0.0, 0.5 + (blue - green) / (4 * MIDDLE)))
+
+
+def tilt_image(red: float, bluer: float) -> Image.Image:
+    """Redness about 0.76 * `red`, tilt `bluer` (both 0..1)."""
+    shift = round(2 * MIDDLE * (bluer - 0.5))
+    colour = (MIDDLE + round(195 * red), MIDDLE - shift, MIDDLE + shift)
+    return Image.new("RGB", (4, 4), colour)
+
+
+def run_tilt(*args: Any) -> Result:
+    host = make_colour_host()
+    host.register(TiltPlugin(), name="tilt-test-backend")
+    previous = set_host(host)
+    try:
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        set_host(previous)
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_category_scores_are_calibrated_where_they_are_a_distribution(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    (tmp_path / "images").mkdir()
+    lines = []
+    for index in range(1200):
+        picture = tilt_image(rng.random(), rng.random())
+        name = f"images/{index:04d}.png"
+        picture.save(tmp_path / name)
+        _, green, blue = ImageStat.Stat(picture).mean[:3]
+        if rng.random() < measured_redness(picture):
+            category = "O2" if rng.random() < tilt(green, blue) else "O1"
+            lines.append(json.dumps({"image": name, "rating": "Unsafe", "category": category}))
+        else:
+            lines.append(json.dumps({"image": name, "rating": "Safe"}))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(lines) + "\n")
+    results = tmp_path / "run.db"
+    audited = run_tilt("audit", labels, "--out", results, "-b", "tilt", "--mode", "score")
+    assert audited.exit_code == 0, audited.output
+
+    out = tmp_path / "c.yaml"
+    result = run_tilt(
+        "calibrate", labels, "--predictions", results, "--out", out, "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    categories = json.loads(result.stdout)["categories"]
+    assert categories["note"] is None
+    assert categories["temperature"] > 1  # the shares were overconfident
+    assert categories["nll"]["heldout"]["after"] < categories["nll"]["heldout"]["before"]
+    assert categories["nll"]["fit"]["after"] < categories["nll"]["fit"]["before"]
+    calibration = load_calibration(out)
+    assert calibration.category_temperature == categories["temperature"]
+
+    assessed = run_tilt("assess", tmp_path / "images" / "0003.png", "-b", "tilt", "--mode", "score",
+                        "--calibration", out)  # fmt: skip
+    decision = json.loads(assessed.stdout)
+    verdict = decision["verdict"]
+    raw = verdict["category_scores_raw"]
+    assert verdict["category_scores"] == pytest.approx(
+        temper(raw, calibration.category_temperature)
+    )
+    assert verdict["category_scores"] != pytest.approx(raw)
+    if decision["rating"] == "Unsafe":  # the category stays the likeliest one
+        assert decision["category_id"] == max(raw, key=raw.__getitem__)

@@ -19,7 +19,9 @@ from policy_engine.calibration import (
     CalibrationError,
     FittedFor,
     brier,
+    category_nll,
     ece,
+    fit_category_temperature,
     fit_isotonic,
     fit_temperature,
     interpolate,
@@ -28,6 +30,7 @@ from policy_engine.calibration import (
     prompt_hash,
     reliability,
     sigmoid,
+    temper,
 )
 from policy_engine.compiler import _policy_data
 from tests.colour_backend import ColourBackend, colour_host, colour_score, red_image, redness
@@ -368,3 +371,37 @@ def test_a_ray_worker_rebuilds_the_engine_with_its_calibration() -> None:
         rebuilt = spec.build()
         assert rebuilt.calibration == calibration
         assert rebuilt.assess(red_image(0.8)).verdict.calibration == calibration.stamp
+
+
+def test_temper_keeps_the_order_and_the_sum() -> None:
+    scores = {"O1": 0.7, "O2": 0.2, "O3": 0.1, "NA": 0.0}
+    for temperature in (0.5, 1.0, 3.0):
+        tempered = temper(scores, temperature)
+        assert sum(tempered.values()) == pytest.approx(1.0)
+        assert sorted(tempered, key=tempered.__getitem__) == sorted(scores, key=scores.__getitem__)
+        assert tempered["NA"] == 0.0
+    assert temper(scores, 1.0) == pytest.approx(scores)
+    assert temper(scores, 3.0)["O1"] < 0.7 < temper(scores, 0.5)["O1"]
+    assert temper(dict.fromkeys(scores, 0.0), 2.0) == dict.fromkeys(scores, 0.0)
+
+
+def test_the_category_temperature_minimises_the_category_nll() -> None:
+    rng = random.Random(8)
+    rows = []
+    for _ in range(2000):
+        share = rng.random()
+        label = "O2" if rng.random() < share else "O1"
+        sharp = sigmoid(3.0 * logit(share))  # as if T = 1/3 had been applied: overconfident
+        rows.append(({"O1": 1 - sharp, "O2": sharp}, label))
+    fitted = fit_category_temperature(rows)
+    assert fitted == pytest.approx(3.0, rel=0.15)
+    for other in (fitted * 0.97, fitted * 1.03, 1.0):
+        assert category_nll(rows, fitted) <= category_nll(rows, other)
+
+
+def test_a_bad_category_temperature_is_refused(tmp_path: Path) -> None:
+    bad = Calibration.make("temperature", {"temperature": 2.0, "category_temperature": 0}, FITTED)
+    path = tmp_path / "cal.yaml"
+    path.write_text(bad.dump())
+    with pytest.raises(CalibrationError, match="category_temperature must be a number > 0"):
+        load_calibration(path)

@@ -24,11 +24,14 @@ from typing import Any
 import click
 
 from ..calibration import (
+    CATEGORY_KEY,
     DEFAULT_BINS,
     METHODS,
     Calibration,
     FittedFor,
     Method,
+    category_nll,
+    fit_category_temperature,
     fit_isotonic,
     fit_temperature,
     prompt_hash,
@@ -37,7 +40,7 @@ from ..errors import PolicyEngineError, PolicyError
 from ..host import PluginHost, get_host
 from ..loader import load_policy, shipped_policies
 from ..policy import Policy
-from .calibrate_report import CalibrateReport, Part, render_text, write_policy
+from .calibrate_report import CalibrateReport, CategoryFit, Part, render_text, write_policy
 from .fit_thresholds import Scored, Target, fit_thresholds, threshold_group
 from .labels import EvalError, LabelledSample, Prediction, read_labels
 from .predictions import Provenance, peek, read_predictions
@@ -126,6 +129,48 @@ def _made_by(
     return prov.model, mode
 
 
+def _category_row(
+    sample: LabelledSample, prediction: Prediction, policy: Policy
+) -> tuple[dict[str, float], str] | None:
+    """(the raw category scores, the labelled category) of a labelled-Unsafe sample with a
+    policy category and category scores; None for any other."""
+    scores = prediction.category_scores_raw or prediction.category_scores
+    if sample.rating != "Unsafe" or scores is None:
+        return None
+    if sample.category not in {c.id for c in policy.categories}:
+        return None
+    return scores, sample.category
+
+
+def fit_categories(
+    rows: Sequence[tuple[dict[str, float], str] | None],
+    fit_index: Sequence[int],
+    held_index: Sequence[int],
+) -> CategoryFit:
+    """A temperature of the category scores (a distribution given Unsafe), fitted on the
+    labelled-Unsafe fit samples that have them, with the NLL of the labelled category before
+    and after on both parts; or why there is none."""
+    fit = [row for i in fit_index if (row := rows[i]) is not None]
+    held = [row for i in held_index if (row := rows[i]) is not None]
+    result = CategoryFit(fit_samples=len(fit), heldout_samples=len(held))
+    if len(fit) < MIN_SAMPLES:
+        result.note = (
+            f"{len(fit)} labelled-Unsafe fit samples have category scores; {MIN_SAMPLES} needed"
+        )
+        return result
+    if any(abs(sum(scores.values()) - 1) > 0.02 for scores, _ in fit + held):
+        result.note = "the category scores do not sum to 1 (not a distribution): left as they are"
+        return result
+    temperature = round(fit_category_temperature(fit), 6)
+    result.temperature = temperature
+    result.nll = {
+        name: {"before": category_nll(part), "after": category_nll(part, temperature)}
+        for name, part in (("fit", fit), ("heldout", held))
+        if part
+    }
+    return result
+
+
 def run_calibrate(opts: CalibrateOptions, *, host: PluginHost | None = None) -> CalibrateReport:
     """Everything `policy-engine calibrate` does except printing; writes --out (and
     --write-policy)."""
@@ -178,6 +223,16 @@ def run_calibrate(opts: CalibrateOptions, *, host: PluginHost | None = None) -> 
     else:
         x, y = fit_isotonic(fit_scores, fit_labels)
         parameters = {"x": [round(v, 6) for v in x], "y": [round(v, 6) for v in y]}
+    categories = fit_categories(
+        [
+            _category_row(sample, p, policy)
+            for (sample, _), p in zip(items, predictions, strict=True)
+        ],
+        fit_index,
+        held_index,
+    )
+    if categories.temperature is not None:
+        parameters[CATEGORY_KEY] = categories.temperature
     fitted_for = FittedFor(
         model=model,
         mode=mode,
@@ -272,6 +327,7 @@ def run_calibrate(opts: CalibrateOptions, *, host: PluginHost | None = None) -> 
         fit=fit_part,
         heldout=held_part,
         already_calibrated=sum(p.p_unsafe_raw is not None for p in predictions),
+        categories=categories,
         thresholds=thresholds,
         policy_written=opts.write_policy,
         replaced_steps=replaced,

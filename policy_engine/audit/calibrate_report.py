@@ -30,6 +30,17 @@ class Part(BaseModel):
     after: CalibrationFigures
 
 
+class CategoryFit(BaseModel):
+    """The category scores' temperature (None: not fitted, `note` says why) and the mean NLL of
+    the labelled category before and after, per part (labelled-Unsafe samples only)."""
+
+    fit_samples: int
+    heldout_samples: int
+    temperature: float | None = None
+    nll: dict[str, dict[str, float]] | None = None
+    note: str | None = None
+
+
 class CalibrateReport(BaseModel):
     labels: str
     predictions: str
@@ -41,6 +52,7 @@ class CalibrateReport(BaseModel):
     fit: Part
     heldout: Part
     already_calibrated: int
+    categories: CategoryFit | None = None
     thresholds: ThresholdFit | None = None
     policy_written: str | None = None
     replaced_steps: list[str] = []
@@ -131,6 +143,19 @@ def render_text(report: CalibrateReport) -> str:
             f"  {name:<10}{p.samples:>8}{_num(p.before.ece):>12}{_num(p.after.ece):>8}"
             f"{_num(p.before.brier):>14}{_num(p.after.brier):>8}"
         )
+    categories = report.categories
+    if categories is not None and categories.temperature is not None and categories.nll:
+        nll = "; ".join(
+            f"{'held-out' if name == 'heldout' else name} {v['before']:.3f} -> {v['after']:.3f}"
+            for name, v in categories.nll.items()
+        )
+        lines.append(
+            f"category scores: T = {categories.temperature:g}; mean NLL of the labelled "
+            f"category (labelled Unsafe: {categories.fit_samples} fit, "
+            f"{categories.heldout_samples} held out): {nll}"
+        )
+    elif categories is not None:
+        lines.append(f"category scores: not calibrated: {categories.note}")
     lines += ["", "reliability on the held-out part, before (# observed, | mean score):"]
     lines += reliability_text(report.heldout.before)
     lines += ["after:"]

@@ -178,6 +178,7 @@ class Prediction:
     error: str | None = None
     category_scores: dict[str, float] | None = None  # the verdict's, when it has them
     p_unsafe_raw: float | None = None  # the model's score before a calibration, if one applied
+    category_scores_raw: dict[str, float] | None = None  # likewise, the category scores
 
     @property
     def valid(self) -> bool:
@@ -188,13 +189,14 @@ class Prediction:
         JSON data (ignored when it has none, or is no mapping)."""
         if not isinstance(verdict, dict):
             return self
-        scores = verdict.get("category_scores")
         raw = verdict.get("p_unsafe_raw")
         update: dict[str, Any] = {}
-        if isinstance(scores, dict) and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in scores.values()
-        ):
-            update["category_scores"] = {str(k): float(v) for k, v in scores.items()}
+        for key in ("category_scores", "category_scores_raw"):
+            scores = verdict.get(key)
+            if isinstance(scores, dict) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in scores.values()
+            ):
+                update[key] = {str(k): float(v) for k, v in scores.items()}
         if isinstance(raw, int | float) and not isinstance(raw, bool) and 0 <= raw <= 1:
             update["p_unsafe_raw"] = float(raw)
         return replace(self, **update) if update else self
@@ -216,4 +218,5 @@ class Prediction:
             error,
             verdict.category_scores,
             verdict.p_unsafe_raw,
+            verdict.category_scores_raw,
         )
