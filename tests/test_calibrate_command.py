@@ -424,3 +424,41 @@ def test_category_scores_are_calibrated_where_they_are_a_distribution(tmp_path: 
     assert verdict["category_scores"] != pytest.approx(raw)
     if decision["rating"] == "Unsafe":  # the category stays the likeliest one
         assert decision["category_id"] == max(raw, key=raw.__getitem__)
+
+
+def test_each_category_with_enough_samples_gets_its_own_threshold(tmp_path: Path) -> None:
+    rng = random.Random(12)
+    (tmp_path / "images").mkdir()
+    lines = []
+    for index in range(1000):
+        picture = tilt_image(rng.random(), rng.random())
+        name = f"images/{index:04d}.png"
+        picture.save(tmp_path / name)
+        _, green, blue = ImageStat.Stat(picture).mean[:3]
+        if rng.random() < measured_redness(picture):
+            category = "O2" if rng.random() < tilt(green, blue) else "O1"
+            lines.append(json.dumps({"image": name, "rating": "Unsafe", "category": category}))
+        else:
+            lines.append(json.dumps({"image": name, "rating": "Safe"}))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(lines) + "\n")
+    results = tmp_path / "run.db"
+    audited = run_tilt("audit", labels, "--out", results, "-b", "tilt", "--mode", "score")
+    assert audited.exit_code == 0, audited.output
+    policy_file = tmp_path / "tuned.yaml"
+    result = run_tilt(
+        "calibrate", labels, "--predictions", results, "--out", tmp_path / "c.yaml",
+        "--target", "recall=0.85", "--write-policy", policy_file, "--format", "json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    fitted = json.loads(result.stdout)["thresholds"]
+    # score mode: a Safe verdict's group is its top category score, so both colours have one
+    assert {"O1", "O2"} <= set(fitted["thresholds"])
+    rows = {g["group"]: g for g in fitted["groups"]}
+    for group in ("O1", "O2"):
+        assert rows[group]["fitted_on"] >= 20
+        assert rows[group]["fit"]["recall"] >= 0.85
+    assert fitted["overall_heldout"]["recall"] >= 0.85
+    written = load_policy(str(policy_file))
+    (step,) = [s for s in written.postprocess if s.name == "thresholds"]
+    assert step.params["p_unsafe"] == fitted["thresholds"]
