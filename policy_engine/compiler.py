@@ -342,7 +342,7 @@ def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
 # Top-level keys by name; keys of list entries as "LIST.KEY" ("categories.KEY",
 # "postprocess.KEY").
 OPTIONAL_KEYS: frozenset[str] = frozenset(
-    {"audiences", "categories.audience", "postprocess.shadow"}
+    {"audiences", "calibration", "categories.audience", "postprocess.shadow"}
 )
 
 # Keys that never change what a policy asks the model or how its answer is read, left out of

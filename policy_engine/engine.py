@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from . import shadow as shadow_mode
 from .backend import Backend, Batch, Generation
+from .calibration import Calibration, calibrate, engine_calibration
 from .compiler import CompiledPolicy
 from .errors import BackendError, ImageError, PolicyEngineError
 from .host import PluginHost, get_host
@@ -76,11 +77,13 @@ class Engine:
         host: PluginHost | None = None,
         lenient: bool = False,
         shadow: Policy | str | Path | Engine | None = None,
+        calibration: Calibration | str | Path | None = None,
     ) -> None:
         """`lenient` reads replies that wrap their JSON object in prose (servers that ignore
         the schema); by default a reply must be exactly one JSON object. `shadow`: a policy
         judged on every item beside this one, its result recorded under `Decision.shadow`
-        and never enforced (docs/shadow.md); it shares this engine's backend."""
+        and never enforced (docs/shadow.md); it shares this engine's backend. `calibration`
+        (a file or a `Calibration`; default: the policy's `calibration` key) maps P(Unsafe)."""
         self.host = host or get_host()
         check_mode(mode)
         if isinstance(policy, Policy):
@@ -108,6 +111,7 @@ class Engine:
         self.score_threshold = score_threshold
         self.max_pixels = max_pixels
         self.lenient = lenient
+        self.calibration = engine_calibration(calibration, self.compiled, mode, backend)
         self.chain: list[tuple[str, PostProcessor]] = []
         for index, step in enumerate(self.policy.postprocess):
             cls = self.host.postprocessor(step.name)
@@ -340,15 +344,17 @@ class Engine:
             assert item.image is not None
             generation = next(answers)
             timings = {"decode_image": item.decode_seconds, "generate": share, **generation.timings}
+            scored, calibrated = calibrate(self.calibration, generation)
             verdict = build_verdict(
                 self.compiled,
                 self.mode,
-                generation,
+                scored,
                 source=item.image.source,
                 timings=timings,
                 score_threshold=self.score_threshold,
                 lenient=self.lenient,
             )
+            verdict = calibrated(verdict)
             yield self._postprocess(
                 verdict, item.metadata, generation=generation, prepared=item, timings=timings
             )

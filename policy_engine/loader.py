@@ -147,6 +147,7 @@ def _load_chain(
         )
     data = _read(display, path, text)
     _anchor_test_images(data, path.parent)
+    _anchor_calibration(data, path.parent)
     parent_ref = data.get("extends")
     if parent_ref is None:
         _reject_patch_keys(data, display)
@@ -192,6 +193,13 @@ def _anchor_test_images(data: Located, folder: Path) -> None:
         image = entry.get("image") if isinstance(entry, Located) else None
         if isinstance(image, str) and image and not image.startswith("data:"):
             entry["image"] = str(folder / Path(image).expanduser())
+
+
+def _anchor_calibration(data: Located, folder: Path) -> None:
+    """A policy's calibration file is named relative to the policy file that names it."""
+    value = data.get("calibration")
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        data["calibration"] = str(folder / value)
 
 
 def _entry_error(entry: Located, index: int, key: str, file: str, message: str) -> PolicyError:
@@ -532,4 +540,13 @@ def _plugin_problems(policy: Policy, data: Located, file: str, host: PluginHost)
         for loc, message in cls.check(params, policy):
             mark, path = _walk(data, ("postprocess", index, "params", *loc))
             problems.append(_problem_at(mark, file, path, message))
+    if policy.calibration is not None:
+        # the file must be a calibration; what it was fitted for, the engine checks
+        from .calibration import CalibrationError, load_calibration
+
+        try:
+            load_calibration(policy.calibration)
+        except CalibrationError as err:
+            mark, path = _walk(data, ("calibration",))
+            problems.append(_problem_at(mark, file, path or "calibration", err.message))
     return problems

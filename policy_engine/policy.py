@@ -336,6 +336,11 @@ class Policy(_Strict):
         description="Audience levels this policy can be compiled for (`NAME@LEVEL`); "
         "categories give guidelines levels under `audience`.",
     )
+    calibration: str | None = Field(
+        default=None,
+        description="A calibration file (`policy-engine calibrate`) mapping P(Unsafe), "
+        "relative to this policy file; fitted for one model, prompt and mode.",
+    )
 
     @field_validator("actions")
     @classmethod

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backend import Backend
+from .calibration import Calibration
 from .engine import Engine
 from .errors import PolicyEngineError
 from .loader import load_policy
@@ -86,6 +87,7 @@ class EngineSpec:
     concurrency: int = 1
     max_new_tokens: int | None = None
     lenient: bool = False
+    calibration: Calibration | None = None
 
     @classmethod
     def from_engine(cls, engine: Engine) -> EngineSpec:
@@ -103,6 +105,7 @@ class EngineSpec:
             concurrency=engine.concurrency,
             max_new_tokens=engine.max_new_tokens,
             lenient=engine.lenient,
+            calibration=engine.calibration,
         )
 
     def build(self) -> Engine:
@@ -121,6 +124,7 @@ class EngineSpec:
             concurrency=self.concurrency,
             max_new_tokens=self.max_new_tokens,
             lenient=self.lenient,
+            calibration=self.calibration,
         )
 
 

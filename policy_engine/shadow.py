@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .calibration import calibrate
 from .compiler import CompiledPolicy
 from .policy import Policy
 from .verdict import Decision, ShadowResult, Verdict, build_verdict
@@ -141,15 +142,17 @@ def policy_result(
     if generation is None:
         shadow_verdict = restamp(verdict, shadow.compiled)
     else:
+        scored, calibrated = calibrate(shadow.calibration, generation)  # its own, if any
         shadow_verdict = build_verdict(
             shadow.compiled,
             shadow.mode,
-            generation,
+            scored,
             source=verdict.source,
             timings=timings if reused else dict(generation.timings),
             score_threshold=shadow.score_threshold,
             lenient=shadow.lenient,
         )
+        shadow_verdict = calibrated(shadow_verdict)
     branch = Decision(verdict=shadow_verdict, metadata=metadata)
     shadow._run_steps(branch, 0, [], shadows=False)
     return ShadowResult.of(

@@ -89,6 +89,15 @@ class Verdict(BaseModel):
     decided_by: str | None = Field(
         default=None, description="Which judge (or rule) decided, and why: composite backends."
     )
+    p_unsafe_raw: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="P(Unsafe) as the model gave it, if calibrated."
+    )
+    calibration: dict[str, str] | None = Field(
+        default=None, description="The calibration applied to p_unsafe: its name and hash."
+    )
+    category_scores_raw: dict[str, float] | None = Field(
+        default=None, description="category_scores as the model gave them, if calibrated."
+    )
 
     @property
     def ok(self) -> bool:

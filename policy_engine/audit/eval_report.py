@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from .agreement import JudgeAgreement, Kappa
 from .metrics import COMPARED_METRICS, Evaluation, ExceptionRate
 from .predictions import KIND_NAMES, RANDOM_WEIGHTS, Kind, Matching, Provenance, describe_decoding
+from .reliability import reliability_text
 
 CHANGED_SHOWN = 20  # ids listed for fixed and broken samples in a comparison
 
@@ -201,6 +202,12 @@ def _evaluation_text(evaluation: Evaluation) -> list[str]:
             f"  {'ROC-AUC':<20}{_number(s.roc_auc)}   ({s.scored} scored: "
             f"{s.positives} Unsafe, {s.negatives} Safe)"
         )
+        if s.calibration is not None:
+            lines.append(
+                f"  {'ECE':<20}{_number(s.calibration.ece)}   ({s.calibration.bins} "
+                "equal-width bins of p_unsafe)"
+            )
+            lines.append(f"  {'Brier score':<20}{_number(s.calibration.brier)}")
     lines += ["", "rating confusion (rows: labelled, columns: predicted)"]
     lines += _matrix(evaluation.confusion.rating)
     lines += [
@@ -228,6 +235,13 @@ def _evaluation_text(evaluation: Evaluation) -> list[str]:
                 f"  {p.threshold:>9.2f}{_number(p.recall, 9)}{_number(p.specificity, 9)}"
                 f"{_number(p.precision, 9)}{_number(p.f1, 9)}{_number(p.balanced_accuracy, 9)}"
             )
+    if evaluation.scores is not None and evaluation.scores.calibration is not None:
+        lines += [
+            "",
+            "reliability (per bin of p_unsafe: the observed Unsafe share, # bar, against the "
+            "mean score, |)",
+            *reliability_text(evaluation.scores.calibration),
+        ]
     if evaluation.labelled_exceptions is not None:
         lines += [""]
         lines += _exception_text(

@@ -73,7 +73,9 @@ def derive_exception_policy(
     if category not in {c.id for c in policy.categories}:
         raise EvalError(f"policy {policy.id!r} has no category {category!r}")
     exception = CategoryException(status=ExceptionStatus.NON_VIOLATING, reason=EXCEPTION_REASON)
-    derived = policy.model_copy(update={"exceptions": {**policy.exceptions, category: exception}})
+    # the derived prompt differs: a calibration fitted for the policy's prompt does not apply
+    update = {"exceptions": {**policy.exceptions, category: exception}, "calibration": None}
+    derived = policy.model_copy(update=update)
     check_policy(derived, host=host)
     (host or get_host()).compile(derived)
     return derived
@@ -304,6 +306,7 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
             batch_size=choice.batch_size,
             host=host,
             shadow=choice.shadow,  # recorded in --out's rows; the metrics are the live policy's
+            calibration=choice.calibration,
         )
         engine.load()
         if opts.out is not None:
@@ -414,10 +417,11 @@ def _eval_backend(opts: EvalOptions, host: PluginHost) -> EvalReport:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["text", "json"]),
+    type=click.Choice(["text", "json", "html"]),
     default="text",
     show_default=True,
-    help="text: for people; json: one JSON object for scripts.",
+    help="text: for people; json: one JSON object for scripts; html: a page with the "
+    "reliability diagram.",
 )
 @click.option(
     "--progress/--no-progress",
@@ -458,5 +462,9 @@ def eval_command(ctx: click.Context, /, fmt: str, engine: EngineChoice, **params
 def _print(report: EvalReport, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
+    elif fmt == "html":
+        from .eval_html import render_html
+
+        click.echo(render_html(report), nl=False)
     else:
         click.echo(render_text(report), nl=False)

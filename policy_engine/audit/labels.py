@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -176,18 +176,47 @@ class Prediction:
     category_id: str | None = None
     p_unsafe: float | None = None
     error: str | None = None
+    category_scores: dict[str, float] | None = None  # the verdict's, when it has them
+    p_unsafe_raw: float | None = None  # the model's score before a calibration, if one applied
+    category_scores_raw: dict[str, float] | None = None  # likewise, the category scores
 
     @property
     def valid(self) -> bool:
         return self.error is None and self.rating in RATINGS
 
+    def with_scores(self, verdict: Any) -> Prediction:
+        """This prediction with the category scores and raw P(Unsafe) of a verdict given as
+        JSON data (ignored when it has none, or is no mapping)."""
+        if not isinstance(verdict, dict):
+            return self
+        raw = verdict.get("p_unsafe_raw")
+        update: dict[str, Any] = {}
+        for key in ("category_scores", "category_scores_raw"):
+            scores = verdict.get(key)
+            if isinstance(scores, dict) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in scores.values()
+            ):
+                update[key] = {str(k): float(v) for k, v in scores.items()}
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and 0 <= raw <= 1:
+            update["p_unsafe_raw"] = float(raw)
+        return replace(self, **update) if update else self
+
     @classmethod
     def from_row(cls, row: ResultRow) -> Prediction:
         error = None if row.ok else (row.error or "error")
-        return cls(row.rating, row.category_id, row.p_unsafe, error)
+        prediction = cls(row.rating, row.category_id, row.p_unsafe, error)
+        return prediction.with_scores(row.decision.get("verdict"))
 
     @classmethod
     def from_decision(cls, decision: Decision) -> Prediction:
         verdict = decision.verdict
         error = verdict.error.message if verdict.error is not None else None
-        return cls(decision.rating, decision.category_id, verdict.p_unsafe, error)
+        return cls(
+            decision.rating,
+            decision.category_id,
+            verdict.p_unsafe,
+            error,
+            verdict.category_scores,
+            verdict.p_unsafe_raw,
+            verdict.category_scores_raw,
+        )

@@ -1,7 +1,8 @@
 """The metrics of `policy-engine eval`: labelled samples joined with predictions, counted.
 
 LlavaGuard's metrics with Unsafe as the positive class (counts, ratios, category accuracy,
-confusion matrices), ROC-AUC and a threshold sweep over p_unsafe, the policy exception rate, and
+confusion matrices), ROC-AUC, a threshold sweep and calibration figures (ECE, Brier,
+reliability bins) over p_unsafe, the policy exception rate, and
 the comparison of two runs. Pure functions over `LabelledSample` and `Prediction`: no I/O, and
 everything is plain counting (no numpy, no sklearn).
 """
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pydantic import BaseModel, Field
 
 from .labels import RATINGS, LabelledSample, Prediction
+from .reliability import CalibrationFigures
 
 NO_CATEGORY = "-"  # a prediction without a category (score mode without category scores)
 IDS_SHOWN = 10  # ids listed for missing and invalid predictions
@@ -28,6 +30,8 @@ COMPARED_METRICS = (
     "category_accuracy",
     "invalid_share",
     "roc_auc",
+    "ece",
+    "brier",
 )
 
 
@@ -124,6 +128,9 @@ class Scores(BaseModel):
     negatives: int
     roc_auc: float | None
     sweep: list[SweepPoint] = Field(description="Predicted Unsafe when p_unsafe >= threshold.")
+    calibration: CalibrationFigures | None = Field(
+        default=None, description="ECE, Brier score and the reliability diagram of p_unsafe."
+    )
 
 
 class ExceptionCategory(BaseModel):
@@ -167,6 +174,9 @@ class Evaluation(BaseModel):
         }
         values["invalid_share"] = self.coverage.invalid_share
         values["roc_auc"] = self.scores.roc_auc if self.scores else None
+        calibration = self.scores.calibration if self.scores else None
+        values["ece"] = calibration.ece if calibration else None
+        values["brier"] = calibration.brier if calibration else None
         return values
 
 
@@ -342,6 +352,7 @@ def evaluate(
             negatives=len(positives) - sum(positives),
             roc_auc=roc_auc(values, positives),
             sweep=threshold_sweep(values, positives),
+            calibration=CalibrationFigures.of(values, positives),
         )
 
     exception_samples = [s for s in samples if s.exception]

@@ -322,6 +322,11 @@ def _prediction(
 
 def _parse_line(kind: Kind, record: dict[str, Any]) -> tuple[str, Prediction]:
     """(the id or image source, the prediction) of one line; ValidationError when bad."""
+    key, prediction = _parse_fields(kind, record)
+    return key, prediction.with_scores(_verdict_of(kind, record))
+
+
+def _parse_fields(kind: Kind, record: dict[str, Any]) -> tuple[str, Prediction]:
     if kind == "assess":
         line = _DecisionLine.model_validate(record)
         verdict = line.verdict

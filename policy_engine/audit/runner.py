@@ -103,7 +103,8 @@ def audit_meta(engine: Engine, source: Source, shard: Shard) -> dict[str, str]:
 
 def results_meta(engine: Engine, source: str) -> dict[str, str]:
     """What every results file records of the run that wrote it (audit and eval alike): the
-    policy, the backend, its model and options, the mode, the source."""
+    policy, the backend, its model and options, the mode, the source, the calibration's hash
+    (empty without one)."""
     policy = engine.policy
     shadow: dict[str, str] = {}
     if engine.shadow is not None:  # recorded, not part of the audit's identity
@@ -132,15 +133,16 @@ def results_meta(engine: Engine, source: str) -> dict[str, str]:
         "backend_options": engine.backend.options.model_dump_json(),
         "mode": engine.mode,
         "source": source,
+        "calibration": engine.calibration.hash if engine.calibration is not None else "",
     }
 
 
-IDENTITY = ("policy_hash", "backend", "model", "mode", "source", "shard")
+IDENTITY = ("policy_hash", "backend", "model", "mode", "source", "shard", "calibration")
 
 
 def check_resumable(store: ResultStore, meta: dict[str, str]) -> None:
-    """A results file that holds rows of another audit (policy, backend, mode, source or
-    shard) is not continued: mixing them would make every count meaningless."""
+    """A results file that holds rows of another audit (policy, backend, mode, source, shard
+    or calibration) is not continued: mixing them would make every count meaningless."""
     existing = store.meta
     if "policy_hash" not in existing:
         return

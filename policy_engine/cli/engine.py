@@ -33,7 +33,17 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 FLAG_PREFIX = "backend_flag_"
-SHARED = ("policy", "backend", "mode", "options", "meta", "batch_size", "lenient", "shadow")
+SHARED = (
+    "policy",
+    "backend",
+    "mode",
+    "options",
+    "meta",
+    "batch_size",
+    "lenient",
+    "shadow",
+    "calibration",
+)
 
 
 def parse_pairs(pairs: tuple[str, ...] | list[str], what: str) -> dict[str, Any]:
@@ -124,6 +134,7 @@ class EngineChoice:
     flags: dict[str, Any] = field(default_factory=dict)  # backend option -> value, as given
     given: tuple[str, ...] = ()  # flags given on the command line ("--policy", "--url", …)
     shadow: str | None = None  # a policy judged in shadow beside the live one
+    calibration: str | None = None  # a calibration file (over the policy's `calibration`)
 
     def with_policy(self, policy: str) -> EngineChoice:
         return replace(self, policy=policy)
@@ -175,6 +186,7 @@ class EngineChoice:
             concurrency=engine_concurrency,
             lenient=self.lenient,
             shadow=self.shadow,
+            calibration=self.calibration,
         )
 
 
@@ -232,6 +244,14 @@ def engine_options(*, policy: bool = True) -> Callable[[F], F]:
             metavar="POLICY",
             help="Also judge each image against this policy in shadow: its decision is "
             "recorded under the Decision's `shadow`, never enforced (docs/shadow.md).",
+        ),
+        click.option(
+            "--calibration",
+            "calibration",
+            default=None,
+            metavar="FILE",
+            help="A calibration file (`policy-engine calibrate`) mapping P(Unsafe); default: "
+            "the policy's `calibration`, if any.",
         ),
     ]
     if policy:
@@ -293,6 +313,7 @@ def engine_choice(
         batch_size=values.get("batch_size"),
         lenient=bool(values.get("lenient", False)),
         shadow=values.get("shadow"),
+        calibration=values.get("calibration"),
         flags=flags,
         given=given,
     )

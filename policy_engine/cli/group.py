@@ -23,6 +23,7 @@ POLICY_HELP = "A shipped policy name (see `policy-engine policies`) or a path to
 # `import policy_engine.cli` stays light, and those modules may import this one.
 LAZY_COMMANDS = {
     "audit": ("policy_engine.audit.commands", "audit"),
+    "calibrate": ("policy_engine.audit.calibrate", "calibrate_command"),
     "eval": ("policy_engine.audit.evaluate", "eval_command"),
     "export": ("policy_engine.audit.commands", "export_command"),
     "merge": ("policy_engine.audit.commands", "merge"),

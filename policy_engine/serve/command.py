@@ -180,6 +180,8 @@ def serve_command(
 
     choice = engine.with_policy((policies or ("llavaguard",))[0])
     choice.check_flags()
+    if choice.calibration is not None:  # several policies: each names its own
+        raise PolicyEngineError("serve: put `calibration: FILE` in each policy, not --calibration")
     settings = ServeSettings(
         host=host,
         port=port,
