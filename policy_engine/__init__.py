@@ -37,6 +37,7 @@ from .verdict import (
     Override,
     TraceEntry,
     Verdict,
+    VerdictPart,
     build_verdict,
     parse_verdict,
 )
@@ -52,9 +53,11 @@ def _version() -> str:
 __version__ = _version()
 
 if TYPE_CHECKING:
+    from .aggregate import Post
     from .audit.policy_tests import CaseResult, run_policy_tests
     from .engine import Engine
     from .images import LoadedImage
+    from .video import VideoLimits
 
 
 def __getattr__(name: str) -> object:
@@ -67,6 +70,14 @@ def __getattr__(name: str) -> object:
         from .images import LoadedImage
 
         return LoadedImage
+    if name == "Post":
+        from .aggregate import Post
+
+        return Post
+    if name == "VideoLimits":
+        from .video import VideoLimits
+
+        return VideoLimits
     if name in ("CaseResult", "run_policy_tests"):
         from .audit import policy_tests
 
@@ -106,6 +117,7 @@ __all__ = [
     "PolicyEngineError",
     "PolicyError",
     "PolicyTest",
+    "Post",
     "PostProcessor",
     "Problem",
     "PromptFormat",
@@ -115,6 +127,8 @@ __all__ = [
     "TraceEntry",
     "UnknownNameError",
     "Verdict",
+    "VerdictPart",
+    "VideoLimits",
     "answer_grammar",
     "at_level",
     "build_verdict",

@@ -342,7 +342,14 @@ def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
 # Top-level keys by name; keys of list entries as "LIST.KEY" ("categories.KEY",
 # "postprocess.KEY").
 OPTIONAL_KEYS: frozenset[str] = frozenset(
-    {"audiences", "calibration", "categories.audience", "postprocess.shadow"}
+    {
+        "aggregation",
+        "audiences",
+        "calibration",
+        "categories.audience",
+        "postprocess.shadow",
+        "video",
+    }
 )
 
 # Keys that never change what a policy asks the model or how its answer is read, left out of

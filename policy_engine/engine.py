@@ -3,6 +3,10 @@
     engine = Engine("llavaguard", "static", backend_options={"rating": "Unsafe", "category": "O2"})
     decision = engine.assess("photo.jpg", metadata={"audience": "minors"})
 
+A video or a `Post` (several images) is one item too: it expands into parts (sampled frames,
+images) that fill the same backend batches as other items, and its parts' verdicts become one
+Verdict by the policy's aggregation rule before post-processing (docs/video.md).
+
 Post-processors run in the order the policy lists them. A bad image or a failing backend call
 (any exception, not only a BackendError) becomes an error Decision for that item;
 `assess_many` never stops on one bad item.
@@ -20,43 +24,31 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import shadow as shadow_mode
+from .aggregate import DEFAULT_MAX_POST_IMAGES, Post, aggregate
 from .backend import Backend, Batch, Generation
 from .calibration import Calibration, calibrate, engine_calibration
 from .compiler import CompiledPolicy
 from .errors import BackendError, ImageError, PolicyEngineError
 from .host import PluginHost, get_host
-from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_source, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageSource, describe_source, load_image
+from .items import Chunk as _Chunk
+from .items import Prepared as _Prepared
+from .items import prepare_post, prepare_video
 from .loader import check_policy, load_policy
-from .policy import Policy
+from .policy import AggregationOptions, Policy, VideoOptions
 from .postprocess import PostProcessor, StepContext
 from .types import Mode, check_mode
 from .verdict import Decision, Verdict, build_verdict, error_verdict
+from .video import VideoLimits, is_video
 
-Item = ImageSource | tuple[ImageSource, dict[str, Any] | None]
+Source = ImageSource | Post
+Item = Source | tuple[Source, dict[str, Any] | None]
 log = logging.getLogger(__name__)
-
-
-class _Prepared:
-    """One item on its way through the engine: a decoded image or an early Decision."""
-
-    __slots__ = ("decision", "decode_seconds", "image", "metadata", "shadow_generation")
-
-    def __init__(
-        self,
-        metadata: dict[str, Any],
-        image: LoadedImage | None = None,
-        decision: Decision | None = None,
-        decode_seconds: float = 0.0,
-    ) -> None:
-        self.metadata = metadata
-        self.image = image
-        self.decision = decision
-        self.decode_seconds = decode_seconds
-        self.shadow_generation: Generation | None = None  # the shadow policy's own answer
 
 
 class Engine:
@@ -78,12 +70,15 @@ class Engine:
         lenient: bool = False,
         shadow: Policy | str | Path | Engine | None = None,
         calibration: Calibration | str | Path | None = None,
+        video_limits: VideoLimits | None = None,
+        max_post_images: int = DEFAULT_MAX_POST_IMAGES,
     ) -> None:
         """`lenient` reads replies that wrap their JSON object in prose (servers that ignore
         the schema); by default a reply must be exactly one JSON object. `shadow`: a policy
         judged on every item beside this one, its result recorded under `Decision.shadow`
         and never enforced (docs/shadow.md); it shares this engine's backend. `calibration`
-        (a file or a `Calibration`; default: the policy's `calibration` key) maps P(Unsafe)."""
+        (a file or a `Calibration`; default: the policy's `calibration` key) maps P(Unsafe).
+        `video_limits` bound hostile video input; `max_post_images` the images of one `Post`."""
         self.host = host or get_host()
         check_mode(mode)
         if isinstance(policy, Policy):
@@ -112,6 +107,10 @@ class Engine:
         self.max_pixels = max_pixels
         self.lenient = lenient
         self.calibration = engine_calibration(calibration, self.compiled, mode, backend)
+        self.video_limits = video_limits or VideoLimits()
+        self.max_post_images = max_post_images
+        self.video_options = self.policy.video or VideoOptions()
+        self.aggregation = self.policy.aggregation or AggregationOptions()
         self.chain: list[tuple[str, PostProcessor]] = []
         for index, step in enumerate(self.policy.postprocess):
             cls = self.host.postprocessor(step.name)
@@ -144,8 +143,8 @@ class Engine:
         self.close()
 
     # -- sync API --------------------------------------------------------------------------
-    def assess(self, image: ImageSource, metadata: dict[str, Any] | None = None) -> Decision:
-        """Judge one image. Errors for this image come back as an error Decision."""
+    def assess(self, image: Source, metadata: dict[str, Any] | None = None) -> Decision:
+        """Judge one image, video or Post. Errors for it come back as an error Decision."""
         return next(self.assess_many([(image, metadata)]))
 
     def assess_many(
@@ -153,20 +152,19 @@ class Engine:
     ) -> Iterator[Decision]:
         """Judge many images lazily, in input order, batching when the backend can.
 
-        Items are image sources or (source, metadata) pairs; `metadata` applies to every item
-        that has none of its own.
+        Items are image sources, videos, `Post`s or (source, metadata) pairs; `metadata`
+        applies to every item that has none of its own.
         """
         self.load()
-        batches = batched(images, self.batch_size)
+        chunks = self._chunks(images, metadata)
 
-        def prepare_next() -> list[_Prepared] | None:
-            batch = next(batches, None)
-            return None if batch is None else [self._prepare(i, metadata) for i in batch]
+        def prepare_next() -> _Chunk | None:
+            return next(chunks, None)
 
         # A pipeline: while the backend answers up to `depth` batches in worker threads, this
         # thread finishes the oldest (post-processing, the caller's work between items) and
         # decodes the images of the next.
-        pending: deque[tuple[list[_Prepared], Future[tuple[list[Generation], float]]]]
+        pending: deque[tuple[_Chunk, Future[tuple[list[Generation], float]]]]
         pending = deque()
         with ThreadPoolExecutor(self.depth, thread_name_prefix="policy-engine-generate") as pool:
             upcoming = prepare_next()
@@ -181,11 +179,11 @@ class Engine:
                 if upcoming is not None:  # keep the backend busy before finishing
                     pending.append((upcoming, pool.submit(self._timed_generate, upcoming)))
                     upcoming = None
-                yield from self._finish(done, generations, seconds)
+                yield from self._settle(done, generations, seconds)
                 upcoming = prepare_next()
 
     # -- async API -------------------------------------------------------------------------
-    async def aassess(self, image: ImageSource, metadata: dict[str, Any] | None = None) -> Decision:
+    async def aassess(self, image: Source, metadata: dict[str, Any] | None = None) -> Decision:
         async for decision in self.aassess_many([(image, metadata)]):
             return decision
         raise AssertionError("unreachable")  # pragma: no cover
@@ -195,21 +193,24 @@ class Engine:
     ) -> AsyncIterator[Decision]:
         """Async twin of assess_many: up to `concurrency` batches in flight, order preserved."""
         await asyncio.to_thread(self.load)
-        pending: deque[asyncio.Task[list[Decision]]] = deque()
-        for batch in batched(images, self.batch_size):
-            pending.append(asyncio.create_task(self._arun_batch(batch, metadata)))
+        chunks = self._chunks(images, metadata)
+        pending: deque[tuple[_Chunk, asyncio.Task[tuple[list[Generation], float]]]] = deque()
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, None)  # decoding off the loop
+            if chunk is None:
+                break
+            pending.append((chunk, asyncio.create_task(self._agenerate_chunk(chunk))))
             if len(pending) >= self.depth:
-                for decision in await pending.popleft():
+                done, task = pending.popleft()
+                for decision in self._settle(done, *await task):
                     yield decision
         while pending:
-            for decision in await pending.popleft():
+            done, task = pending.popleft()
+            for decision in self._settle(done, *await task):
                 yield decision
 
-    async def _arun_batch(
-        self, items: list[Item], metadata: dict[str, Any] | None
-    ) -> list[Decision]:
-        prepared = await asyncio.to_thread(lambda: [self._prepare(i, metadata) for i in items])
-        batch = self._batch(prepared)
+    async def _agenerate_chunk(self, chunk: _Chunk) -> tuple[list[Generation], float]:
+        batch = self._batch_of(chunk)
         started = time.perf_counter()
         generations: list[Generation] = []
         if batch is not None:
@@ -218,8 +219,8 @@ class Engine:
             except Exception as err:  # any fault becomes the items' error verdicts
                 generations = self._failed(batch, err)
         seconds = time.perf_counter() - started
-        await self._ashadow_generate(prepared)
-        return list(self._finish(prepared, generations, seconds))
+        await self._ashadow_generate(chunk.done)  # a shadow policy's own answers, if any
+        return generations, seconds
 
     def decide(self, verdict: Verdict, metadata: dict[str, Any] | None = None) -> Decision:
         """Post-process a verdict obtained elsewhere (a policy test's given verdict, a verdict
@@ -257,14 +258,7 @@ class Engine:
 
     def _only_verdict(self, prepared: _Prepared, generations: list[Generation]) -> Verdict:
         assert prepared.image is not None
-        return build_verdict(
-            self.compiled,
-            self.mode,
-            generations[0],
-            source=prepared.image.source,
-            score_threshold=self.score_threshold,
-            lenient=self.lenient,
-        )
+        return self._item_verdict(prepared, generations)  # calibrated like any verdict
 
     # -- internals -------------------------------------------------------------------------
     def _prepare(
@@ -274,28 +268,80 @@ class Engine:
         metadata = dict(metadata if metadata is not None else default_metadata or {})
         started = time.perf_counter()
         try:
+            if isinstance(source, Post):
+                return prepare_post(
+                    source, metadata, started, self.max_post_images, self.max_pixels
+                )
+            if is_video(source):
+                return prepare_video(
+                    source,
+                    metadata,
+                    started,
+                    self.video_options,
+                    self.video_limits,
+                    self.max_pixels,
+                )
             image = load_image(source, max_pixels=self.max_pixels)
         except ImageError as err:
+            name = source.source if isinstance(source, Post) else None
             verdict = error_verdict(
-                self.compiled, "image", err.message, source=describe_source(source)
+                self.compiled, "image", err.message, source=name or describe_source(source)
             )
             if not observe:
                 return _Prepared(metadata, decision=Decision(verdict=verdict, metadata=metadata))
             return _Prepared(metadata, decision=self._postprocess(verdict, metadata))
         return _Prepared(metadata, image=image, decode_seconds=time.perf_counter() - started)
 
+    def _chunks(self, items: Iterable[Item], metadata: dict[str, Any] | None) -> Iterator[_Chunk]:
+        """Items decoded and packed into backend calls of `batch_size` images, lazily: a
+        video's frames fill batches (across several calls when they must); an item that
+        needs no call (an error) takes a place as it always did."""
+        chunk = _Chunk()
+        for item in items:
+            prepared = self._prepare(item, metadata)
+            if not prepared.images:
+                chunk.early += 1
+            for image in prepared.images:
+                if chunk.size >= self.batch_size:
+                    yield chunk
+                    chunk = _Chunk()
+                chunk.members.append((prepared, image))
+            chunk.done.append(prepared)
+            if chunk.size >= self.batch_size:
+                yield chunk
+                chunk = _Chunk()
+        if chunk.done or chunk.members:
+            yield chunk
+
+    def _batch_of(self, chunk: _Chunk) -> Batch | None:
+        if not chunk.members:
+            return None
+        images = tuple(image for _, image in chunk.members)
+        return Batch(self.compiled, self.mode, images, self.max_new_tokens)
+
+    def _settle(
+        self, chunk: _Chunk, generations: list[Generation], seconds: float
+    ) -> Iterator[Decision]:
+        """Give each item its answers from one backend call; finish the items it completes."""
+        share = seconds / max(1, len(generations))
+        for (item, _), generation in zip(chunk.members, generations, strict=True):
+            timings = {"generate": share, **generation.timings}
+            item.generations.append(replace(generation, timings=timings))
+        for item in chunk.done:
+            yield from self._finish([item], item.generations, 0.0)
+
     def _batch(self, prepared: list[_Prepared]) -> Batch | None:
-        images = tuple(p.image for p in prepared if p.image is not None)
+        images = tuple(image for p in prepared for image in p.images)
         if not images:
             return None
         return Batch(self.compiled, self.mode, images, self.max_new_tokens)
 
-    def _timed_generate(self, prepared: list[_Prepared]) -> tuple[list[Generation], float]:
-        batch = self._batch(prepared)
+    def _timed_generate(self, chunk: _Chunk) -> tuple[list[Generation], float]:
+        batch = self._batch_of(chunk)
         started = time.perf_counter()
         generations = self._generate(batch) if batch is not None else []
         seconds = time.perf_counter() - started
-        self._shadow_generate(prepared)
+        self._shadow_generate(chunk.done)  # a shadow policy's own answers, if any
         return generations, seconds
 
     def _generate(self, batch: Batch) -> list[Generation]:
@@ -341,23 +387,58 @@ class Engine:
             if item.decision is not None:
                 yield item.decision
                 continue
-            assert item.image is not None
-            generation = next(answers)
+            # one answer for a single image; a video's frames, a post's images
+            mine = [next(answers) for _ in item.images]
+            verdict = self._item_verdict(item, mine, share)
+            yield self._postprocess(verdict, item.metadata, generations=mine, prepared=item)
+
+    def _item_verdict(
+        self, item: _Prepared, generations: list[Generation], share: float = 0.0
+    ) -> Verdict:
+        """The Verdict of one item from its answers (one per decoded image): each answer
+        calibrated, read under this policy, and an item of parts aggregated by its rule."""
+        verdicts: list[Verdict] = []
+        for image, generation in zip(item.images, generations, strict=True):
             timings = {"decode_image": item.decode_seconds, "generate": share, **generation.timings}
             scored, calibrated = calibrate(self.calibration, generation)
             verdict = build_verdict(
                 self.compiled,
                 self.mode,
                 scored,
-                source=item.image.source,
+                source=image.source,
                 timings=timings,
                 score_threshold=self.score_threshold,
                 lenient=self.lenient,
             )
-            verdict = calibrated(verdict)
-            yield self._postprocess(
-                verdict, item.metadata, generation=generation, prepared=item, timings=timings
-            )
+            verdicts.append(calibrated(verdict))
+        if item.parts is not None:
+            return self._aggregate(item, verdicts)
+        return verdicts[0]
+
+    def _aggregate(self, item: _Prepared, judged: list[Verdict]) -> Verdict:
+        """One Verdict of an item's parts by the policy's rule (parts that could not be
+        decoded are error verdicts among them)."""
+        assert item.parts is not None
+        answers = iter(judged)
+        verdicts = [
+            error_verdict(self.compiled, "image", item.failed[part.index], source=part.source)
+            if part.index in item.failed
+            else next(answers)
+            for part in item.parts
+        ]
+        timings: dict[str, float] = {}
+        for verdict in judged:
+            for key, value in verdict.timings.items():
+                timings[key] = timings.get(key, 0.0) + value
+        timings["decode_image"] = item.decode_seconds
+        return aggregate(
+            self.compiled,
+            self.aggregation,
+            item.parts,
+            verdicts,
+            source=item.source or "<item>",
+            timings=timings,
+        )
 
     def _on_failure(self, decision: Decision, failed: list[str]) -> None:
         """The policy's failure mode: fail-closed adds its action; fail-open only notes."""
@@ -375,15 +456,14 @@ class Engine:
         verdict: Verdict,
         metadata: dict[str, Any],
         *,
-        generation: Generation | None = None,
+        generations: list[Generation] | None = None,
         prepared: _Prepared | None = None,
-        timings: dict[str, float] | None = None,
     ) -> Decision:
         decision = Decision(verdict=verdict, metadata=metadata)
         self._run_steps(decision, 0, [], shadows=True)
         if self.shadow is not None:
             decision.add_shadow(
-                shadow_mode.policy_result(self, verdict, metadata, generation, prepared, timings)
+                shadow_mode.policy_result(self, verdict, metadata, generations, prepared)
             )
         self.host.observe_decision(decision)
         return decision

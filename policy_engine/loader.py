@@ -19,6 +19,7 @@ from .audience import AudienceError, at_level, keep_levels_of_kept_guidelines, s
 from .errors import PolicyEngineError, PolicyError, Problem, UnknownNameError, plain_message
 from .host import PluginHost, get_host
 from .policy import (
+    AggregationOptions,
     Category,
     CategoryException,
     FailurePolicy,
@@ -26,6 +27,7 @@ from .policy import (
     OutputOptions,
     Policy,
     PostprocessStep,
+    VideoOptions,
 )
 from .yamlsource import (
     Located,
@@ -234,7 +236,13 @@ def _overlay(parent: Located, child: Located, display: str) -> Located:
             data[key] = _overlay_exceptions(parent.get(key), value)
         elif key == "actions" and isinstance(value, LocatedList):
             data[key] = _union(parent.get(key), value)
-        elif key in ("output", "metadata", "postprocess_failure") and isinstance(value, Located):
+        elif key in (
+            "output",
+            "metadata",
+            "postprocess_failure",
+            "video",
+            "aggregation",
+        ) and isinstance(value, Located):
             base = parent.get(key)
             if isinstance(base, Located):
                 merged = located({**base, **value}, value.mark, {**base.marks, **value.marks})
@@ -334,6 +342,8 @@ _FIELD_MODELS: dict[str, type[BaseModel]] = {
     "output": OutputOptions,
     "postprocess": PostprocessStep,
     "postprocess_failure": FailurePolicy,
+    "video": VideoOptions,
+    "aggregation": AggregationOptions,
     "none_category": Policy.model_fields["none_category"].annotation,  # type: ignore[dict-item]
 }
 

@@ -242,6 +242,38 @@ class FailurePolicy(_Strict):
     priority: str | None = None
 
 
+class VideoOptions(_Strict):
+    """How a video's frames are sampled for judging (docs/video.md)."""
+
+    fps: float = Field(default=1.0, gt=0, le=60, description="Frames judged per second of video.")
+    max_frames: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="At most this many frames per video; a longer video is sampled more "
+        "sparsely so the frames span all of it.",
+    )
+    scene_change: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Also judge a frame whose mean pixel difference from the last judged frame "
+        "exceeds this fraction (0..1); None: sample by time only.",
+    )
+
+
+class AggregationOptions(_Strict):
+    """How the verdicts of an item's parts (a video's frames, a post's images) become one."""
+
+    rule: Literal["any-unsafe", "k-of-n", "max-score"] = Field(
+        default="any-unsafe",
+        description="any-unsafe: Unsafe when any part is; k-of-n: Unsafe when at least k parts "
+        "have P(Unsafe) >= threshold; max-score: Unsafe when the highest P(Unsafe) >= threshold.",
+    )
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="P(Unsafe) threshold.")
+    k: int = Field(default=1, ge=1, description="Parts needed over the threshold (k-of-n).")
+
+
 class GivenVerdict(_Strict):
     """The verdict a test case assumes instead of asking a model: the policy's post-processing
     is tested on it, with any backend (or none)."""
@@ -340,6 +372,13 @@ class Policy(_Strict):
         default=None,
         description="A calibration file (`policy-engine calibrate`) mapping P(Unsafe), "
         "relative to this policy file; fitted for one model, prompt and mode.",
+    )
+    video: VideoOptions | None = Field(
+        default=None, description="How videos are sampled (default: 1 frame/s, at most 32)."
+    )
+    aggregation: AggregationOptions | None = Field(
+        default=None,
+        description="How frames or a post's images make one verdict (default: any-unsafe).",
     )
 
     @field_validator("actions")
@@ -480,3 +519,6 @@ class PolicyFile(_Strict):
     metadata: dict[str, Any] | None = None
     tests: list[PolicyTest] | None = None
     audiences: Audiences | None = None
+    calibration: str | None = None
+    video: VideoOptions | None = None
+    aggregation: AggregationOptions | None = None

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .aggregate import DEFAULT_MAX_POST_IMAGES
 from .backend import Backend
 from .calibration import Calibration
 from .engine import Engine
@@ -35,6 +36,7 @@ from .errors import PolicyEngineError
 from .loader import load_policy
 from .policy import Policy
 from .types import Mode
+from .video import VideoLimits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -88,6 +90,8 @@ class EngineSpec:
     max_new_tokens: int | None = None
     lenient: bool = False
     calibration: Calibration | None = None
+    video_limits: VideoLimits | None = None
+    max_post_images: int = DEFAULT_MAX_POST_IMAGES
 
     @classmethod
     def from_engine(cls, engine: Engine) -> EngineSpec:
@@ -106,6 +110,8 @@ class EngineSpec:
             max_new_tokens=engine.max_new_tokens,
             lenient=engine.lenient,
             calibration=engine.calibration,
+            video_limits=engine.video_limits,
+            max_post_images=engine.max_post_images,
         )
 
     def build(self) -> Engine:
@@ -125,6 +131,8 @@ class EngineSpec:
             max_new_tokens=self.max_new_tokens,
             lenient=self.lenient,
             calibration=self.calibration,
+            video_limits=self.video_limits,
+            max_post_images=self.max_post_images,
         )
 
 
@@ -158,10 +166,20 @@ class EngineActor:
     def _ledger(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import numpy as np
 
+        from .aggregate import Post
+
+        posts = batch["post"] if "post" in batch else [""] * len(batch["path"])
         items = [
-            (str(path) if path else bytes(data), json.loads(str(meta)))
-            for path, data, meta in zip(
-                batch["path"], batch["data"], batch["metadata"], strict=True
+            (
+                Post(json.loads(str(post)), source=str(source))
+                if post
+                else str(path)
+                if path
+                else bytes(data),
+                json.loads(str(meta)),
+            )
+            for path, data, post, source, meta in zip(
+                batch["path"], batch["data"], posts, batch["source"], batch["metadata"], strict=True
             )
         ]
         decisions = list(self.engine.assess_many(items))

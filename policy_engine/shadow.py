@@ -17,14 +17,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .calibration import calibrate
 from .compiler import CompiledPolicy
 from .policy import Policy
-from .verdict import Decision, ShadowResult, Verdict, build_verdict
+from .verdict import Decision, ShadowResult, Verdict
 
 if TYPE_CHECKING:
     from .backend import Batch, Generation
-    from .engine import Engine, _Prepared
+    from .engine import Engine
+    from .items import Prepared as _Prepared
 
 __all__ = [
     "agenerate",
@@ -124,35 +124,25 @@ def policy_result(
     engine: Engine,
     verdict: Verdict,
     metadata: dict[str, Any],
-    generation: Generation | None,
+    generations: list[Generation] | None,
     prepared: _Prepared | None,
-    timings: dict[str, float] | None,
 ) -> ShadowResult:
-    """The shadow policy's Decision on the item `engine` judged: the live answer read under
-    it when it asks the same (`engine.shadow_reuses`), else its own backend answer (no answer
-    at all, for a given verdict or an unreadable image: the live verdict, restamped); its
-    chain without its own shadow steps, and no observers (the live Decision carries it)."""
+    """The shadow policy's Decision on the item `engine` judged: the live answers read under
+    it when it asks the same (`engine.shadow_reuses`), else its own backend answers (no answer
+    at all, for a given verdict or an unreadable image: the live verdict, restamped), read,
+    calibrated and aggregated (a video, a post) by the shadow policy's own rules; its chain
+    without its own shadow steps, and no observers (the live Decision carries it)."""
     shadow = engine.shadow
     assert shadow is not None
-    reused = generation is None or engine.shadow_reuses
+    reused = generations is None or engine.shadow_reuses
     if not reused and prepared is not None:
-        if prepared.shadow_generation is None:  # a caller that did not generate it
+        if prepared.shadow_generations is None:  # a caller that did not generate them
             generate(engine, [prepared])
-        generation = prepared.shadow_generation
-    if generation is None:
+        generations = prepared.shadow_generations
+    if generations is None or prepared is None:
         shadow_verdict = restamp(verdict, shadow.compiled)
     else:
-        scored, calibrated = calibrate(shadow.calibration, generation)  # its own, if any
-        shadow_verdict = build_verdict(
-            shadow.compiled,
-            shadow.mode,
-            scored,
-            source=verdict.source,
-            timings=timings if reused else dict(generation.timings),
-            score_threshold=shadow.score_threshold,
-            lenient=shadow.lenient,
-        )
-        shadow_verdict = calibrated(shadow_verdict)
+        shadow_verdict = shadow._item_verdict(prepared, generations)
     branch = Decision(verdict=shadow_verdict, metadata=metadata)
     shadow._run_steps(branch, 0, [], shadows=False)
     return ShadowResult.of(
@@ -170,7 +160,7 @@ def _batch(engine: Engine, prepared: list[_Prepared]) -> Batch | None:
     """The batch the shadow policy must judge itself (None: nothing to ask)."""
     if engine.shadow is None or engine.shadow_reuses:
         return None
-    return engine.shadow._batch([p for p in prepared if p.image is not None])
+    return engine.shadow._batch([p for p in prepared if p.images])
 
 
 def generate(engine: Engine, prepared: list[_Prepared]) -> None:
@@ -198,5 +188,5 @@ async def agenerate(engine: Engine, prepared: list[_Prepared]) -> None:
 def _keep(prepared: list[_Prepared], generations: list[Generation]) -> None:
     answers = iter(generations)
     for item in prepared:
-        if item.image is not None:
-            item.shadow_generation = next(answers)
+        if item.images:
+            item.shadow_generations = [next(answers) for _ in item.images]

@@ -51,6 +51,21 @@ class JudgeVerdict(BaseModel):
     decided: bool = Field(default=False, description="This judge's answer decided the item.")
 
 
+class VerdictPart(BaseModel):
+    """One part of an item judged as several (a video's frame, a post's image): what the
+    model said about it, kept on the item's one aggregated Verdict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(ge=0, description="Position among the item's parts (0-based).")
+    timestamp: float | None = Field(default=None, description="Seconds into a video; None else.")
+    source: str | None = None
+    rating: Rating | None = None
+    category_id: str | None = None
+    p_unsafe: float | None = Field(default=None, ge=0.0, le=1.0)
+    error: str | None = Field(default=None, description="Why this part has no rating.")
+
+
 class Verdict(BaseModel):
     """What the model said about one image, validated against the policy's schema. Frozen:
     post-processors record their changes as overrides on the Decision."""
@@ -97,6 +112,15 @@ class Verdict(BaseModel):
     )
     category_scores_raw: dict[str, float] | None = Field(
         default=None, description="category_scores as the model gave them, if calibrated."
+    )
+    parts: list[VerdictPart] | None = Field(
+        default=None, description="A video's frames or a post's images, each as judged."
+    )
+    deciding_part: int | None = Field(
+        default=None, description="The index of the part the aggregation rule decided by."
+    )
+    aggregation: str | None = Field(
+        default=None, description="The rule that made one verdict of the parts, e.g. 'any-unsafe'."
     )
 
     @property

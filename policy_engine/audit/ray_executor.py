@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import errors
+from ..aggregate import Post
 from ..engine import Engine
 from ..errors import PolicyEngineError
 from ..progress import Progress
@@ -85,6 +86,8 @@ def run_ray_audit(
             "source": item.source,
             "path": item.image if isinstance(item.image, str) else "",
             "data": item.image if isinstance(item.image, bytes) else b"",
+            # a post (a manifest row's list of paths) as JSON; "" for one image or video
+            "post": json.dumps(list(item.image.images)) if isinstance(item.image, Post) else "",
             "metadata": json.dumps({**(metadata or {}), **item.metadata}, default=str),
         }
         for item in pending_items(source, store, stats, shard=shard, retry_errors=retry_errors)

@@ -32,6 +32,62 @@ __all__ = [
 HISTOGRAM_BINS = 10
 MAX_RATIONALE = 1000
 """Characters of a rationale kept in an example."""
+MAX_FLAGGED_PARTS = 8
+"""Flagged frames (or a post's images) kept per example."""
+
+
+@dataclass(frozen=True)
+class FlaggedPart:
+    """A video frame or a post's image that its verdict rated Unsafe (or decided by)."""
+
+    index: int
+    timestamp: float | None
+    source: str
+    p_unsafe: float | None
+    deciding: bool
+
+    def label(self) -> str:
+        """'frame 12 at 1.20 s' or 'image 2', with P(Unsafe) when known."""
+        what = (
+            f"frame {self.index} at {self.timestamp:.2f} s"
+            if self.timestamp is not None
+            else (f"image {self.index}")
+        )
+        score = f" (p_unsafe {self.p_unsafe:.3f})" if self.p_unsafe is not None else ""
+        return f"{what}{score}{' deciding' if self.deciding else ''}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "timestamp": self.timestamp,
+            "source": self.source,
+            "p_unsafe": self.p_unsafe,
+            "deciding": self.deciding,
+        }
+
+
+def flagged_parts(verdict: Any) -> tuple[FlaggedPart, ...]:
+    """The deciding part and the parts rated Unsafe of a verdict (as stored: a dict), at most
+    MAX_FLAGGED_PARTS, deciding one first; () for a single image."""
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("parts"), list):
+        return ()
+    deciding = verdict.get("deciding_part")
+    found = []
+    for part in verdict["parts"]:
+        if not isinstance(part, dict) or not isinstance(part.get("index"), int):
+            continue
+        if part["index"] == deciding or part.get("rating") == "Unsafe":
+            found.append(
+                FlaggedPart(
+                    index=part["index"],
+                    timestamp=part.get("timestamp"),
+                    source=str(part.get("source") or ""),
+                    p_unsafe=part.get("p_unsafe"),
+                    deciding=part["index"] == deciding,
+                )
+            )
+    found.sort(key=lambda p: (not p.deciding, p.index))
+    return tuple(found[:MAX_FLAGGED_PARTS])
 
 
 @dataclass
@@ -100,6 +156,12 @@ class Example:
     p_unsafe: float | None
     actions: tuple[str, ...]
     rationale: str | None
+    parts: tuple[FlaggedPart, ...] = ()  # a video's or a post's flagged parts, deciding first
+
+    @property
+    def thumb_source(self) -> str:
+        """What a thumbnail shows: the deciding frame or image of a video or a post."""
+        return self.parts[0].source if self.parts and self.parts[0].deciding else self.source
 
     @classmethod
     def from_row(cls, row: ResultRow) -> Example:
@@ -119,6 +181,7 @@ class Example:
             p_unsafe=row.p_unsafe,
             actions=tuple(row.actions),
             rationale=rationale,
+            parts=flagged_parts(verdict),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +196,7 @@ class Example:
             "p_unsafe": self.p_unsafe,
             "actions": list(self.actions),
             "rationale": self.rationale,
+            **({"parts": [p.to_dict() for p in self.parts]} if self.parts else {}),
         }
 
 

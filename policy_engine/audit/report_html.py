@@ -297,7 +297,7 @@ def _html_safe_sample(summary: Summary, thumbs: Thumbnailer) -> str:
 
 
 def _html_example(example: Example, thumbs: Thumbnailer, *, blurred: bool) -> str:
-    data_url, reason = thumbs.get(example.source)
+    data_url, reason = thumbs.get(example.thumb_source)
     tooltip = example.rationale or ""
     if data_url is None:
         picture = (
@@ -322,6 +322,9 @@ def _html_example(example: Example, thumbs: Thumbnailer, *, blurred: bool) -> st
         details.append(example.severity)
     actions = ", ".join(example.actions) if example.actions else "no action"
     rationale = f'<span class="why">{_e(example.rationale)}</span>' if example.rationale else ""
+    if example.parts:  # a video's flagged frames, a post's flagged images
+        listed = "".join(f"<li>{_e(part.label())}</li>" for part in example.parts)
+        rationale += f'<ul class="parts">{listed}</ul>'
     return (
         f'<figure class="thumb">{picture}<figcaption><code>{_e(example.id)}</code>'
         f"<span>{_e(' · '.join(details))}</span><span>{_e(actions)}</span>"

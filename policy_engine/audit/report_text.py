@@ -75,6 +75,7 @@ def render_text(summary: Summary) -> str:
             lines.append(f"  {_t(kind)}: {group.count}")
             lines += [f"    {_t(e['id'])}: {_t(e['message'])}" for e in group.examples]
         lines.append("")
+    lines += _text_parts(summary)
     if summary.p_unsafe.count:
         hist = summary.p_unsafe
         lines.append(f"p_unsafe (n={hist.count}, mean {hist.mean:.3f})")
@@ -85,6 +86,18 @@ def render_text(summary: Summary) -> str:
             lines.append(f"  {low:.1f}-{high:.1f} {count:>7} {bar}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _text_parts(summary: Summary) -> list[str]:
+    """The kept flagged examples that are videos or posts, with their flagged parts."""
+    shown = [e for c in summary.categories.values() for e in c.examples if e.parts]
+    if not shown:
+        return []
+    lines = ["Flagged videos and posts (kept examples; deciding part first)"]
+    for example in shown:
+        lines.append(f"  {_t(example.id)}: {_t(example.category_id or '')}")
+        lines += [f"    {_t(part.label())}" for part in example.parts]
+    return [*lines, ""]
 
 
 def _text_counts(title: str, counts: Counter[str] | list[tuple[str, int]], rows: int) -> list[str]:

@@ -1,5 +1,7 @@
 """Where an audit's images come from: a folder, a glob, a list of paths, a JSONL or CSV
-manifest, or a Hugging Face dataset (saved with `save_to_disk`, or parquet files).
+manifest, or a Hugging Face dataset (saved with `save_to_disk`, or parquet files). A folder's
+videos are items too, and a JSONL manifest row whose image field is a list is one post of
+several images (one verdict; docs/video.md).
 
 Every kind streams `SourceItem`s (id, position, image, metadata) without listing the dataset in
 memory; only a folder's single directory listing and one Arrow record batch are held at once.
@@ -20,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..aggregate import Post
 from ..errors import PolicyEngineError
 from ..images import ImageSource
+from ..video import VIDEO_EXTENSIONS
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".avif"}
 )
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_EXTENSIONS  # what a folder source picks up
 PATH_COLUMNS = ("path", "image", "file", "url")
 _GLOB_CHARS = frozenset("*?[")
 
@@ -38,7 +43,7 @@ class SourceError(PolicyEngineError):
 class SourceItem:
     id: str
     seq: int  # position in the whole source, before sharding
-    image: ImageSource
+    image: ImageSource | Post
     source: str  # printable: a path, or where in a dataset
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -100,8 +105,9 @@ class Source:
             return DatasetSource(spec, image_column=image_column, id_column=id_column)
         if suffix in (".txt", ".lst", ".list"):
             return ListSource(spec)
-        if suffix in IMAGE_SUFFIXES:
-            raise SourceError(f"source {spec} is one image; use `policy-engine assess` for it")
+        if suffix in MEDIA_SUFFIXES:
+            what = "video" if suffix in VIDEO_EXTENSIONS else "image"
+            raise SourceError(f"source {spec} is one {what}; use `policy-engine assess` for it")
         raise SourceError(
             f"source {spec}: unknown kind (a folder, a glob, .txt list, .jsonl or .csv "
             "manifest, .parquet, or a saved Hugging Face dataset)"
@@ -119,7 +125,8 @@ class Source:
 
 
 class FolderSource(Source):
-    """Image files under a folder, recursively, in sorted order; id = the relative path."""
+    """Image and video files under a folder, recursively, in sorted order; id = the relative
+    path."""
 
     kind = "folder"
 
@@ -139,7 +146,7 @@ class FolderSource(Source):
             subdirs.sort()
             subdirs[:] = [d for d in subdirs if not d.startswith(".")]
             for name in sorted(files):
-                if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                if Path(name).suffix.lower() in MEDIA_SUFFIXES and not name.startswith("."):
                     yield Path(directory) / name
 
 
@@ -172,7 +179,8 @@ class ListSource(Source):
 
 
 class JsonlSource(Source):
-    """A JSONL manifest: `id` (optional), `path`/`image`/`file`/`url`, other keys -> metadata."""
+    """A JSONL manifest: `id` (optional), `path`/`image`/`file`/`url` (a list of them: one
+    post of several images), other keys -> metadata."""
 
     kind = "jsonl manifest"
 
@@ -366,15 +374,34 @@ def _manifest_item(record: dict[str, Any], seq: int, base: Path, where: str) -> 
     if column is None:
         raise SourceError(f"{where}: no image column (one of {', '.join(PATH_COLUMNS)})")
     value = record[column]
+    if isinstance(value, list):
+        return _post_item(record, column, seq, base, where)
     if not isinstance(value, str) or not value:
-        raise SourceError(f"{where}: {column} must be a non-empty string")
+        raise SourceError(f"{where}: {column} must be a non-empty string or a list of them")
     item_id = str(record.get("id", value))
+    image = _resolve(value, base)
+    return SourceItem(item_id, seq, image, _printable(image), _manifest_metadata(record, column))
+
+
+def _manifest_metadata(record: dict[str, Any], column: str) -> dict[str, Any]:
     metadata = {k: v for k, v in record.items() if k not in ("id", column)}
     nested = metadata.pop("metadata", None)
     if isinstance(nested, dict):
         metadata.update(nested)
-    image = _resolve(value, base)
-    return SourceItem(item_id, seq, image, _printable(image), metadata)
+    return metadata
+
+
+def _post_item(record: dict[str, Any], column: str, seq: int, base: Path, where: str) -> SourceItem:
+    """A row whose image field is a list: one post, judged as one item (its id: the `id`
+    column, else its paths joined by '|')."""
+    values = record[column]
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise SourceError(f"{where}: {column} must be a non-empty list of non-empty strings")
+    item_id = str(record.get("id", "|".join(values)))
+    images = [_resolve(v, base) for v in values]
+    printable = f"post {item_id} ({len(images)} images)"
+    post = Post(images, source=printable)
+    return SourceItem(item_id, seq, post, printable, _manifest_metadata(record, column))
 
 
 def _record_batches(file: Path, fmt: str, columns: list[str] | None = None) -> Iterator[Any]:

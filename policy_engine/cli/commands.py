@@ -174,7 +174,9 @@ def backends(as_json: bool) -> None:
     help="A progress bar on stderr (default: when stderr is a terminal, for several images).",
 )
 def assess(images: tuple[str, ...], fmt: str, progress: bool | None, engine: EngineChoice) -> None:
-    """Judge each IMAGE (path or data: URL) against a policy; print one Decision per line."""
+    """Judge each IMAGE (path or data: URL) against a policy; print one Decision per line.
+    A video is one item too: its sampled frames are judged and the Decision names the deciding
+    frame (docs/video.md)."""
     metadata = engine.metadata
     built = engine.build()
     show = wanted(progress) and (progress is not None or len(images) > 1)
@@ -207,6 +209,10 @@ def echo_row(decision: Decision) -> None:
         click.echo(f"{v.source}: {decision.rating}{category}{score}")
         for override in decision.overrides:
             click.echo(f"  ({override.step}: {override.reason})")
+    if v.parts is not None and v.deciding_part is not None:
+        part = v.parts[v.deciding_part]
+        at = f" at {part.timestamp:.2f} s" if part.timestamp is not None else ""
+        click.echo(f"  deciding part {part.index}{at} of {len(v.parts)} ({v.aggregation})")
     for action in decision.actions:
         extra = " ".join(f"{k}={val}" for k, val in action.params.items())
         click.echo(f"  -> {action.name} {extra}".rstrip())

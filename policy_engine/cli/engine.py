@@ -43,6 +43,7 @@ SHARED = (
     "lenient",
     "shadow",
     "calibration",
+    "video_limits",
 )
 
 
@@ -135,6 +136,7 @@ class EngineChoice:
     given: tuple[str, ...] = ()  # flags given on the command line ("--policy", "--url", …)
     shadow: str | None = None  # a policy judged in shadow beside the live one
     calibration: str | None = None  # a calibration file (over the policy's `calibration`)
+    video_limits: tuple[str, ...] = ()  # --video-limit KEY=VALUE
 
     def with_policy(self, policy: str) -> EngineChoice:
         return replace(self, policy=policy)
@@ -159,6 +161,28 @@ class EngineChoice:
                     f"{flag.declared.flag} does not apply to backend {self.backend!r} "
                     f"(it is for: {', '.join(flag.backends)})"
                 )
+
+    def limits(self) -> Any:
+        """The --video-limit pairs as VideoLimits (None: the defaults)."""
+        if not self.video_limits:
+            return None
+        from dataclasses import fields
+
+        from ..video import VideoLimits
+
+        pairs = parse_pairs(self.video_limits, "--video-limit")
+        known = [f.name for f in fields(VideoLimits)]
+        for key, value in pairs.items():
+            if key not in known:
+                raise PolicyEngineError(
+                    f"--video-limit: unknown limit {key!r}; limits: {', '.join(known)}"
+                )
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise PolicyEngineError(f"--video-limit {key}: must be a positive number")
+        try:
+            return VideoLimits(**pairs)
+        except (TypeError, ValueError) as err:
+            raise PolicyEngineError(f"--video-limit: {err}") from None
 
     def build(self, *, concurrency: int | None = None, policy: Any = None) -> Engine:
         """The Engine (not loaded). `concurrency` goes to the backend when it has such an
@@ -187,6 +211,7 @@ class EngineChoice:
             lenient=self.lenient,
             shadow=self.shadow,
             calibration=self.calibration,
+            video_limits=self.limits(),
         )
 
 
@@ -228,6 +253,14 @@ def engine_options(*, policy: bool = True) -> Callable[[F], F]:
         ),
         click.option(
             "--batch-size", type=click.IntRange(min=1), default=None, help="Images per call."
+        ),
+        click.option(
+            "--video-limit",
+            "video_limits",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="A limit on video input (repeatable): max_bytes, max_seconds, max_pixels, "
+            "max_decoded_frames (docs/video.md).",
         ),
         click.option(
             "--lenient-replies",
@@ -316,4 +349,5 @@ def engine_choice(
         calibration=values.get("calibration"),
         flags=flags,
         given=given,
+        video_limits=tuple(values.get("video_limits", ())),
     )

@@ -26,6 +26,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from .. import __version__
+from ..aggregate import Post
 from ..engine import Engine
 from ..engine import Item as EngineItem
 from ..types import Mode
@@ -272,8 +273,9 @@ def create_app(
         engine = service.engine(item.policy, item.mode, "policy", item.shadow)
         _note_policy(request, [engine.policy.id])
         service.require_ready()
+        source = Post(item.image) if isinstance(item.image, list) else item.image
         (decisions,) = await service.judge(
-            request, [(engine, [(item.image, service.metadata(item.metadata))])]
+            request, [(engine, [(source, service.metadata(item.metadata))])]
         )
         _image_error(decisions[0], "image")
         return json_response(AssessResponse(decision=decisions[0]))
@@ -312,7 +314,8 @@ def create_app(
 
 
 def _engine_item(service: Service, item: AssessRequest) -> EngineItem:
-    return (item.image, service.metadata(item.metadata))
+    source = Post(item.image) if isinstance(item.image, list) else item.image
+    return (source, service.metadata(item.metadata))
 
 
 def _secure_openapi(app: FastAPI, settings: ServeSettings) -> None:

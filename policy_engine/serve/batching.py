@@ -73,10 +73,8 @@ class Batcher:
         prepared = await asyncio.to_thread(lambda: [engine._prepare(i, None) for i in items])
         queue = self._started()
         loop = asyncio.get_running_loop()
-        entries = [
-            _Entry(p.image, loop.create_future(), loop.time())
-            for p in prepared
-            if p.image is not None
+        entries = [  # a video's frames and a post's images are judged like other images
+            _Entry(image, loop.create_future(), loop.time()) for p in prepared for image in p.images
         ]
         for entry in entries:
             queue.put_nowait(entry)

@@ -237,6 +237,7 @@ def _build_pool(
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
         lenient=choice.lenient,
         shadow=choice.shadow,
+        video_limits=choice.limits(),
     )
 
 

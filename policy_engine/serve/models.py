@@ -17,6 +17,7 @@ from pydantic import (
     field_validator,
 )
 
+from ..aggregate import DEFAULT_MAX_POST_IMAGES
 from ..verdict import Action, Decision
 from .settings import MAX_BATCH_ITEMS
 
@@ -55,13 +56,30 @@ class ErrorResponse(_Model):
 
 
 # -- native assessment ---------------------------------------------------------------------------
-class AssessRequest(_Model):
-    """One image to judge."""
+DataUrl = Annotated[str, Field(pattern=DATA_URL_PATTERN)]
 
-    image: str = Field(
-        pattern=DATA_URL_PATTERN,
-        description="The image as a data URL: data:image/<type>;base64,<payload>. Remote URLs "
-        "are never fetched.",
+
+def _image_kind(value: Any) -> str:
+    return "<images>" if isinstance(value, list) else "<image>"
+
+
+class AssessRequest(_Model):
+    """One image, video or post (a list of images) to judge: one Decision."""
+
+    # Tags in <angle brackets> are dropped from error locations (errors.validation_message).
+    image: Annotated[
+        Annotated[DataUrl, Tag("<image>")]
+        | Annotated[
+            list[DataUrl],
+            Field(min_length=1, max_length=DEFAULT_MAX_POST_IMAGES),
+            Tag("<images>"),
+        ],
+        Discriminator(_image_kind),
+    ] = Field(
+        description="The image as a data URL: data:image/<type>;base64,<payload>; a video as "
+        "data:video/<type>;base64,<payload> (its sampled frames judged, one verdict naming the "
+        "deciding frame); or a list of image data URLs, one post judged as one item (docs/"
+        "video.md). Remote URLs are never fetched.",
         examples=[EXAMPLE_IMAGE],
     )
     policy: str | None = Field(
@@ -95,7 +113,9 @@ class AssessUpload(_Model):
     """The multipart/form-data form of POST /v1/assess (documentation only)."""
 
     image: bytes = Field(
-        json_schema_extra={"format": "binary"}, description="The image file (PNG, JPEG, ...)."
+        json_schema_extra={"format": "binary"},
+        description="The image or video file (PNG, JPEG, MP4, WebM, ...); several `image` "
+        "parts are one post, judged as one item.",
     )
     policy: str | None = Field(default=None, description="A loaded policy's id.")
     mode: ModeName | None = Field(default=None, description="full, verdict or score.")

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from ..aggregate import DEFAULT_MAX_POST_IMAGES
 from ..types import MODES
 from .errors import ApiError, validation_message
 from .models import AssessRequest, AssessUpload, ModeName, check_depth
@@ -53,9 +54,9 @@ _FORM_FIELDS = ("image", "policy", "mode", "metadata", "shadow")
 
 @dataclass
 class Item:
-    """One image to judge, from either body type."""
+    """One image, video or post (a list) to judge, from either body type."""
 
-    image: str | bytes
+    image: str | bytes | list[str] | list[str | bytes]
     policy: str | None = None
     mode: ModeName | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +111,9 @@ async def read_item(request: Request, max_part_size: int) -> Item:
 
 async def _read_form(request: Request, max_part_size: int) -> Item:
     try:
-        form = await request.form(max_files=4, max_fields=8, max_part_size=max_part_size)
+        form = await request.form(
+            max_files=DEFAULT_MAX_POST_IMAGES + 3, max_fields=8, max_part_size=max_part_size
+        )
     except HTTPException:
         raise
     except Exception:  # python-multipart's parser errors
@@ -126,22 +129,20 @@ async def _read_form(request: Request, max_part_size: int) -> Item:
             )
         values = {key: form.getlist(key) for key in _FORM_FIELDS}
         for key, found in values.items():
-            if len(found) > 1:
+            if len(found) > 1 and key != "image":  # several images: one post
                 raise ApiError(422, "invalid_request", f"{key}: given twice", param=key)
-        image = values["image"][0] if values["image"] else None
-        if image is None:
+        if not values["image"]:
             raise ApiError(422, "invalid_request", "image: a file is required", param="image")
-        data: str | bytes
-        if isinstance(image, UploadFile):
-            data = await image.read()
-        elif image[:5].lower() == "data:":
-            data = image  # a data URL sent as a text field
-        else:  # a string would otherwise be read as a path on the server
+        if len(values["image"]) > DEFAULT_MAX_POST_IMAGES:
             raise ApiError(
-                422, "invalid_request", "image: must be a file or a data URL", param="image"
+                422,
+                "invalid_request",
+                f"image: at most {DEFAULT_MAX_POST_IMAGES} images in one post",
+                param="image",
             )
+        images = [await _image(image) for image in values["image"]]
         return Item(
-            image=data,
+            image=images[0] if len(images) == 1 else images,
             policy=await _text(values["policy"], "policy"),
             mode=_mode(await _text(values["mode"], "mode")),
             metadata=_metadata(await _text(values["metadata"], "metadata")),
@@ -149,6 +150,15 @@ async def _read_form(request: Request, max_part_size: int) -> Item:
         )
     finally:
         await form.close()
+
+
+async def _image(image: UploadFile | str) -> str | bytes:
+    if isinstance(image, UploadFile):
+        return await image.read()
+    if image[:5].lower() == "data:":
+        return image  # a data URL sent as a text field
+    # a string would otherwise be read as a path on the server
+    raise ApiError(422, "invalid_request", "image: must be a file or a data URL", param="image")
 
 
 async def _text(found: list[UploadFile | str], key: str) -> str | None:

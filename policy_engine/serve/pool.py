@@ -24,6 +24,7 @@ from ..images import DEFAULT_MAX_PIXELS
 from ..loader import check_policy, load_policy
 from ..policy import Policy
 from ..types import MODES, Mode, check_mode
+from ..video import VideoLimits
 
 
 class ModeUnavailableError(PolicyEngineError):
@@ -51,9 +52,11 @@ class EnginePool:
         host: PluginHost | None = None,
         lenient: bool = False,
         shadow: Policy | str | Path | None = None,
+        video_limits: VideoLimits | None = None,
     ) -> None:
         self.host = host or get_host()
         self.lenient = lenient
+        self.video_limits = video_limits
         check_mode(mode)
         self.backend: Backend = make_backend(backend, backend_options, self.host)
         self.mode: Mode = mode
@@ -125,6 +128,7 @@ class EnginePool:
                     host=self.host,
                     lenient=self.lenient,
                     shadow=shadow_policy,
+                    video_limits=self.video_limits,
                 )
                 self._engines[key] = engine
             return engine
