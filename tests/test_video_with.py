@@ -106,9 +106,8 @@ def test_a_shadow_policy_with_its_own_prompt_judges_every_frame_itself(
     backend = ColourBackend.made[-1]
     decisions = list(engine.assess_many(items))
     assert backend.images == 2 * 8  # every frame twice: live, then the shadow's own call
-    assert answers(decisions) == [("Unsafe", 2, "Unsafe"), ("Safe", 0, "Safe")] + [
-        ("Unsafe", 2, "Unsafe")
-    ]
+    red, grey_answer = ("Unsafe", 2, "Unsafe"), ("Safe", 0, "Safe")
+    assert answers(decisions) == [red, grey_answer, red]
     for decision in decisions:
         assert decision.shadow is not None and decision.shadow[0].reused_answer is False
 
