@@ -26,6 +26,8 @@ from policy_engine import (
     Backend,
     BackendError,
     Batch,
+    Calibration,
+    CalibrationError,
     Capabilities,
     CompiledPolicy,
     Generation,
@@ -35,7 +37,10 @@ from policy_engine import (
     PolicyEngineError,
     Verdict,
     build_verdict,
+    calibrate,
+    check_fitted,
     get_host,
+    load_calibration,
     load_policy,
 )
 
@@ -61,6 +66,11 @@ class JudgeSpec(BaseModel):
         default=0.5, ge=0.0, le=1.0, description="Its rating in score mode: p_unsafe >= this."
     )
     lenient: bool = Field(default=False, description="Read replies wrapped in prose.")
+    calibration: str | None = Field(
+        default=None,
+        description="A calibration file (`policy-engine calibrate`) for this judge's P(Unsafe), "
+        "applied before the composite reads it (a cascade's band compares calibrated scores).",
+    )
 
 
 class CompositeOptions(BaseModel):
@@ -98,6 +108,7 @@ class Judge:
     spec: JudgeSpec
     backend: Backend
     compiled: CompiledPolicy | None  # None: the batch's policy
+    calibration: Calibration | None = None
 
     def mode(self, batch: Batch) -> Mode:
         return self.spec.mode or batch.mode
@@ -111,22 +122,41 @@ class Judge:
         mode = self.mode(batch)
         caps = self.backend.capabilities
         size = max(1, caps.max_batch_size if caps.batching else 1)
+        refused = self._refused(compiled, mode)
         results: list[tuple[Generation, Verdict]] = []
         for start in range(0, len(images), size):
             chunk = tuple(images[start : start + size])
             sub = Batch(compiled, mode, chunk, batch.max_new_tokens)
-            generations = self._generate(sub)
+            if refused is not None:  # never a score mapped by another model's calibration
+                generations = [Generation(error=refused) for _ in chunk]
+            else:
+                generations = self._generate(sub)
             for image, generation in zip(chunk, generations, strict=True):
+                scored, calibrated = calibrate(self.calibration, generation)
                 verdict = build_verdict(
                     compiled,
                     mode,
-                    generation,
+                    scored,
                     source=image.source,
                     score_threshold=self.spec.score_threshold,
                     lenient=self.spec.lenient,
                 )
-                results.append((generation, verdict))
+                results.append((generation, calibrated(verdict)))
         return results
+
+    def _refused(self, compiled: CompiledPolicy, mode: Mode) -> str | None:
+        """Why this judge's calibration does not fit this prompt, mode or model (None: it
+        fits, or there is none)."""
+        if self.calibration is None:
+            return None
+        model = getattr(getattr(self.backend, "options", None), "model", None)
+        try:
+            check_fitted(
+                self.calibration, compiled, mode, model if isinstance(model, str) else None
+            )
+        except CalibrationError as err:
+            return f"judge {self.name!r}: {err.message}"
+        return None
 
     def _generate(self, batch: Batch) -> list[Generation]:
         try:
@@ -176,7 +206,24 @@ def build_judge(name: str, spec: JudgeSpec, host: PluginHost) -> Judge:
     compiled = None
     if spec.policy is not None:
         compiled = host.compile(load_policy(spec.policy, host=host))
-    return Judge(name, spec, backend, compiled)
+    calibration = None
+    if spec.calibration is not None:
+        try:
+            calibration = load_calibration(spec.calibration)
+        except CalibrationError as err:
+            raise PolicyEngineError(f"judge {name!r}: {err.message}") from None
+        if compiled is not None:  # its own policy: refuse a misfit now, before anything loads
+            model = getattr(getattr(backend, "options", None), "model", None)
+            try:
+                check_fitted(
+                    calibration,
+                    compiled,
+                    mode or calibration.fitted_for.mode,
+                    model if isinstance(model, str) else None,
+                )
+            except CalibrationError as err:
+                raise PolicyEngineError(f"judge {name!r}: {err.message}") from None
+    return Judge(name, spec, backend, compiled, calibration)
 
 
 def judge_names(specs: Sequence[JudgeSpec], defaults: Sequence[str]) -> list[str]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .audience import AudienceError, at_level, split_level
 from .backend import Backend, Batch, Capabilities, CliFlag, Generation
+from .calibration import Calibration, CalibrationError, calibrate, check_fitted, load_calibration
 from .compiler import CompiledPolicy, compile_policy, policy_hash
 from .errors import (
     BackendError,
@@ -94,6 +95,8 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "Batch",
+    "Calibration",
+    "CalibrationError",
     "Capabilities",
     "CaseResult",
     "Category",
@@ -132,9 +135,12 @@ __all__ = [
     "answer_grammar",
     "at_level",
     "build_verdict",
+    "calibrate",
+    "check_fitted",
     "compile_policy",
     "get_host",
     "hookimpl",
+    "load_calibration",
     "load_policy",
     "load_policy_text",
     "parse_verdict",

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from policy_engine import Backend, Batch, Decision, Engine, Generation, PluginHost, hookimpl
 from policy_engine.audit.agreement import cohen_kappa, judge_agreement
+from policy_engine.calibration import Calibration, FittedFor, prompt_hash
 from policy_engine.cli import cli
 from policy_engine.errors import PolicyEngineError
 from tests.colour_backend import (
@@ -185,6 +186,54 @@ def test_a_failed_first_judge_sends_the_image_to_the_second(host: PluginHost) ->
     assert grey.verdict.decided_by == "second, because first failed (flaky judge failed)"
     assert [j.error for j in grey.verdict.judges or []] == ["flaky judge failed", None]
     assert red.verdict.decided_by is not None and red.verdict.decided_by.startswith("first:")
+
+
+def test_a_calibrated_first_judge_compares_calibrated_scores_with_the_band(
+    host: PluginHost, tmp_path: Path
+) -> None:
+    plain = Engine("llavaguard", "colour", mode="score", host=host)
+    fitted = FittedFor(
+        model="colour",
+        mode="score",
+        prompt_hash=prompt_hash(plain.compiled),
+        policy_id=plain.policy.id,
+        policy_version=plain.policy.version,
+        policy_hash=plain.compiled.hash,
+    )
+    # temperature 3 pulls the overconfident scores towards 0.5: more images fall in the band
+    calibration = Calibration.make("temperature", {"temperature": 3.0}, fitted)
+    path = tmp_path / "calibration.yaml"
+    path.write_text(calibration.dump(), encoding="utf-8")
+    first = {**CHEAP, "calibration": str(path)}
+    engine = Engine(
+        "llavaguard", "cascade", backend_options={"first": first, "second": EXACT}, host=host
+    )
+    with engine:
+        decisions = list(engine.assess_many([red_image(v) for v in VALUES]))
+        cascade = engine.backend
+        assert isinstance(cascade, CascadeBackend)
+        second = cascade.second.backend
+        assert isinstance(second, ColourBackend)
+        raw = [colour_score(redness(red_image(v))) for v in VALUES]
+        in_band = [p for p in raw if 0.2 <= calibration(p) <= 0.8]
+        assert second.images == len(in_band) > 11  # 11 raw scores are in the band
+    for decision, p in zip(decisions, raw, strict=True):
+        first_answer = (decision.verdict.judges or [])[0]
+        assert first_answer.p_unsafe == pytest.approx(calibration(p))
+    assert recall(decisions, VALUES) == 1.0
+
+    # fitted for another prompt: the judge's answers are errors (so the second judge decides)
+    other = fitted.model_copy(update={"prompt_hash": "sha256:" + "0" * 64})
+    path.write_text(
+        Calibration.make("temperature", {"temperature": 3.0}, other).dump(), encoding="utf-8"
+    )
+    (grey,) = run(host, "cascade", [0.1], first=first, second=EXACT)
+    assert grey.ok and grey.rating == "Safe"
+    assert "whose prompt differs" in ((grey.verdict.judges or [])[0].error or "")
+    with pytest.raises(PolicyEngineError, match="judge 'first': .*no such calibration file"):
+        CascadeBackend(
+            host=host, first={**CHEAP, "calibration": str(tmp_path / "x.yaml")}, second=EXACT
+        )
 
 
 def test_on_first_error_error_makes_the_image_an_error(host: PluginHost) -> None:
