@@ -230,7 +230,7 @@ def test_a_calibrated_first_judge_compares_calibrated_scores_with_the_band(
     (grey,) = run(host, "cascade", [0.1], first=first, second=EXACT)
     assert grey.ok and grey.rating == "Safe"
     assert "whose prompt differs" in ((grey.verdict.judges or [])[0].error or "")
-    with pytest.raises(PolicyEngineError, match="judge 'first': .*no such calibration file"):
+    with pytest.raises(PolicyEngineError, match=r"judge 'first': .*no such calibration file"):
         CascadeBackend(
             host=host, first={**CHEAP, "calibration": str(tmp_path / "x.yaml")}, second=EXACT
         )
