@@ -309,7 +309,8 @@ def violations_schema(
 
 def compile_policy(policy: Policy, fmt: PromptFormat) -> CompiledPolicy:
     """Compile a policy with a prompt format instance (`host.compile(policy)` looks the
-    policy's format up and caches the result). Pure: no I/O, no global state."""
+    policy's format up and caches the result). No global state; the only I/O is reading the
+    policy's calibration file, if it names one, for its content hash."""
     layout = fmt.layout(policy)
     if not policy.output.rationale:
         layout = layout.for_keys(tuple(k for k in layout.keys if k != "rationale"))
@@ -374,7 +375,21 @@ def _policy_data(policy: Policy) -> Any:
                     entry.pop(name, None)
         elif data.get(key) is None:
             data.pop(key, None)
+    if data.get("calibration") is not None:
+        data["calibration"] = _calibration_identity(data["calibration"])
     return data
+
+
+def _calibration_identity(path: str) -> str:
+    """A calibration enters the hash by its content (its hash), not by where the file lies: the
+    same policy and calibration copied elsewhere keep their hash; a refitted file changes it.
+    A file that cannot be read (the engine refuses it anyway) enters by its path."""
+    from .calibration import CalibrationError, load_calibration
+
+    try:
+        return load_calibration(path).hash
+    except CalibrationError:
+        return path
 
 
 def _canonical(value: Any) -> str:

@@ -32,7 +32,7 @@ from policy_engine.calibration import (
     sigmoid,
     temper,
 )
-from policy_engine.compiler import _policy_data
+from policy_engine.compiler import _policy_data, policy_hash
 from tests.colour_backend import ColourBackend, colour_host, colour_score, red_image, redness
 
 # -- the measures ----------------------------------------------------------------------------
@@ -306,6 +306,23 @@ def test_the_policy_key_names_a_file_relative_to_the_policy(tmp_path: Path) -> N
         other = Calibration.make("temperature", {"temperature": 4.0}, fitted_for(plain))
         overridden = Engine(str(policy_file), "colour", mode="score", host=host, calibration=other)
         assert overridden.assess(red_image(0.8)).verdict.calibration == other.stamp
+
+
+def test_a_calibration_enters_the_policy_hash_by_its_content(tmp_path: Path) -> None:
+    with colour_host() as host:
+        plain = Engine("llavaguard", "colour", mode="score", host=host)
+        fitted = fitted_for(plain)
+    hashes = []
+    for folder, temperature in (("a", 2.0), ("b", 2.0), ("c", 3.0)):
+        (tmp_path / folder).mkdir()
+        calibration = Calibration.make("temperature", {"temperature": temperature}, fitted)
+        (tmp_path / folder / "c.yaml").write_text(calibration.dump())
+        policy_file = tmp_path / folder / "p.yaml"
+        policy_file.write_text("extends: llavaguard\nid: calibrated\ncalibration: c.yaml\n")
+        hashes.append(policy_hash(load_policy(policy_file)))
+    same_content_elsewhere, refitted = hashes[0] == hashes[1], hashes[0] != hashes[2]
+    assert same_content_elsewhere and refitted
+    assert hashes[0] != policy_hash(load_policy("llavaguard"))
 
 
 def test_a_policy_without_the_key_hashes_as_before() -> None:
