@@ -35,7 +35,7 @@ from .calibration import Calibration, calibrate, engine_calibration
 from .compiler import CompiledPolicy
 from .errors import BackendError, ImageError, PolicyEngineError
 from .host import PluginHost, get_host
-from .images import DEFAULT_MAX_PIXELS, ImageSource, describe_source, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageSource, LoadedImage, describe_source, load_image
 from .items import Chunk as _Chunk
 from .items import Prepared as _Prepared
 from .items import prepare_post, prepare_video
@@ -212,12 +212,7 @@ class Engine:
     async def _agenerate_chunk(self, chunk: _Chunk) -> tuple[list[Generation], float]:
         batch = self._batch_of(chunk)
         started = time.perf_counter()
-        generations: list[Generation] = []
-        if batch is not None:
-            try:
-                generations = self._checked(batch, await self.backend.agenerate(batch))
-            except Exception as err:  # any fault becomes the items' error verdicts
-                generations = self._failed(batch, err)
+        generations = await self._agenerate(batch) if batch is not None else []
         seconds = time.perf_counter() - started
         await self._ashadow_generate(chunk.done)  # a shadow policy's own answers, if any
         return generations, seconds
@@ -239,7 +234,7 @@ class Engine:
         if batch is None:
             assert prepared.decision is not None
             return prepared.decision.verdict
-        return self._only_verdict(prepared, self._generate(batch))
+        return self._item_verdict(prepared, self._generate(batch))
 
     async def awarm_up(self, image: ImageSource | None = None) -> Verdict:
         """Async twin of `warm_up`."""
@@ -250,15 +245,7 @@ class Engine:
         if batch is None:
             assert prepared.decision is not None
             return prepared.decision.verdict
-        try:
-            generations = self._checked(batch, await self.backend.agenerate(batch))
-        except Exception as err:  # any fault becomes the item's error verdict
-            generations = self._failed(batch, err)
-        return self._only_verdict(prepared, generations)
-
-    def _only_verdict(self, prepared: _Prepared, generations: list[Generation]) -> Verdict:
-        assert prepared.image is not None
-        return self._item_verdict(prepared, generations)  # calibrated like any verdict
+        return self._item_verdict(prepared, await self._agenerate(batch))
 
     # -- internals -------------------------------------------------------------------------
     def _prepare(
@@ -314,10 +301,7 @@ class Engine:
             yield chunk
 
     def _batch_of(self, chunk: _Chunk) -> Batch | None:
-        if not chunk.members:
-            return None
-        images = tuple(image for _, image in chunk.members)
-        return Batch(self.compiled, self.mode, images, self.max_new_tokens)
+        return self._batch_for(tuple(image for _, image in chunk.members))
 
     def _settle(
         self, chunk: _Chunk, generations: list[Generation], seconds: float
@@ -331,7 +315,10 @@ class Engine:
             yield from self._finish([item], item.generations, 0.0)
 
     def _batch(self, prepared: list[_Prepared]) -> Batch | None:
-        images = tuple(image for p in prepared for image in p.images)
+        return self._batch_for(tuple(image for p in prepared for image in p.images))
+
+    def _batch_for(self, images: tuple[LoadedImage, ...]) -> Batch | None:
+        """One backend call's Batch of `images` under this engine's policy (None: no images)."""
         if not images:
             return None
         return Batch(self.compiled, self.mode, images, self.max_new_tokens)
@@ -347,6 +334,13 @@ class Engine:
     def _generate(self, batch: Batch) -> list[Generation]:
         try:
             return self._checked(batch, self.backend.generate(batch))
+        except Exception as err:  # any fault becomes the items' error verdicts
+            return self._failed(batch, err)
+
+    async def _agenerate(self, batch: Batch) -> list[Generation]:
+        """Async twin of `_generate`."""
+        try:
+            return self._checked(batch, await self.backend.agenerate(batch))
         except Exception as err:  # any fault becomes the items' error verdicts
             return self._failed(batch, err)
 

@@ -178,11 +178,7 @@ async def agenerate(engine: Engine, prepared: list[_Prepared]) -> None:
         return
     shadow = engine.shadow
     assert shadow is not None
-    try:
-        generations = shadow._checked(batch, await shadow.backend.agenerate(batch))
-    except Exception as err:  # the shadow's fault is the shadow result's error
-        generations = shadow._failed(batch, err)
-    _keep(prepared, generations)
+    _keep(prepared, await shadow._agenerate(batch))  # a fault: the shadow result's error
 
 
 def _keep(prepared: list[_Prepared], generations: list[Generation]) -> None:

@@ -32,7 +32,7 @@ import contextlib
 import time
 from dataclasses import dataclass, replace
 
-from ..backend import Batch, Generation
+from ..backend import Generation
 from ..engine import Engine
 from ..engine import Item as EngineItem
 from ..images import LoadedImage
@@ -151,16 +151,12 @@ class Batcher:
         if not entries:
             return
         engine = self.engine
-        batch = Batch(
-            engine.compiled, engine.mode, tuple(e.image for e in entries), engine.max_new_tokens
-        )
+        batch = engine._batch_for(tuple(e.image for e in entries))
+        assert batch is not None  # entries is not empty
         self.batches += 1
         started = time.perf_counter()
         try:
-            try:
-                generations = engine._checked(batch, await engine.backend.agenerate(batch))
-            except Exception as err:  # any fault becomes the items' error verdicts
-                generations = engine._failed(batch, err)
+            generations = await engine._agenerate(batch)  # a fault: the items' error verdicts
             share = (time.perf_counter() - started) / len(entries)
             for entry, generation in zip(entries, generations, strict=True):
                 if not entry.future.done():
