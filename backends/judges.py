@@ -144,7 +144,7 @@ class Judge:
                 results.append((generation, calibrated(verdict)))
         return results
 
-    def _refused(self, compiled: CompiledPolicy, mode: Mode) -> str | None:
+    def _refused(self, compiled: CompiledPolicy, mode: str) -> str | None:
         """Why this judge's calibration does not fit this prompt, mode or model (None: it
         fits, or there is none)."""
         if self.calibration is None:
@@ -212,18 +212,12 @@ def build_judge(name: str, spec: JudgeSpec, host: PluginHost) -> Judge:
             calibration = load_calibration(spec.calibration)
         except CalibrationError as err:
             raise PolicyEngineError(f"judge {name!r}: {err.message}") from None
-        if compiled is not None:  # its own policy: refuse a misfit now, before anything loads
-            model = getattr(getattr(backend, "options", None), "model", None)
-            try:
-                check_fitted(
-                    calibration,
-                    compiled,
-                    mode or calibration.fitted_for.mode,
-                    model if isinstance(model, str) else None,
-                )
-            except CalibrationError as err:
-                raise PolicyEngineError(f"judge {name!r}: {err.message}") from None
-    return Judge(name, spec, backend, compiled, calibration)
+    judge = Judge(name, spec, backend, compiled, calibration)
+    if compiled is not None and calibration is not None:  # its own policy: refuse a misfit now
+        refused = judge._refused(compiled, mode or calibration.fitted_for.mode)
+        if refused is not None:
+            raise PolicyEngineError(refused)
+    return judge
 
 
 def judge_names(specs: Sequence[JudgeSpec], defaults: Sequence[str]) -> list[str]:
