@@ -270,6 +270,19 @@ class FittedFor(BaseModel):
     policy_version: str
     policy_hash: str
 
+    @classmethod
+    def of(cls, compiled: CompiledPolicy, mode: str, model: str) -> FittedFor:
+        """What scores of `model` in `mode` under the compiled policy were fitted for."""
+        policy = compiled.policy
+        return cls(
+            model=model,
+            mode=mode,
+            prompt_hash=prompt_hash(compiled),
+            policy_id=policy.id,
+            policy_version=policy.version,
+            policy_hash=compiled.hash,
+        )
+
 
 class Calibration(BaseModel):
     """A calibration file (YAML). `parameters`: {"temperature": T} or {"x": [...], "y": [...]}."""

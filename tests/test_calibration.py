@@ -27,7 +27,6 @@ from policy_engine.calibration import (
     interpolate,
     load_calibration,
     logit,
-    prompt_hash,
     reliability,
     sigmoid,
     temper,
@@ -189,15 +188,7 @@ def test_isotonic_parameters_must_be_monotone(tmp_path: Path) -> None:
 
 
 def fitted_for(engine: Engine, **changes: str) -> FittedFor:
-    data = {
-        "model": "colour",
-        "mode": engine.mode,
-        "prompt_hash": prompt_hash(engine.compiled),
-        "policy_id": engine.policy.id,
-        "policy_version": engine.policy.version,
-        "policy_hash": engine.compiled.hash,
-    }
-    return FittedFor(**{**data, **changes})
+    return FittedFor.of(engine.compiled, engine.mode, "colour").model_copy(update=changes)
 
 
 def test_verdicts_carry_raw_and_calibrated_scores_and_the_calibration() -> None:

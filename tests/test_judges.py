@@ -20,7 +20,7 @@ from pydantic import Field
 
 from policy_engine import Backend, Batch, Decision, Engine, Generation, PluginHost, hookimpl
 from policy_engine.audit.agreement import cohen_kappa, judge_agreement
-from policy_engine.calibration import Calibration, FittedFor, prompt_hash
+from policy_engine.calibration import Calibration, FittedFor
 from policy_engine.cli import cli
 from policy_engine.errors import PolicyEngineError
 from tests.colour_backend import (
@@ -192,14 +192,7 @@ def test_a_calibrated_first_judge_compares_calibrated_scores_with_the_band(
     host: PluginHost, tmp_path: Path
 ) -> None:
     plain = Engine("llavaguard", "colour", mode="score", host=host)
-    fitted = FittedFor(
-        model="colour",
-        mode="score",
-        prompt_hash=prompt_hash(plain.compiled),
-        policy_id=plain.policy.id,
-        policy_version=plain.policy.version,
-        policy_hash=plain.compiled.hash,
-    )
+    fitted = FittedFor.of(plain.compiled, "score", "colour")
     # temperature 3 pulls the overconfident scores towards 0.5: more images fall in the band
     calibration = Calibration.make("temperature", {"temperature": 3.0}, fitted)
     path = tmp_path / "calibration.yaml"

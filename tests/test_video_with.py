@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from policy_engine import Engine
-from policy_engine.calibration import Calibration, FittedFor, prompt_hash
+from policy_engine.calibration import Calibration, FittedFor
 from policy_engine.verdict import Decision
 from tests.colour_backend import ColourBackend, colour_host
 from tests.video_files import grey_video
@@ -43,23 +43,14 @@ def policy(tmp_path: Path, name: str, **blocks: Any) -> Path:
     return path
 
 
-def fitted_for(engine: Engine) -> FittedFor:
-    return FittedFor(
-        model="colour",
-        mode=engine.mode,
-        prompt_hash=prompt_hash(engine.compiled),
-        policy_id=engine.policy.id,
-        policy_version=engine.policy.version,
-        policy_hash=engine.compiled.hash,
-    )
-
-
 def test_every_frame_is_calibrated_before_the_frames_are_aggregated(host: Any, clip: Path) -> None:
     plain = Engine("llavaguard", "colour", mode="score", host=host)
     # isotonic: raw scores up to 0.95 map under 0.5, so the red frame (raw ~1) stays Unsafe
     # only if its calibrated score is read, and every other frame's score changes
     calibration = Calibration.make(
-        "isotonic", {"x": [0.0, 0.95, 1.0], "y": [0.0, 0.4, 1.0]}, fitted_for(plain)
+        "isotonic",
+        {"x": [0.0, 0.95, 1.0], "y": [0.0, 0.4, 1.0]},
+        FittedFor.of(plain.compiled, plain.mode, "colour"),
     )
     calibrated = Engine("llavaguard", "colour", mode="score", host=host, calibration=calibration)
     raw, decision = plain.assess(clip).verdict, calibrated.assess(clip).verdict

@@ -34,7 +34,6 @@ from ..calibration import (
     fit_category_temperature,
     fit_isotonic,
     fit_temperature,
-    prompt_hash,
 )
 from ..errors import PolicyEngineError, PolicyError
 from ..host import PluginHost, get_host
@@ -233,14 +232,7 @@ def run_calibrate(opts: CalibrateOptions, *, host: PluginHost | None = None) -> 
     )
     if categories.temperature is not None:
         parameters[CATEGORY_KEY] = categories.temperature
-    fitted_for = FittedFor(
-        model=model,
-        mode=mode,
-        prompt_hash=prompt_hash(compiled),
-        policy_id=policy.id,
-        policy_version=policy.version,
-        policy_hash=compiled.hash,
-    )
+    fitted_for = FittedFor.of(compiled, mode, model)
     probe = Calibration.make(opts.method, parameters, fitted_for, name=opts.name)
 
     def figures(indices: Sequence[int]) -> Part:
