@@ -35,7 +35,7 @@ from ..calibration import (
     fit_isotonic,
     fit_temperature,
 )
-from ..errors import PolicyEngineError, PolicyError
+from ..cli.group import user_errors
 from ..host import PluginHost, get_host
 from ..loader import load_policy, shipped_policies
 from ..policy import Policy
@@ -416,15 +416,8 @@ def calibrate_command(ctx: click.Context, /, fmt: str, **params: Any) -> None:
 
     Exit status 1 when --target is not met on the held-out part.
     """
-    try:
+    with user_errors(ctx):
         report = run_calibrate(CalibrateOptions(**params))
-    except PolicyError as err:
-        for problem in err.problems:
-            click.echo(f"error: {problem}", err=True)
-        ctx.exit(err.exit_code)
-    except PolicyEngineError as err:
-        click.echo(f"error: {err}", err=True)
-        ctx.exit(err.exit_code)
     if fmt == "json":
         click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
     else:

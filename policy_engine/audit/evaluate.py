@@ -26,7 +26,8 @@ import click
 
 from ..backend import Backend
 from ..cli import EngineChoice, EngineCommand, engine_options
-from ..errors import PolicyEngineError, PolicyError
+from ..cli.group import user_errors
+from ..errors import PolicyEngineError
 from ..host import PluginHost, get_host
 from ..loader import check_policy, load_policy, shipped_policies
 from ..policy import CategoryException, ExceptionStatus, Policy
@@ -436,18 +437,11 @@ def eval_command(ctx: click.Context, /, fmt: str, engine: EngineChoice, **params
     the decisions), or read existing predictions (--predictions, --compare): a results file,
     or JSONL from `export`, `assess` or another tool. See docs/eval.md.
     """
-    try:
+    with user_errors(ctx):
         report = run_eval(EvalOptions(engine=engine, given=engine.given, **params))
         if report.evaluation.coverage.valid == 0:
             _print(report, fmt)
             raise EvalFailure("no labelled sample has a valid prediction")
-    except PolicyError as err:
-        for problem in err.problems:
-            click.echo(f"error: {problem}", err=True)
-        ctx.exit(err.exit_code)
-    except PolicyEngineError as err:
-        click.echo(f"error: {err}", err=True)
-        ctx.exit(err.exit_code)
     _print(report, fmt)
     coverage = report.evaluation.coverage
     if coverage.invalid:

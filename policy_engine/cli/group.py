@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -59,6 +61,21 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+
+
+@contextmanager
+def user_errors(ctx: click.Context) -> Iterator[None]:
+    """Inside a command: the engine's errors as `error: ...` lines on stderr (one per problem
+    of a PolicyError), exiting with the error's status."""
+    try:
+        yield
+    except PolicyError as err:
+        for problem in err.problems:
+            click.echo(f"error: {problem}", err=True)
+        ctx.exit(err.exit_code)
+    except PolicyEngineError as err:
+        click.echo(f"error: {err}", err=True)
+        ctx.exit(err.exit_code)
 
 
 def echo_json(value: Any) -> None:
