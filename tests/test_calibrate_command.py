@@ -380,11 +380,14 @@ def run_tilt(*args: Any) -> Result:
     return result
 
 
-def test_category_scores_are_calibrated_where_they_are_a_distribution(tmp_path: Path) -> None:
-    rng = random.Random(11)
+def tilted_set(tmp_path: Path, *, seed: int, count: int) -> tuple[Path, Path]:
+    """`count` tilted images under tmp_path/images, labelled at random by their measured
+    redness (Unsafe) and tilt (O2 over O1), and audited in score mode by the tilt backend:
+    (labels.jsonl, run.db)."""
+    rng = random.Random(seed)
     (tmp_path / "images").mkdir()
     lines = []
-    for index in range(1200):
+    for index in range(count):
         picture = tilt_image(rng.random(), rng.random())
         name = f"images/{index:04d}.png"
         picture.save(tmp_path / name)
@@ -399,6 +402,11 @@ def test_category_scores_are_calibrated_where_they_are_a_distribution(tmp_path: 
     results = tmp_path / "run.db"
     audited = run_tilt("audit", labels, "--out", results, "-b", "tilt", "--mode", "score")
     assert audited.exit_code == 0, audited.output
+    return labels, results
+
+
+def test_category_scores_are_calibrated_where_they_are_a_distribution(tmp_path: Path) -> None:
+    labels, results = tilted_set(tmp_path, seed=11, count=1200)
 
     out = tmp_path / "c.yaml"
     result = run_tilt(
@@ -427,24 +435,7 @@ def test_category_scores_are_calibrated_where_they_are_a_distribution(tmp_path: 
 
 
 def test_each_category_with_enough_samples_gets_its_own_threshold(tmp_path: Path) -> None:
-    rng = random.Random(12)
-    (tmp_path / "images").mkdir()
-    lines = []
-    for index in range(1000):
-        picture = tilt_image(rng.random(), rng.random())
-        name = f"images/{index:04d}.png"
-        picture.save(tmp_path / name)
-        _, green, blue = ImageStat.Stat(picture).mean[:3]
-        if rng.random() < measured_redness(picture):
-            category = "O2" if rng.random() < tilt(green, blue) else "O1"
-            lines.append(json.dumps({"image": name, "rating": "Unsafe", "category": category}))
-        else:
-            lines.append(json.dumps({"image": name, "rating": "Safe"}))
-    labels = tmp_path / "labels.jsonl"
-    labels.write_text("\n".join(lines) + "\n")
-    results = tmp_path / "run.db"
-    audited = run_tilt("audit", labels, "--out", results, "-b", "tilt", "--mode", "score")
-    assert audited.exit_code == 0, audited.output
+    labels, results = tilted_set(tmp_path, seed=12, count=1000)
     policy_file = tmp_path / "tuned.yaml"
     result = run_tilt(
         "calibrate", labels, "--predictions", results, "--out", tmp_path / "c.yaml",

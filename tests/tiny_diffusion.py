@@ -37,6 +37,17 @@ _TEXT = {
     "projection_dim": 32,
 }
 
+# the UNet both pipelines share: two levels, the second with cross-attention
+_UNET: dict[str, Any] = {
+    "block_out_channels": (4, 8),
+    "layers_per_block": 1,
+    "sample_size": SIZE // 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-ins for bytes (the alphabet CLIP's BPE works on)."""
@@ -122,13 +133,7 @@ def tiny_sd(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_UNET,
         cross_attention_dim=32,
         norm_num_groups=2,
     )
@@ -156,13 +161,7 @@ def tiny_sdxl(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
