@@ -88,7 +88,9 @@ def test_the_tui_command_shows_the_policy_and_saves_an_edit(
     path.write_text(original)
     command = f"{sys.executable} -m policy_engine tui kids.yaml; sleep 5"
     term = terminal(f"env TERM=xterm-256color POLICY_ENGINE_PLUGINS= {command}")
-    screen = term.wait_for(lambda s: "Violence, Harm, or Cruelty" in s, "the category list")
+    # a loaded machine paints the screen in pieces: wait for the whole first view
+    painted = ("Violence, Harm, or Cruelty", "Nudity Content", "sensitive", "✓ valid")
+    screen = term.wait_for(lambda s: all(m in s for m in painted), "the category list")
     assert "kids.yaml" in screen and "Nudity Content" in screen and "sensitive" in screen
     assert "✓ valid" in screen
     term.keys("Down", "x")
